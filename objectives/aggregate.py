@@ -36,15 +36,15 @@ def token_weights(flat: Flat, agg: str, dtype: torch.dtype, *, constant: float |
     if agg == "sum_const":
         return counted / constant
     if agg == "token_mean":
-        return counted / _count(num_tokens, counted.sum(), "num_tokens")
+        return counted / normaliser(num_tokens, counted.sum(), "num_tokens")
     lengths = flat.lengths(dtype)
-    seqs = _count(num_seqs, (lengths > 0).to(dtype).sum(), "num_seqs")
+    seqs = normaliser(num_seqs, (lengths > 0).to(dtype).sum(), "num_seqs")
     if agg == "seq_mean_token_sum_norm":
         return counted / (seqs * constant)
     return counted / (seqs * flat.gather(lengths).clamp(min=1))
 
 
-def _count(override: float | Tensor | None, local: Tensor, name: str) -> Tensor:
+def normaliser(override: float | Tensor | None, local: Tensor, name: str) -> Tensor:
     """The normaliser: the caller's global count, or the local one (clamped to 1 so an empty batch gives 0)."""
     if override is None:
         return local.clamp(min=1)

@@ -123,7 +123,7 @@ def oreal_token(logp: Tensor, weight: Tensor, correct: Tensor, adv: Tensor, omeg
 
 def redi_token(logp: Tensor, weight: Tensor, chosen: Tensor, alpha: float = 0.8) -> tuple[Tensor, Tensor]:
     """REDI: -l on chosen, +alpha l on rejected; weight = 1/(num_pairs |y_i|). Constant g (invariant 22)."""
-    return linear_token(logp, weight, torch.where(chosen > 0, -1.0, alpha).to(logp.dtype))
+    return linear_token(logp, weight, torch.where(chosen > 0, -torch.ones_like(logp), torch.full_like(logp, alpha)))
 
 
 def jepo_token(logp: Tensor, weight: Tensor, coef: Tensor, ref_logp: Tensor | None = None,

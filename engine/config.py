@@ -1,0 +1,229 @@
+"""Run configuration: a tree of dataclasses, loaded from YAML plus `section.key=value` overrides.
+
+Every field is typed; loading rejects unknown keys (with a suggestion), wrong types and impossible combinations
+with a ValueError that names the key. The resolved config is printed once at start and saved as
+`<run_dir>/config.yaml`, beside the checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Local Hugging Face causal-LM checkpoint directory (Qwen2/2.5/3, Llama). Exactly one of path / preset."""
+    preset: str = ""
+    """Named random-init model from engine.tiny.PRESETS (tests, CPU demo, benchmarks)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute dtype of parameters in forward/backward. Master weights, optimizer state and the gradient
+    reduction stay fp32 either way (FSDP2 MixedPrecisionPolicy)."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
+    """auto: flash_attention_2 (varlen) on CUDA when flash-attn is installed, else sdpa with a packed mask."""
+    activation_checkpointing: bool = True
+    """Recompute each decoder layer in backward."""
+    tokenizer: str = ""
+    """Tokenizer directory; defaults to model.path, or the built-in char tokenizer for presets."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = ""
+    """JSONL file, one row per sequence: {"prompt": str, "response": str} plus optional numeric fields
+    (reward, advantage, group_id, ...) that the objective reads."""
+    batch_size: int = 8
+    """Sequences per optimizer step, over all ranks (the mini-batch)."""
+    max_tokens_per_microbatch: int = 4096
+    """Token budget of one packed micro-batch on one rank; a longer sequence is skipped and logged."""
+    shuffle: bool = True
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Malformed row (bad JSON, missing or mistyped field): stop with the row id, or log it and skip it.
+    Empty responses and sequences over the budget are always skipped and logged with their row id."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: str = "sft"
+    """A key of objectives.OBJECTIVES."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the loss (eps, beta, ...)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 10
+    """Optimizer steps of the whole run (the schedule's length)."""
+    stop_after_steps: int = 0
+    """End this invocation after this many steps (job time slots); 0 = run to `steps`. Resume continues."""
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a sharded checkpoint every N steps (0: only at the end of the invocation)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto: newest complete checkpoint in run_dir if any; never; or a checkpoint directory."""
+    export_hf: bool = True
+    """Write <run_dir>/hf (safetensors + tokenizer) when the run reaches train.steps."""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    progress_bar: bool = True
+    tensorboard: bool = False
+    """Write TensorBoard events when tensorboard is installed (a warning otherwise)."""
+    wandb: bool = False
+    wandb_project: str = "twofold"
+    plot: bool = True
+    """PNG of the main curves at the end (needs matplotlib; a warning otherwise)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run_dir: str = "runs/default"
+    """Checkpoints, config.yaml, metrics.jsonl, plots and the HF export go here."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (optional) and `section.key=value` overrides (values parsed as YAML), validated."""
+    tree: dict = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    for item in overrides:
+        _apply_override(tree, item)
+    config = _build(Config, tree, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _build(cls, tree: dict, prefix: str):
+    if not isinstance(tree, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            raise ValueError(f"unknown config key {prefix}{key!r}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def _check_type(name: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"config {name} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"config {name} must be a list of {item.__name__}, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config {name} must be a mapping, got {value!r}")
+        return value
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"config {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def validate(config: Config) -> None:
+    """Reject impossible combinations, naming the keys involved."""
+    model, data, optim, train, ckpt = config.model, config.data, config.optim, config.train, config.checkpoint
+    if bool(model.path) == bool(model.preset):
+        raise ValueError("set exactly one of model.path (a local HF checkpoint) and model.preset, "
+                         f"got path={model.path!r}, preset={model.preset!r}")
+    if model.path and not Path(model.path).is_dir():
+        raise ValueError(f"model.path {model.path!r} is not a directory")
+    if not data.path:
+        raise ValueError("data.path is required (a JSONL file of prompt/response rows)")
+    if not Path(data.path).is_file():
+        raise ValueError(f"data.path {data.path!r} does not exist")
+    _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
+    _require(data.max_tokens_per_microbatch >= 2, "data.max_tokens_per_microbatch", ">= 2",
+             data.max_tokens_per_microbatch)
+    _require(optim.lr > 0, "optim.lr", "> 0", optim.lr)
+    _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)",
+             optim.betas)
+    _require(0 <= optim.warmup_steps <= train.steps, "optim.warmup_steps", f"in [0, train.steps={train.steps}]",
+             optim.warmup_steps)
+    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
+    _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
+    _require(train.steps >= 1, "train.steps", ">= 1", train.steps)
+    _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)
+    _require(ckpt.every >= 0, "checkpoint.every", ">= 0", ckpt.every)
+    _require(ckpt.keep_last >= 1, "checkpoint.keep_last", ">= 1", ckpt.keep_last)
+    if ckpt.resume not in ("auto", "never") and not Path(ckpt.resume).is_dir():
+        raise ValueError(f"checkpoint.resume must be auto, never or a checkpoint directory, got {ckpt.resume!r}")
+
+
+def _require(ok: bool, name: str, expected: str, actual) -> None:
+    if not ok:
+        raise ValueError(f"config {name} must be {expected}, got {actual!r}")
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def save_config(config: Config, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path

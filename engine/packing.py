@@ -1,0 +1,185 @@
+"""Sequence packing: prompt+response sequences -> token-budget micro-batches, the same count on every rank.
+
+Legend: S sequences in a micro-batch, N tokens in it (N <= budget), L one sequence's length.
+
+A sequence of L tokens costs L-1 packed positions: its last token is never an input whose next token is scored,
+so it is dropped, and nothing is padded. Position p of a sequence holds token p and predicts token p+1; it is a
+loss position when token p+1 belongs to the response. `position_ids` restart at 0 for every sequence, which is what
+transformers reads to keep attention inside each sequence (flash-attn varlen, or a block-diagonal mask for sdpa).
+
+Planning (all ranks compute the same plan from the same mini-batch, then each takes its share):
+1. first-fit-decreasing gives a lower bound on the bin count; round it up to a multiple of the world size W;
+2. worst-fit-decreasing into that many bins (each sequence goes to the least-filled bin where it fits), which
+   leaves the bins balanced; if something does not fit, add W bins and repeat;
+3. deal bins to ranks, heaviest first, to the least-loaded rank that still has room: every rank gets exactly
+   n_bins / W micro-batches and close to the same number of tokens.
+A rank with fewer sequences than micro-batches (tiny mini-batches) gets a one-token placeholder micro-batch with no
+loss positions, so the FSDP collectives of every rank still line up.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sequence:
+    """One training sequence. `token_fields` hold one value per response token (old/ref log-probs, ...)."""
+
+    tokens: list[int]
+    prompt_len: int
+    row_id: int | str = -1
+    fields: dict[str, float] = field(default_factory=dict)
+    token_fields: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def packed_len(self) -> int:
+        return len(self.tokens) - 1
+
+    @property
+    def response_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+def check_sequence(seq: Sequence, budget: int) -> str | None:
+    """Why this sequence cannot be trained on (None when it can)."""
+    if seq.prompt_len < 1:
+        return "empty prompt (the first response token needs a token to predict it from)"
+    if seq.response_len < 1:
+        return "empty response (no token to train on)"
+    if seq.packed_len > budget:
+        return f"{len(seq.tokens)} tokens exceed data.max_tokens_per_microbatch={budget} (+1 for the dropped last token)"
+    for name, values in seq.token_fields.items():
+        if len(values) != seq.response_len:
+            return f"token field {name!r} has {len(values)} values for {seq.response_len} response tokens"
+    return None
+
+
+@dataclass
+class MicroBatch:
+    """Flat packed tensors of one micro-batch (N tokens, S sequences)."""
+
+    input_ids: Tensor  # [N] int64
+    position_ids: Tensor  # [N] int64, restarting at 0 per sequence
+    targets: Tensor  # [N] int64 next token at loss positions, IGNORE_INDEX elsewhere
+    seq_index: Tensor  # [N] int64 in [0, S)
+    seq_fields: dict[str, Tensor]  # name -> [S] float64 (group ids stay int64)
+    token_fields: dict[str, Tensor]  # name -> [N] float32, 0 off loss positions
+    sequence_ids: list[int]  # index of each sequence in the mini-batch
+
+    @property
+    def loss_mask(self) -> Tensor:
+        return self.targets != IGNORE_INDEX
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
+                          self.seq_index.to(device), move(self.seq_fields), move(self.token_fields),
+                          self.sequence_ids)
+
+
+def plan_microbatches(lengths: list[int], budget: int, world_size: int) -> list[list[list[int]]]:
+    """plan[rank][micro] = indices into `lengths` (packed lengths); every rank gets the same number of micro-batches."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    for i, n in enumerate(lengths):
+        if not 0 < n <= budget:
+            raise ValueError(f"sequence {i} has packed length {n}, outside [1, budget={budget}]")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n_bins = world_size * max(1, math.ceil(_first_fit_bin_count(order, lengths, budget) / world_size))
+    while (bins := _worst_fit(order, lengths, budget, n_bins)) is None:
+        n_bins += world_size
+    return _deal_to_ranks(bins, lengths, world_size)
+
+
+def _first_fit_bin_count(order: list[int], lengths: list[int], budget: int) -> int:
+    free: list[int] = []
+    for i in order:
+        slot = next((b for b, room in enumerate(free) if room >= lengths[i]), None)
+        if slot is None:
+            free.append(budget - lengths[i])
+        else:
+            free[slot] -= lengths[i]
+    return len(free)
+
+
+def _worst_fit(order: list[int], lengths: list[int], budget: int, n_bins: int) -> list[list[int]] | None:
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    load = [0] * n_bins
+    for i in order:
+        b = min(range(n_bins), key=lambda k: (load[k], k))
+        if load[b] + lengths[i] > budget:
+            return None
+        bins[b].append(i)
+        load[b] += lengths[i]
+    return bins
+
+
+def _deal_to_ranks(bins: list[list[int]], lengths: list[int], world_size: int) -> list[list[list[int]]]:
+    per_rank = len(bins) // world_size
+    weight = [sum(lengths[i] for i in b) for b in bins]
+    plan: list[list[list[int]]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for b in sorted(range(len(bins)), key=lambda k: (-weight[k], k)):
+        rank = min((r for r in range(world_size) if len(plan[r]) < per_rank), key=lambda r: (load[r], r))
+        plan[rank].append(bins[b])
+        load[rank] += weight[b]
+    return plan
+
+
+def collate(sequences: list[Sequence], indices: list[int], pad_token_id: int = 0) -> MicroBatch:
+    """Pack the chosen sequences into one flat micro-batch (a placeholder token when `indices` is empty)."""
+    if not indices:
+        return _placeholder(pad_token_id, sequences)
+    chosen = [sequences[i] for i in indices]
+    inputs, positions, targets, seq_index = [], [], [], []
+    for s, seq in enumerate(chosen):
+        n = seq.packed_len
+        inputs.extend(seq.tokens[:-1])
+        positions.extend(range(n))
+        # position p predicts token p+1; it counts when token p+1 is a response token (p >= prompt_len - 1)
+        targets.extend(IGNORE_INDEX if p + 1 < seq.prompt_len else seq.tokens[p + 1] for p in range(n))
+        seq_index.extend([s] * n)
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return MicroBatch(long(inputs), long(positions), long(targets), long(seq_index), _seq_fields(chosen),
+                      _token_fields(chosen), list(indices))
+
+
+def _seq_fields(chosen: list[Sequence]) -> dict[str, Tensor]:
+    names = chosen[0].fields.keys()
+    out = {}
+    for name in names:
+        values = [seq.fields[name] for seq in chosen]
+        is_int = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        out[name] = torch.tensor(values, dtype=torch.long if is_int else torch.float64)
+    return out
+
+
+def _token_fields(chosen: list[Sequence]) -> dict[str, Tensor]:
+    out = {}
+    for name in chosen[0].token_fields:
+        parts = []
+        for seq in chosen:
+            # response token j is predicted at position prompt_len - 1 + j
+            parts.append(torch.zeros(seq.prompt_len - 1))
+            parts.append(torch.tensor(seq.token_fields[name], dtype=torch.float32))
+        out[name] = torch.cat(parts)
+    return out
+
+
+def _placeholder(pad_token_id: int, sequences: list[Sequence]) -> MicroBatch:
+    one = torch.tensor([pad_token_id], dtype=torch.long)
+    zero = torch.zeros(1, dtype=torch.long)
+    template = sequences[0] if sequences else Sequence([0, 0], 1)
+    seq_fields = {k: torch.zeros(1, dtype=v.dtype) for k, v in _seq_fields([template]).items()}
+    token_fields = {k: torch.zeros(1) for k in template.token_fields}
+    return MicroBatch(one, zero, torch.full((1,), IGNORE_INDEX), zero.clone(), seq_fields, token_fields, [])

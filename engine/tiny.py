@@ -1,0 +1,76 @@
+"""Named random-init model presets and a character-level tokenizer, built locally (nothing is downloaded).
+
+Tests, the CPU demo and the step benchmark use these; `save_preset` writes a preset as a normal HF checkpoint
+directory so that every loading path (model.path, vLLM, export round trips) can be exercised on it.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+CHARS = string.printable  # digits, letters, punctuation, whitespace: enough for arithmetic and short prose
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; ids 0-3 are <pad> <unk> <bos> <eos>."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(set(CHARS)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+CHAR_VOCAB_SIZE = 128  # >= len(SPECIAL_TOKENS + CHARS) = 104, rounded up for aligned GEMMs
+
+
+def _tiny_qwen2(tie: bool = True) -> PretrainedConfig:
+    return Qwen2Config(vocab_size=CHAR_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def _tiny_llama() -> PretrainedConfig:
+    return LlamaConfig(vocab_size=CHAR_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def _qwen25_1p5b_shape() -> PretrainedConfig:
+    # Qwen2.5-1.5B's published config.json (random weights; for the GPU step benchmark).
+    return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+PRESETS = {
+    "tiny-qwen2": _tiny_qwen2,                          # tied head
+    "tiny-qwen2-untied": lambda: _tiny_qwen2(tie=False),
+    "tiny-llama": _tiny_llama,                          # untied head
+    "qwen2.5-1.5b-shape": _qwen25_1p5b_shape,
+}
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    if name not in PRESETS:
+        raise ValueError(f"model.preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def build_preset_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """Random-init fp32 model of a preset; the same seed gives the same weights on every machine."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(preset_config(name), dtype=torch.float32)
+
+
+def save_preset(name: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write a preset (weights + char tokenizer) as an HF checkpoint directory."""
+    directory = Path(directory)
+    build_preset_model(name, seed).save_pretrained(directory)
+    build_char_tokenizer().save_pretrained(directory)
+    return directory

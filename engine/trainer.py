@@ -1,0 +1,179 @@
+"""The training step: one mini-batch of sequences -> packed micro-batches -> objective -> one optimizer step.
+
+Contract: every rank passes the same global mini-batch (a list of `Sequence`); the step packs it, each rank runs
+its share of micro-batches, and the objective's aggregation uses the mini-batch totals (counted tokens and
+sequences over all micro-batches and ranks). Each micro-batch loss is therefore its exact share of the mini-batch
+loss; FSDP2 sums (not averages) the gradients over ranks, so the accumulated gradient equals the gradient of the
+whole mini-batch in one piece, at any world size and any token budget.
+
+Objectives are called by parameter name from what the packed batch holds: `logp`, `mask`, `seq_index`,
+`num_tokens`, `num_seqs`, per-sequence fields ([S]: rewards, advantages, group_ids, ...) and per-token fields
+([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import resource
+import time
+from typing import Callable
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from engine.config import OptimConfig
+from engine.distributed import DistEnv, all_reduce_sum
+from engine.model import PolicyModel, count_parameters
+from engine.packing import MicroBatch, Sequence, check_sequence, collate, plan_microbatches
+from objectives import OBJECTIVES
+
+# Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_objective(name: str) -> Callable:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective.name {name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+class Trainer:
+    """Owns the optimizer and schedule of a sharded `PolicyModel`; `step(batch)` runs one optimizer step."""
+
+    def __init__(self, policy: PolicyModel, env: DistEnv, optim: OptimConfig, *, objective: str,
+                 objective_kwargs: dict | None = None, total_steps: int, max_tokens_per_microbatch: int,
+                 pad_token_id: int = 0):
+        self.policy, self.env, self.optim_cfg = policy, env, optim
+        self.loss_fn = resolve_objective(objective)
+        self.objective_name, self.objective_kwargs = objective, dict(objective_kwargs or {})
+        self.budget, self.pad_token_id = max_tokens_per_microbatch, pad_token_id
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                           eps=optim.eps, weight_decay=optim.weight_decay)
+        schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
+                        min_lr_ratio=optim.min_lr_ratio)
+        self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
+        self.steps_done = 0
+        self.skipped_steps = 0
+        _, self.flop_params = count_parameters(policy)
+
+    def plan(self, batch: list[Sequence]) -> list[MicroBatch]:
+        """This rank's packed micro-batches of the mini-batch (CPU tensors)."""
+        plan = plan_microbatches([s.packed_len for s in batch], self.budget, self.env.world_size)
+        return [collate(batch, indices, self.pad_token_id) for indices in plan[self.env.rank]]
+
+    def step(self, batch: list[Sequence]) -> dict[str, float]:
+        """One optimizer step on a global mini-batch; returns metrics (same values on every rank)."""
+        self.check_batch(batch)
+        start = time.perf_counter()
+        if self.env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.env.device)
+        num_tokens = float(sum(s.response_len for s in batch))
+        micro = self.plan(batch)
+        local_loss, weighted = torch.zeros((), dtype=torch.float64, device=self.env.device), {}
+        for mb in micro:
+            loss, metrics = self.micro_step(mb.to(self.env.device), num_tokens, float(len(batch)))
+            local_loss += loss.detach().double()
+            share = float(mb.loss_mask.sum()) / num_tokens  # objective metrics are per-micro-batch token means
+            for k, v in metrics.items():
+                if k == "tokens":  # reported exactly below, not as a mean
+                    continue
+                weighted[k] = weighted.get(k, 0.0) + float(v) * share
+        packed_tokens = sum(mb.num_tokens for mb in micro)
+        totals = all_reduce_sum([float(local_loss), float(packed_tokens), *weighted.values()], self.env.device)
+        loss, packed_tokens = totals[0], totals[1]
+        grad_norm, applied = self.apply_gradients(loss)
+        elapsed = time.perf_counter() - start
+        return {"step": self.steps_done, "loss": loss, "grad_norm": grad_norm, "lr": self.last_lr,
+                "skipped": float(not applied), "tokens": packed_tokens, "loss_tokens": num_tokens,
+                "microbatches": float(len(micro)), "tokens_per_s": packed_tokens / elapsed, "step_time_s": elapsed,
+                **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}
+
+    def micro_step(self, mb: MicroBatch, num_tokens: float, num_seqs: float):
+        logp = self.policy(mb.input_ids, mb.position_ids, mb.targets)
+        loss, metrics = self.call_objective(logp, mb, num_tokens, num_seqs, validate=False)
+        loss.backward()
+        return loss, metrics
+
+    def call_objective(self, logp: torch.Tensor, mb: MicroBatch, num_tokens: float, num_seqs: float,
+                       validate: bool):
+        available = {"logp": logp, "mask": mb.loss_mask, "seq_index": mb.seq_index, "num_tokens": num_tokens,
+                     "num_seqs": num_seqs, "validate": validate, **mb.seq_fields, **mb.token_fields}
+        params = inspect.signature(self.loss_fn).parameters
+        args = {k: available[k] for k in params if k in available and k not in self.objective_kwargs}
+        missing = [k for k, p in params.items()
+                   if p.default is inspect.Parameter.empty and k not in args and k not in self.objective_kwargs]
+        if missing:
+            have = sorted(set(mb.seq_fields) | set(mb.token_fields))
+            raise ValueError(f"objective {self.objective_name!r} needs {missing}, which the batch does not hold "
+                             f"(per-sequence/per-token fields present: {have})")
+        return self.loss_fn(**args, **self.objective_kwargs)
+
+    def check_batch(self, batch: list[Sequence]) -> None:
+        """Reject bad sequences by row id, then let the objective validate all its inputs once, on CPU
+        (off the device: no host sync on the hot path, where the loss runs with validate=False)."""
+        if len(batch) < 1:
+            raise ValueError("the mini-batch is empty")
+        fields, token_fields = set(batch[0].fields), set(batch[0].token_fields)
+        for seq in batch:
+            problem = check_sequence(seq, self.budget)
+            if problem is None and (set(seq.fields) != fields or set(seq.token_fields) != token_fields):
+                problem = f"fields {sorted(seq.fields)} differ from the first sequence's {sorted(fields)}"
+            if problem:
+                raise ValueError(f"sequence of row {seq.row_id!r}: {problem}")
+        whole = collate(batch, list(range(len(batch))), self.pad_token_id)
+        self.call_objective(torch.zeros(whole.num_tokens), whole, float(whole.loss_mask.sum()), float(len(batch)),
+                            validate=True)
+
+    def apply_gradients(self, loss: float) -> tuple[float, bool]:
+        """Clip and step; on a non-finite loss or gradient norm skip the update (weights and optimizer state
+        untouched), count it and move on. The schedule still advances: the mini-batch was consumed."""
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        applied = math.isfinite(norm) and math.isfinite(loss)
+        if applied:
+            if self.optim_cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.optim_cfg.max_grad_norm, norm, foreach=True)
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.steps_done += 1
+        return norm, applied
+
+    @property
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def memory_and_mfu(self, batch: list[Sequence], elapsed: float) -> dict[str, float]:
+        if self.env.device.type != "cuda":
+            return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+        out = {"peak_mem_gib": torch.cuda.max_memory_allocated(self.env.device) / 2**30}
+        name = torch.cuda.get_device_name(self.env.device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak is not None:
+            out["mfu"] = self.step_flops(batch) / (elapsed * peak * self.env.world_size)
+        return out
+
+    def step_flops(self, batch: list[Sequence]) -> float:
+        """Model FLOPs of forward+backward: 6 * matmul params * tokens + causal attention 6 * layers * d * sum L^2
+        (recomputation by activation checkpointing is not counted, as MFU conventions require)."""
+        cfg = self.policy.causal_lm.config
+        # Llama/Qwen3 configs carry head_dim; in Qwen2 it is hidden_size / heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        d_attn = cfg.num_attention_heads * head_dim
+        tokens = sum(s.packed_len for s in batch)
+        squares = sum(s.packed_len ** 2 for s in batch)
+        return 6.0 * self.flop_params * tokens + 6.0 * cfg.num_hidden_layers * d_attn * squares

@@ -41,7 +41,7 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
     flat, x = flatten(logp, mask, seq_index, rewards.shape[0], validate, old_logp=old_logp)
     correct = binary("rewards", per_seq("rewards", rewards, flat, validate), logp.dtype, validate)
     per_seq("group_ids", group_ids, flat, validate)
-    rate = r_hat(rewards, group_ids) if correct_rate is None else correct_rate
+    rate = r_hat(correct, group_ids) if correct_rate is None else correct_rate
     rate = per_seq("correct_rate", rate, flat, validate, logp.dtype)
     if rate_bounds is not None:
         rate = rate.clamp(*rate_bounds)

@@ -35,7 +35,7 @@ _REPLACEMENTS = (
     ("\\geqslant", "\\ge"), ("\\infin", "\\infty"),
 )
 _SIZING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])")
-_SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad(?![A-Za-z])|~")
+_SPACING_RE = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad(?![A-Za-z])|~")  # not the `\\` row break
 _WORD_SEPARATOR_RE = re.compile(r"\s+(?:and|or)\s+|;")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SPACED_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
@@ -64,7 +64,7 @@ def normalize(answer: str) -> str:
 
 def text_key(s: str) -> str:
     """Key for the last-resort string comparison of answers the parser cannot read (words, choices)."""
-    s = s.replace(" ", "").lower()
+    s = re.sub(r"(?<!\w) | (?!\w)", "", s).lower()  # `1 2` must stay apart from `12`
     if len(s) == 3 and s[0] == "(" and s[2] == ")":
         s = s[1]  # "(A)" and "A" name the same choice
     return s

@@ -202,6 +202,8 @@ class _Parser:
             elif self.accept("/", "\\div"):
                 value = _scalar(value) / _scalar(self.parse_signed())
             elif self.starts_primary():
+                if self.peek()[0] == "num" and self.tokens[self.pos - 1][0] == "num":
+                    raise ParseError("two numbers in a row")  # `1 2` is not 2
                 value = _scalar(value) * _scalar(self.parse_power())
             else:
                 return value

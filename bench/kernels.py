@@ -1,0 +1,203 @@
+"""Kernel microbenchmark: per-token log-probs from hidden states and the LM-head weight, ours vs the anchors.
+
+    python -m bench.kernels                       # CPU, N=8192 H=512 V=32000 fp32, writes nothing
+    python -m bench.kernels --out results.json    # also write the table as JSON
+    python -m bench.kernels --quick               # small shape, seconds
+
+Cases (same inputs, one run): `eager` materialises logits and takes log_softmax (the autograd baseline),
+`torch_native` is F.linear_cross_entropy with chunking options (cross-entropy only), `ours` is
+kernels.linear_logprobs. Modes: `fwd` (no grad: old/reference log-probs) and `fwd+bwd` (random upstream
+gradient through autograd). Time: median of repeats after warm-up, cases interleaved so drift hits all alike.
+Memory: on CUDA torch.cuda.max_memory_allocated minus what the inputs hold; on CPU torch's allocator is invisible
+to tracemalloc, so each case runs in a fresh subprocess and reports its peak RSS growth over one call after a warm-up
+(VmHWM, reset just before the call, minus VmRSS at that point).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import linear_logprobs
+
+CASES = ("eager", "torch_native", "ours")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(n, h, v, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) / h**0.25).to(device, dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.25).to(device, dtype)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
+    return hidden, weight, targets, upstream
+
+
+def eager_logprobs(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def native_logprobs(hidden, weight, targets):
+    # Cross-entropy only: -CE per token is the target log-prob; the chunked path needs options.
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return -F.linear_cross_entropy(hidden, weight, targets, reduction="none", options=opts)
+
+
+FUNCS = {"eager": eager_logprobs, "torch_native": native_logprobs,
+         "ours": lambda h, w, y: linear_logprobs(h, w, y)}
+
+
+def run_case(case, mode, hidden, weight, targets, upstream):
+    if mode == "fwd":
+        with torch.no_grad():
+            return FUNCS[case](hidden, weight, targets)
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    logp = FUNCS[case](h, w, targets)
+    logp.backward(upstream)
+    return h.grad
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cases(cases, modes, inputs, device, warmup, repeats):
+    """Median seconds per (case, mode), interleaving cases within each repeat."""
+    times = {(c, m): [] for c in cases for m in modes}
+    for r in range(warmup + repeats):
+        for key in times:
+            _sync(device)
+            t0 = time.perf_counter()
+            run_case(*key, *inputs)
+            _sync(device)
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM. (ru_maxrss cannot be used: it survives fork+exec.)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_extra_memory(case, mode, inputs, device) -> int:
+    """Bytes above what the inputs hold, at the peak of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_case(case, mode, *inputs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    run_case(case, mode, *inputs)  # warm-up: lazy library init and thread pools are not the case's memory
+    _reset_peak_rss()
+    base = _status_kib("VmRSS")
+    run_case(case, mode, *inputs)
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def cpu_memory_in_subprocess(case, mode, args) -> int:
+    cmd = [sys.executable, "-m", "bench.kernels", "--_memory-probe", case, mode, "--n", str(args.n),
+           "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def flops(n, h, v, mode, case):
+    # fwd: logits GEMM. fwd+bwd: eager and native keep/produce gradients in 6NHV; ours recomputes logits (8NHV).
+    if mode == "fwd":
+        return 2 * n * h * v
+    return (8 if case == "ours" else 6) * n * h * v
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--h", type=int, default=512)
+    p.add_argument("--v", type=int, default=32000)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small shape (N=2048, V=8000): a smoke run in seconds")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--_memory-probe", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.v, args.repeats = 2048, 8000, 3
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    inputs = make_inputs(args.n, args.h, args.v, DTYPES[args.dtype], device)
+    if args._memory_probe:
+        print(peak_extra_memory(*args._memory_probe, inputs, device))
+        return
+    times = time_cases(CASES, MODES, inputs, device, args.warmup, args.repeats)
+    rows = []
+    for (case, mode), sec in times.items():
+        mem = (peak_extra_memory(case, mode, inputs, device) if device.type == "cuda"
+               else cpu_memory_in_subprocess(case, mode, args))
+        rows.append({"case": case, "mode": mode, "time_ms": sec * 1e3, "peak_extra_mib": mem / 2**20,
+                     "gflops": flops(args.n, args.h, args.v, mode, case) / sec / 1e9})
+    report = {
+        "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "warmup": args.warmup,
+        "memory_method": ("torch.cuda.max_memory_allocated minus inputs" if device.type == "cuda" else
+                          "peak RSS growth (VmHWM - VmRSS after inputs) in a fresh subprocess per case"),
+        "rows": rows, "ratios_vs_eager": ratios(rows),
+    }
+    print_table(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+def ratios(rows):
+    by = {(r["case"], r["mode"]): r for r in rows}
+    out = {}
+    for case in CASES[1:]:
+        for mode in MODES:
+            r, e = by[(case, mode)], by[("eager", mode)]
+            out[f"{case}/{mode}"] = {"time": r["time_ms"] / e["time_ms"],
+                                     "memory": r["peak_extra_mib"] / max(e["peak_extra_mib"], 1e-9)}
+    return out
+
+
+def print_table(report):
+    s = report["shape"]
+    print(f"linear log-probs  N={s['N']} H={s['H']} V={s['V']} {s['dtype']}  on {report['device']} "
+          f"({report['threads']} threads, torch {report['torch']}), median of {report['repeats']}")
+    print(f"memory: {report['memory_method']}")
+    print(f"{'case':<14}{'mode':<9}{'time ms':>10}{'GFLOP/s':>10}{'extra MiB':>11}{'time/eager':>12}{'mem/eager':>11}")
+    rat = report["ratios_vs_eager"]
+    for r in report["rows"]:
+        q = rat.get(f"{r['case']}/{r['mode']}", {"time": 1.0, "memory": 1.0})
+        print(f"{r['case']:<14}{r['mode']:<9}{r['time_ms']:>10.1f}{r['gflops']:>10.1f}{r['peak_extra_mib']:>11.1f}"
+              f"{q['time']:>11.2f}x{q['memory']:>10.3f}x")
+
+
+if __name__ == "__main__":
+    main()

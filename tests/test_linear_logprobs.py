@@ -1,0 +1,251 @@
+"""Accuracy of kernels.linear_logprobs / linear_cross_entropy (torch backend) against a float64 reference.
+
+Primary assertion (KERNELS.md G5, Cut Cross-Entropy's three-way rule): element-wise
+    |ours - gt| <= |torch_same_dtype - gt| + tol
+where gt is float64 math on the same (rounded) inputs and torch_same_dtype materialises logits in the test dtype.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kernels import linear_cross_entropy, linear_logprobs
+
+IGNORE = -100
+TOL = {torch.float32: (1e-5, 5e-4), torch.bfloat16: (1e-2, 1e-2)}  # (forward, backward)
+
+
+def make_case(n, h, v, dtype, seed=0, ignore_frac=0.2, peaked=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5
+    if peaked:  # CCE's trick: some tokens align with a vocab row, so their softmax is sharp.
+        k = min(n, v) // 2
+        weight[:k] = hidden[:k] / h**0.25
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignore_frac] = IGNORE
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def materialised(hidden, weight, targets, temperature=1.0, dtype=torch.float64):
+    """Reference: full logits in `dtype`; returns (logp, entropy), 0 at ignored positions."""
+    logits = (hidden.to(dtype) @ weight.to(dtype).t()) / temperature
+    logsm = logits.log_softmax(-1)
+    valid = targets != IGNORE
+    logp = logsm.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * valid
+    entropy = -(logsm.exp() * logsm).sum(-1) * valid
+    return logp, entropy
+
+
+def outputs_and_grads(fn, hidden, weight, g_logp, g_ent):
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    logp, ent = fn(h, w)
+    loss = 0
+    if g_logp is not None:
+        loss = loss + (logp.to(g_logp.dtype) * g_logp).sum()
+    if g_ent is not None:
+        loss = loss + (ent.to(g_ent.dtype) * g_ent).sum()
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    return [x.detach().double() for x in (logp, ent, dh, dw)]
+
+
+def three_way(hidden, weight, targets, temperature=1.0, chunk_size=None, upstream=("logp", "ent")):
+    dtype = hidden.dtype
+    n = targets.numel()
+    g = torch.Generator().manual_seed(1)
+    g_logp = torch.randn(n, generator=g, dtype=torch.float64) if "logp" in upstream else None
+    g_ent = torch.randn(n, generator=g, dtype=torch.float64) if "ent" in upstream else None
+    ours = outputs_and_grads(lambda h, w: linear_logprobs(h, w, targets, temperature=temperature, return_entropy=True,
+                                                          chunk_size=chunk_size), hidden, weight, g_logp, g_ent)
+    gt = outputs_and_grads(lambda h, w: materialised(h, w, targets, temperature), hidden.double(), weight.double(),
+                           g_logp, g_ent)
+    same = outputs_and_grads(lambda h, w: materialised(h, w, targets, temperature, dtype), hidden, weight,
+                             None if g_logp is None else g_logp.to(dtype), None if g_ent is None else g_ent.to(dtype))
+    fwd_tol, bwd_tol = TOL[dtype]
+    for name, o, t, s, tol in zip(("logp", "entropy", "dhidden", "dweight"), ours, gt, same,
+                                  (fwd_tol, fwd_tol, bwd_tol, bwd_tol)):
+        excess = (o - t).abs() - ((s - t).abs() + tol)
+        assert excess.max() <= 0, f"{name}: worst excess over the three-way bound {excess.max():.3e}"
+    return ours, gt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,v,temperature,chunk", [
+    (37, 31, 123, 1.0, 5),       # odd tokens, H not a multiple of anything, ragged V, many chunks
+    (64, 48, 257, 0.7, None),    # temperature < 1, default chunking
+    (33, 16, 32003, 1.5, 8),     # large ragged V, temperature > 1
+])
+def test_three_way_rule(dtype, n, h, v, temperature, chunk):
+    hidden, weight, targets = make_case(n, h, v, dtype, peaked=True)
+    three_way(hidden, weight, targets, temperature, chunk)
+
+
+@pytest.mark.parametrize("upstream", [("logp",), ("ent",)])
+def test_each_output_alone(upstream):
+    hidden, weight, targets = make_case(29, 24, 123, torch.float32, seed=3)
+    three_way(hidden, weight, targets, chunk_size=7, upstream=upstream)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+@pytest.mark.parametrize("v", [123, 32000])
+def test_invariants(v, temperature):
+    hidden, weight, targets = make_case(41, 32, v, torch.float32, seed=v)
+    w = weight.detach().requires_grad_()
+    logp, ent = linear_logprobs(hidden * 3, w, targets, temperature=temperature, return_entropy=True, chunk_size=16)
+    assert (logp <= 0).all()
+    assert (ent >= 0).all() and (ent <= math.log(v) + 1e-3).all()
+    g = torch.Generator().manual_seed(2)
+    (logp * torch.randn(41, generator=g) + ent * torch.randn(41, generator=g)).sum().backward()
+    # Every logits-gradient row sums to zero over V, so the weight gradient's column sums vanish (up to fp32
+    # rounding, which scales with the column's absolute sum).
+    col = w.grad.double()
+    assert (col.sum(0).abs() <= 1e-5 * col.abs().sum(0)).all()
+
+
+def test_chunk_size_invariance():
+    hidden, weight, targets = make_case(50, 32, 300, torch.float32, seed=5)
+    results = [three_way(hidden, weight, targets, chunk_size=c)[0] for c in (1, 7, 16, 50)]
+    for other in results[1:]:
+        # Per-token outputs barely depend on chunking; dW sums over chunks in another order (fp32 rounding).
+        for a, b, tol in zip(results[0], other, (1e-6, 1e-6, 1e-6, 1e-5)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_ignored_tokens_give_zero_and_no_gradient():
+    hidden, weight, targets = make_case(30, 16, 123, torch.float32, ignore_frac=0.5, seed=7)
+    h = hidden.requires_grad_()
+    logp, ent = linear_logprobs(h, weight, targets, return_entropy=True)
+    ignored = targets == IGNORE
+    assert ignored.any() and (~ignored).any()
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all() and (logp[~ignored] < 0).all()
+    (logp.sum() + ent.sum()).backward()
+    assert (h.grad[ignored] == 0).all() and (h.grad[~ignored] != 0).any()
+
+
+def test_all_ignored():
+    hidden, weight, _ = make_case(6, 8, 20, torch.float32)
+    targets = torch.full((6,), IGNORE)
+    w = weight.requires_grad_()
+    assert (linear_logprobs(hidden, w, targets) == 0).all()
+    loss = linear_cross_entropy(hidden, w, targets)
+    assert loss.item() == 0.0  # never NaN
+    loss.backward()
+    assert (w.grad == 0).all()
+
+
+def test_gradcheck_float64():
+    hidden, weight, targets = make_case(7, 5, 11, torch.float64, ignore_frac=0.3, seed=11)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    fn = lambda h, w: linear_logprobs(h, w, targets, return_entropy=True, temperature=0.8, chunk_size=3)
+    assert torch.autograd.gradcheck(fn, (h, w))
+
+
+def test_batched_input_and_lse():
+    hidden, weight, targets = make_case(24, 16, 77, torch.float64, seed=13)
+    logp, ent, lse = linear_logprobs(hidden.view(4, 6, 16), weight, targets.view(4, 6), return_entropy=True,
+                                     return_lse=True, temperature=1.3)
+    ref_logp, ref_ent = materialised(hidden, weight, targets, 1.3)
+    ref_lse = torch.logsumexp(hidden @ weight.t() / 1.3, -1) * (targets != IGNORE)
+    assert logp.shape == ent.shape == lse.shape == (4, 6)
+    for a, b in ((logp, ref_logp), (ent, ref_ent), (lse, ref_lse)):
+        torch.testing.assert_close(a.reshape(-1), b, rtol=1e-12, atol=1e-12)
+
+
+def test_tied_embeddings():
+    """Input embedding and LM head share one tensor; both gradient paths must land in it."""
+    torch.manual_seed(0)
+    v, h, n = 50, 16, 21
+    emb = torch.nn.Embedding(v, h).double()
+    ids = torch.randint(0, v, (n,))
+    targets = torch.randint(0, v, (n,))
+    mix = torch.randn(h, h, dtype=torch.float64)
+
+    def head_grad(fn):
+        emb.zero_grad()
+        hidden = torch.tanh(emb(ids) @ mix)
+        fn(hidden, emb.weight).sum().backward()
+        return emb.weight.grad.clone()
+
+    ours = head_grad(lambda x, w: linear_logprobs(x, w, targets, chunk_size=4))
+    ref = head_grad(lambda x, w: materialised(x, w, targets)[0])
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_matches_torch(reduction):
+    hidden, weight, targets = make_case(40, 24, 131, torch.float64, seed=17)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = linear_cross_entropy(h1, w1, targets, reduction=reduction, chunk_size=9)
+    ref = F.cross_entropy(h2 @ w2.t(), targets, ignore_index=IGNORE, reduction=reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_num_items_in_batch():
+    hidden, weight, targets = make_case(20, 8, 30, torch.float64, seed=19)
+    total = linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, num_items_in_batch=64), total / 64)
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_never_materialises_token_by_vocab():
+    n, h, v, chunk = 256, 16, 1000, 32
+    hidden, weight, targets = make_case(n, h, v, torch.float32, ignore_frac=0.0)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with MaxNumel() as probe:
+        logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, chunk_size=chunk)
+        (logp.sum() + ent.sum()).backward()
+    assert probe.max_numel <= max(chunk * v, v * h), probe.max_numel  # one chunk's logits, or the weight gradient
+    assert probe.max_numel < n * v
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda h, w, y: linear_logprobs(h, w[:, :-1], y), "weight"),
+    (lambda h, w, y: linear_logprobs(h, w.double(), y), "weight dtype"),
+    (lambda h, w, y: linear_logprobs(h, w, y[:-1]), "targets shape"),
+    (lambda h, w, y: linear_logprobs(h, w, y.float()), "targets must be"),
+    (lambda h, w, y: linear_logprobs(h.long(), w, y), "hidden"),
+    (lambda h, w, y: linear_logprobs(h[0], w, y), "hidden"),
+    (lambda h, w, y: linear_logprobs(h, w, torch.where(y == 3, 10, y)), r"targets\[.*outside \[0, 10\)"),
+    (lambda h, w, y: linear_logprobs(h, w, torch.where(y == 3, -1, y)), "targets"),
+    (lambda h, w, y: linear_logprobs(h, w, y, temperature=0.0), "temperature"),
+    (lambda h, w, y: linear_logprobs(h, w, y, temperature=float("nan")), "temperature"),
+    (lambda h, w, y: linear_logprobs(h, w, y, chunk_size=0), "chunk_size"),
+    (lambda h, w, y: linear_logprobs(h, w, y, backend="nope"), "backend"),
+    (lambda h, w, y: linear_cross_entropy(h, w, y, reduction="avg"), "reduction"),
+])
+def test_bad_input_raises_value_error(call, match):
+    hidden = torch.randn(12, 8)
+    weight = torch.randn(10, 8)
+    targets = torch.arange(12) % 10
+    with pytest.raises(ValueError, match=match):
+        call(hidden, weight, targets)
+
+
+def test_ignore_index_is_not_out_of_range():
+    hidden, weight = torch.randn(5, 4), torch.randn(6, 4)
+    targets = torch.tensor([0, -7, 5, -7, 1])
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=-7)
+    assert (logp[[1, 3]] == 0).all()

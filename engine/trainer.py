@@ -111,8 +111,11 @@ class Trainer:
                      "num_seqs": num_seqs, "validate": validate, **mb.seq_fields, **mb.token_fields}
         params = inspect.signature(self.loss_fn).parameters
         args = {k: available[k] for k in params if k in available and k not in self.objective_kwargs}
-        missing = [k for k, p in params.items()
-                   if p.default is inspect.Parameter.empty and k not in args and k not in self.objective_kwargs]
+        unset = [k for k, p in params.items()
+                 if p.default is inspect.Parameter.empty and k not in args and k not in self.objective_kwargs]
+        # a required-but-optional tensor (e.g. `old_logp: Tensor | None`) that the batch lacks means None
+        args.update({k: None for k in unset if "None" in str(params[k].annotation)})
+        missing = [k for k in unset if k not in args]
         if missing:
             have = sorted(set(mb.seq_fields) | set(mb.token_fields))
             raise ValueError(f"objective {self.objective_name!r} needs {missing}, which the batch does not hold "
@@ -139,12 +142,13 @@ class Trainer:
         """Clip and step; on a non-finite loss or gradient norm skip the update (weights and optimizer state
         untouched), count it and move on. The schedule still advances: the mini-batch was consumed."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        total = total.full_tensor() if isinstance(total, DTensor) else total
+        norm = float(total)
         applied = math.isfinite(norm) and math.isfinite(loss)
         if applied:
             if self.optim_cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.optim_cfg.max_grad_norm, norm, foreach=True)
+                torch.nn.utils.clip_grads_with_norm_(params, self.optim_cfg.max_grad_norm, total, foreach=True)
             self.optimizer.step()
         else:
             self.skipped_steps += 1

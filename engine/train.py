@@ -1,0 +1,117 @@
+"""Training entry point.
+
+    python -m engine.train --config configs/tiny_sft.yaml [section.key=value ...]          one process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 -m engine.train --config configs/<recipe>.yaml [...]        FSDP2 over 8 ranks
+
+Each step takes the next global mini-batch, runs `Trainer.step` and logs; checkpoints every `checkpoint.every`
+steps and at the end of the invocation; with checkpoint.resume=auto a rerun continues from the newest complete
+checkpoint in run_dir (at any world size). When the run reaches train.steps it exports `<run_dir>/hf`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.checkpoint import complete_checkpoints, export_hf, load_checkpoint, save_checkpoint
+from engine.config import Config, load_config, save_config, to_yaml
+from engine.data import BatchStream, load_sequences
+from engine.distributed import DistEnv, init_distributed, shutdown_distributed
+from engine.model import build_policy
+from engine.tiny import build_char_tokenizer
+from engine.tracking import Tracker
+from engine.trainer import Trainer
+
+log = logging.getLogger("twofold")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-5 train.steps=20")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as err:
+        sys.exit(f"config error: {err}")
+    run(config)
+
+
+def load_tokenizer(config: Config):
+    source = config.model.tokenizer or config.model.path
+    return AutoTokenizer.from_pretrained(source) if source else build_char_tokenizer()
+
+
+def run(config: Config) -> list[dict]:
+    """Train (or continue) the run described by `config`; returns this invocation's metrics (one dict per step)."""
+    env = init_distributed()
+    try:
+        return _run(config, env)
+    finally:
+        shutdown_distributed()
+
+
+def _run(config: Config, env: DistEnv) -> list[dict]:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(levelname)s %(message)s")
+    if env.is_main:
+        print(to_yaml(config), flush=True)
+        save_config(config, config.run_dir)
+    torch.manual_seed(config.train.seed + env.rank)
+    tokenizer = load_tokenizer(config)
+    data = config.data
+    stream = BatchStream(load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row),
+                         data.batch_size, data.shuffle, config.train.seed)
+    policy = build_policy(config.model, env, seed=config.train.seed)
+    trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
+                      objective_kwargs=config.objective.kwargs, total_steps=config.train.steps,
+                      max_tokens_per_microbatch=data.max_tokens_per_microbatch,
+                      pad_token_id=tokenizer.pad_token_id or 0)
+    resume = resume_path(config)
+    if resume is not None:
+        stream.load_state_dict(load_checkpoint(resume, trainer))
+        log.info("resumed from %s at step %d", resume, trainer.steps_done)
+    history = train_loop(config, trainer, stream, env)
+    if trainer.steps_done >= config.train.steps and config.checkpoint.export_hf:
+        out = export_hf(policy, tokenizer, Path(config.run_dir) / "hf", config.checkpoint.export_dtype)
+        log.info("exported Hugging Face checkpoint to %s", out)
+    return history
+
+
+def resume_path(config: Config) -> Path | None:
+    if config.checkpoint.resume == "never":
+        return None
+    if config.checkpoint.resume != "auto":
+        return Path(config.checkpoint.resume)
+    found = complete_checkpoints(config.run_dir)
+    return found[-1] if found else None
+
+
+def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:
+    end = config.train.steps
+    if config.train.stop_after_steps:
+        end = min(end, trainer.steps_done + config.train.stop_after_steps)
+    tracker = Tracker(config, env.is_main, trainer.steps_done)
+    history, saved_at = [], trainer.steps_done
+    while trainer.steps_done < end:
+        metrics = trainer.step(stream.next_batch())
+        history.append(metrics)
+        tracker.log(metrics)
+        if config.checkpoint.every and trainer.steps_done % config.checkpoint.every == 0:
+            save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+            saved_at = trainer.steps_done
+    if saved_at != trainer.steps_done:
+        save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+    tracker.close(plot=config.log.plot and trainer.steps_done >= config.train.steps)
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Fused token-local loss benchmark: NFT loss forward+backward, fused vs eager materialised logits + autograd.
+
+    python -m bench.fused                     # CPU, N=8192 H=512 V=32000 fp32 (the issue's must-show shape)
+    python -m bench.fused --quick             # small shape, seconds
+    python -m bench.fused --device cuda --dtype bf16 --n 8192 --h 4096 --v 128256 --backend triton
+
+Cases on identical inputs: `eager` materialises [N, V] logits, takes log_softmax and runs the NFT token-local
+step through `objectives.layout.apply_token_local` with autograd; `fused` is `kernels.fused.fused_linear_loss`
+("nft"), which forms the gradients during its single pass. Both then backpropagate into hidden and weight.
+Time: median of repeats after warm-up, cases interleaved. Memory: as in bench.kernels (CUDA: max allocated
+minus inputs; CPU: peak RSS growth of one call in a fresh subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.kernels import DTYPES, _reset_peak_rss, _status_kib, _sync
+from kernels import linear_logprobs
+from kernels.fused import fused_linear_loss
+from objectives.layout import apply_token_local
+from objectives.token_local import nft_token
+
+CASES = ("eager", "fused")
+
+
+def make_inputs(n, h, v, dtype, device, seed=0):
+    """Hidden, weight, targets and NFT's per-token inputs (old log-probs near the current ones, as in RL)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) / h**0.25).to(device, dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.25).to(device, dtype)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    with torch.no_grad():
+        old = linear_logprobs(hidden, weight, targets) + 0.1 * torch.randn(n, generator=g).to(device)
+    r_hat = (0.1 + 0.8 * torch.rand(n, generator=g)).to(device)
+    nft = dict(weight=torch.full((n,), 1e-3, device=device), old_logp=old,
+               correct=(torch.rand(n, generator=g) > 0.5).float().to(device), r_hat=r_hat, prompt_weight=1 - r_hat)
+    return hidden, weight, targets, nft
+
+
+def eager_step(hidden, weight, targets, nft, backend):
+    logp = (hidden @ weight.t()).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    loss, _ = apply_token_local(logp, nft_token, **nft)
+    return loss
+
+
+def fused_step(hidden, weight, targets, nft, backend):
+    return fused_linear_loss(hidden, weight, targets, "nft", inputs=nft, backend=backend).loss
+
+
+STEPS = {"eager": eager_step, "fused": fused_step}
+
+
+def run_case(case, hidden, weight, targets, nft, backend):
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    STEPS[case](h, w, targets, nft, backend).backward()
+    return h.grad, w.grad
+
+
+def time_cases(inputs, backend, device, warmup, repeats):
+    times = {c: [] for c in CASES}
+    for r in range(warmup + repeats):
+        for case in CASES:
+            _sync(device)
+            t0 = time.perf_counter()
+            run_case(case, *inputs, backend)
+            _sync(device)
+            if r >= warmup:
+                times[case].append(time.perf_counter() - t0)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def peak_extra_memory(case, inputs, backend, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_case(case, *inputs, backend)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    run_case(case, *inputs, backend)  # warm-up: thread pools and lazy init are not the case's memory
+    _reset_peak_rss()
+    base = _status_kib("VmRSS")
+    run_case(case, *inputs, backend)
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def memory_in_subprocess(case, args) -> int:
+    cmd = [sys.executable, "-m", "bench.fused", "--_memory-probe", case, "--n", str(args.n), "--h", str(args.h),
+           "--v", str(args.v), "--dtype", args.dtype, "--backend", args.backend]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--h", type=int, default=512)
+    p.add_argument("--v", type=int, default=32000)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small shape (N=2048, V=8000)")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--_memory-probe", metavar="CASE", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.v, args.repeats = 2048, 8000, 3
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    inputs = make_inputs(args.n, args.h, args.v, DTYPES[args.dtype], device)
+    if args._memory_probe:
+        print(peak_extra_memory(args._memory_probe, inputs, args.backend, device))
+        return
+    times = time_cases(inputs, args.backend, device, args.warmup, args.repeats)
+    mem = {c: (peak_extra_memory(c, inputs, args.backend, device) if device.type == "cuda"
+               else memory_in_subprocess(c, args)) for c in CASES}
+    report = {"shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype}, "objective": "nft",
+              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
+              "rows": [{"case": c, "time_ms": times[c] * 1e3, "peak_extra_mib": mem[c] / 2**20,
+                        "gflops_6nhv": 6 * args.n * args.h * args.v / times[c] / 1e9} for c in CASES],
+              "fused_vs_eager": {"time": times["fused"] / times["eager"], "memory": mem["fused"] / mem["eager"]}}
+    print(f"NFT loss fwd+bwd  N={args.n} H={args.h} V={args.v} {args.dtype} on {device} "
+          f"({report['threads']} threads), median of {args.repeats}")
+    for row in report["rows"]:
+        print(f"  {row['case']:<6} {row['time_ms']:>9.1f} ms {row['gflops_6nhv']:>8.1f} GFLOP/s "
+              f"{row['peak_extra_mib']:>9.1f} MiB extra")
+    q = report["fused_vs_eager"]
+    print(f"  fused / eager: time {q['time']:.3f}x, peak memory {q['memory']:.4f}x (must: <= 1.0x and <= 0.125x)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

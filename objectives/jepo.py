@@ -6,13 +6,15 @@ both). l*_i = SUM of the answer tokens' log-probs (no 1/|a*|). With n_q valid sa
     multi-sample:  bound_q = LSE_i(l*_i) - log n_q,  A_i = bound_q - (LSE_{j!=i}(l*_j) - log(n_q - 1))
     single-sample: bound_q = mean_i l*_i,            A_i = l*_i - mean_{j!=i} l*_j
     A~_i = clip(A_i / std(A), -1, 1) (+ extra_advantages, e.g. the format-penalty advantage)
-    L = (1/Q) sum_q [ -(1/G_q) sum_i sg[A~_i] sum_{t in c_i} l_t - beta_sup bound_q + (beta/G_q) sum_i sum_{t in c_i} KL_t ]
+    L = (1/Q) sum_q [ -(1/G_q) sum_i sg[A~_i] sum_{t in c_i} l_t - beta_sup bound_q
+                      + (beta/G_q) sum_i sum_{t in c_i} KL_t ]
 
 G_q = group size (all samples), Q = number of groups (override: num_prompts). Token-local after a no-grad
 pre-pass: CoT tokens g = -A~_i/G_q (+ KL), answer tokens g = -beta_sup softmax_q(l*)_i (single: -beta_sup/n_q).
-Choices where the paper is silent (OBJECTIVES.md 10.6): std(A) is the population std over the valid sequences of
-this call (A~ = 0 if it is 0); samples with valid=False (bad format) leave the bound and the baselines, and
-their CoT gets only extra_advantages. Leave-one-out needs n_q >= 2. Groups are matched by a [S,S] comparison.
+Choices where the paper is silent (OBJECTIVES.md 10.6): std(A) is the population std over the valid
+sequences of this call (A~ = 0 if it is 0); samples with valid=False (bad format) leave the bound and the
+baselines, and their CoT gets only extra_advantages. Leave-one-out needs n_q >= 2. Groups are matched by an
+[S,S] comparison (S = sequences in the call: small).
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def jepo_loss(logp: Tensor, cot_mask: Tensor, answer_mask: Tensor, group_ids: Te
     ok = torch.ones_like(ids, dtype=torch.bool) if valid is None else per_seq("valid", valid, flat, validate).bool()
     l_star = flat.seq_sum(torch.where(answer, x["logp"].detach(), 0.0))
     bound, adv, d_bound = jepo_group_terms(l_star, ids, ok, multi_sample)
-    if validate and bool((ok & (ok_count(ids, ok) < 2)).any()):
+    if validate and bool((ok & (_valid_count(ids, ok) < 2)).any()):
         raise ValueError("group_ids: JEPO's leave-one-out baseline needs >= 2 valid samples per group")
     adv_tilde = _normalised(adv, ok)
     if extra_advantages is not None:
@@ -72,7 +74,7 @@ def jepo_loss(logp: Tensor, cot_mask: Tensor, answer_mask: Tensor, group_ids: Te
         loss_t, grad_t = jepo_token(x["logp"].detach(), weight, coef, x["ref_logp"], kl_coef, kl)
     # answer tokens: the surrogate -sum_i coef_i l*_i carries the bound's gradient; report the bound's value
     answer_surrogate = -(answer_coef * l_star).sum() / prompts
-    mean_bound = torch.where(ok, bound / ok_count(ids, ok), 0.0).sum() / prompts
+    mean_bound = torch.where(ok, bound / _valid_count(ids, ok), 0.0).sum() / prompts
     value = loss_t.sum() - answer_surrogate - beta_sup * mean_bound
     metrics = {"bound": mean_bound,
                "adv_abs": masked_mean(flat.gather(adv_tilde.abs()), flat), "valid_frac": ok.to(logp.dtype).mean(),
@@ -80,7 +82,7 @@ def jepo_loss(logp: Tensor, cot_mask: Tensor, answer_mask: Tensor, group_ids: Te
     return with_grad(x["logp"], value, grad_t), metrics
 
 
-def ok_count(ids: Tensor, ok: Tensor) -> Tensor:
+def _valid_count(ids: Tensor, ok: Tensor) -> Tensor:
     """[S] number of valid samples in each sequence's group."""
     return ((ids[:, None] == ids[None, :]) & ok[None, :]).sum(1).clamp(min=1)
 

@@ -58,5 +58,5 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
     negative = flat.mask & (correct_t == 0)
     proxy_clipped = negative & ((1 - rate_t * ratio) / (1 - rate_t) < eps)
     return loss, {"r_hat": rate.mean(), "positive_frac": masked_mean(correct_t, flat),
-                  "ratio_mean": masked_mean(ratio, flat), "neg_clip_frac": masked_mean(proxy_clipped.to(logp.dtype), flat),
-                  "tokens": flat.mask.sum()}
+                  "ratio_mean": masked_mean(ratio, flat),
+                  "neg_clip_frac": masked_mean(proxy_clipped.to(logp.dtype), flat), "tokens": flat.mask.sum()}

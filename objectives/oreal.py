@@ -7,8 +7,9 @@
 N+, N-, N are token counts of the positives, negatives and all kept sequences (pass global counts when the
 batch is split). Advantages: group_advantages(2 * correct - 1, group_ids, "rloo") over all K rollouts of a prompt,
 before keeping one positive/negative pair. Token weights from the token reward model's per-token logits w_t:
-w_bar_t = prefix mean of w over the response, w+ = clamp(2 sigma(w_bar) - 1, 0, 1), w- = clamp(1 - 2 sigma(w_bar), 0, 1);
-without scores both are 1 (the no-token-RM config). The head itself is `TokenRewardHead`, trained by `token_rm_loss`.
+w_bar_t = prefix mean of w over the response, w+ = clamp(2 sigma(w_bar) - 1, 0, 1),
+w- = clamp(1 - 2 sigma(w_bar), 0, 1); without scores both are 1 (the no-token-RM config). The head itself is
+`TokenRewardHead`, trained by `token_rm_loss`.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def redi_loss(chosen_logp: Tensor, rejected_logp: Tensor, chosen_mask: Tensor, r
     (fw, lw), (fl, ll) = _pair_views(chosen_logp, rejected_logp, chosen_mask, rejected_mask, chosen_seq_index,
                                      rejected_seq_index, None, validate)
     len_w, len_l, pairs = _lengths(fw, fl, num_pairs, lw.dtype)
-    weight = torch.cat([fw.mask / fw.gather(len_w.clamp(min=1) * pairs), fl.mask / fl.gather(len_l.clamp(min=1) * pairs)])
+    weight = torch.cat([fw.mask / fw.gather(len_w.clamp(min=1) * pairs),
+                        fl.mask / fl.gather(len_l.clamp(min=1) * pairs)])
     chosen = torch.cat([torch.ones_like(lw), torch.zeros_like(ll)])
     loss, _ = apply_token_local(torch.cat([lw, ll]), redi_token, weight=weight, chosen=chosen, alpha=alpha)
     present = (len_w > 0) | (len_l > 0)

@@ -151,8 +151,8 @@ def _build(cls, tree: dict, prefix: str):
     for key, value in tree.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-            raise ValueError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
@@ -169,6 +169,11 @@ def _check_type(name: str, value, hint):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):

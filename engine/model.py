@@ -44,8 +44,10 @@ class PolicyModel(nn.Module):
         # use_cache=False: with a cache transformers stops reading packed position_ids as sequence boundaries
         hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
         head = self.causal_lm.get_output_embeddings().weight
-        return linear_logprobs(hidden[0], head, targets, temperature=temperature, return_entropy=return_entropy,
-                               check_targets=False)
+        out = linear_logprobs(hidden[0], head, targets, temperature=temperature, return_entropy=return_entropy,
+                              check_targets=False)
+        # the kernel returns views; FSDP2 warns that in-place ops on a root output's view would skip its hooks
+        return tuple(t.clone() for t in out) if return_entropy else out.clone()
 
 
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:

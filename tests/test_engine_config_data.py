@@ -1,0 +1,89 @@
+"""Config loading/validation and the JSONL data path: clear errors and logged skips that name the row."""
+import json
+import logging
+
+import pytest
+
+from engine.config import load_config, to_yaml
+from engine.data import BatchStream, load_sequences
+from engine.tiny import build_char_tokenizer
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"Q{i}: ", "response": f"A{i}", "rewards": i % 2} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _recipe(tmp_path, data_file, **extra):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: {{preset: tiny-qwen2}}\ndata: {{path: {data_file}}}\n" + "".join(
+        f"{k}: {v}\n" for k, v in extra.items()))
+    return path
+
+
+def test_overrides_are_typed_and_applied(tmp_path, data_file):
+    config = load_config(_recipe(tmp_path, data_file), ["optim.lr=3e-4", "train.steps=7", "optim.betas=[0.8,0.9]",
+                                                        "objective.kwargs={agg: token_mean}"])
+    assert config.optim.lr == 3e-4 and config.train.steps == 7 and config.optim.betas == [0.8, 0.9]
+    assert config.objective.kwargs == {"agg": "token_mean"}
+    assert "lr: 0.0003" in to_yaml(config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
+    ("train.steps=ten", "config train.steps must be int, got str 'ten'"),
+    ("model.dtype=float16", "config model.dtype must be one of"),
+    ("optim.warmup_steps=50", "optim.warmup_steps must be in \\[0, train.steps=10\\]"),
+    ("model.path=/nonexistent", "set exactly one of model.path"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1"),
+    ("optim=3", "config section optim must be a mapping"),
+])
+def test_bad_config_is_rejected_with_the_key_named(tmp_path, data_file, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_recipe(tmp_path, data_file), [override])
+
+
+def test_malformed_row_stops_with_its_row_id(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": 5}\n')
+    with pytest.raises(ValueError, match=r"row 2: field 'response' must be a string"):
+        load_sequences(path, build_char_tokenizer(), budget=64, on_bad_row="error")
+
+
+def test_bad_rows_are_skipped_and_logged_with_their_row_id(tmp_path, caplog):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([
+        '{"prompt": "ok ", "response": "yes"}',
+        '{"prompt": "broken',
+        '{"prompt": "empty ", "response": ""}',
+        json.dumps({"prompt": "long " * 20, "response": "x"}),
+        '{"prompt": "ok ", "response": "again"}',
+    ]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="twofold.data"):
+        seqs = load_sequences(path, build_char_tokenizer(), budget=64, on_bad_row="skip")
+    assert [s.row_id for s in seqs] == [1, 5]
+    text = caplog.text
+    assert "row 2: not valid JSON" in text
+    assert "row 3: empty response" in text
+    assert "row 4: 102 tokens exceed data.max_tokens_per_microbatch=64" in text
+
+
+def test_batch_stream_resumes_at_the_same_sequence_across_epochs(data_file):
+    seqs = load_sequences(data_file, build_char_tokenizer(), budget=64)
+    straight = BatchStream(seqs, 4, shuffle=True, seed=1)
+    expected = [[s.row_id for s in straight.next_batch()] for _ in range(4)]
+    first = BatchStream(seqs, 4, shuffle=True, seed=1)
+    first.next_batch()
+    resumed = BatchStream(seqs, 4, shuffle=True, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert [[s.row_id for s in resumed.next_batch()] for _ in range(3)] == expected[1:]
+
+
+def test_resuming_on_a_different_dataset_fails_loudly(data_file):
+    seqs = load_sequences(data_file, build_char_tokenizer(), budget=64)
+    state = BatchStream(seqs, 2, True, 0).state_dict()
+    with pytest.raises(ValueError, match="dataset differs from the one in the checkpoint"):
+        BatchStream(seqs[1:], 2, True, 0).load_state_dict(state)

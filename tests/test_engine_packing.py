@@ -1,0 +1,105 @@
+"""Packing: the planner's invariants, the packed layout, and packed == unpacked log-probs and gradients."""
+import random
+
+import pytest
+import torch
+
+from engine.model import PolicyModel
+from engine.packing import IGNORE_INDEX, Sequence, collate, plan_microbatches
+from engine.tiny import build_preset_model
+
+
+def _random_sequences(n, seed=0, max_len=40):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(3, max_len)
+        prompt = rng.randint(1, length - 1)
+        out.append(Sequence([rng.randint(4, 100) for _ in range(length)], prompt, row_id=i,
+                            fields={"rewards": float(i % 2)}))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_plan_gives_every_rank_the_same_microbatch_count_and_uses_each_sequence_once(world_size):
+    rng = random.Random(world_size)
+    lengths = [rng.randint(1, 100) for _ in range(57)]
+    plan = plan_microbatches(lengths, budget=128, world_size=world_size)
+    assert len({len(rank) for rank in plan}) == 1
+    placed = sorted(i for rank in plan for micro in rank for i in micro)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in micro) <= 128 for rank in plan for micro in rank)
+
+
+def test_plan_is_no_worse_than_first_fit_decreasing_rounded_to_the_world_size():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 100) for _ in range(200)]
+    total = sum(lengths)
+    plan = plan_microbatches(lengths, budget=256, world_size=4)
+    n_bins = sum(len(r) for r in plan)
+    assert n_bins <= 4 * -(-int(1.1 * total / 256 + 1) // 4)  # within ~10% of the volume bound
+    rank_tokens = [sum(lengths[i] for m in r for i in m) for r in plan]
+    assert max(rank_tokens) - min(rank_tokens) <= max(lengths)
+
+
+def test_plan_rejects_a_sequence_longer_than_the_budget():
+    with pytest.raises(ValueError, match="sequence 1 has packed length 300"):
+        plan_microbatches([10, 300], budget=256, world_size=1)
+
+
+def test_rank_without_enough_sequences_gets_a_placeholder_microbatch_without_loss_tokens():
+    seqs = _random_sequences(1)
+    plan = plan_microbatches([s.packed_len for s in seqs], budget=64, world_size=2)
+    assert [len(r) for r in plan] == [1, 1]
+    empty = collate(seqs, plan[1][0])
+    assert empty.num_tokens == 1 and not empty.loss_mask.any()
+
+
+def test_collate_restarts_positions_and_scores_only_response_tokens():
+    a = Sequence([5, 6, 7, 8, 9], prompt_len=2, token_fields={"old_logp": [-1.0, -2.0, -3.0]})
+    b = Sequence([10, 11, 12], prompt_len=1, token_fields={"old_logp": [-4.0, -5.0]})
+    mb = collate([a, b], [0, 1])
+    assert mb.input_ids.tolist() == [5, 6, 7, 8, 10, 11]  # last token of each sequence predicts nothing
+    assert mb.position_ids.tolist() == [0, 1, 2, 3, 0, 1]
+    assert mb.targets.tolist() == [IGNORE_INDEX, 7, 8, 9, 11, 12]
+    assert mb.seq_index.tolist() == [0, 0, 0, 0, 1, 1]
+    assert mb.token_fields["old_logp"].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-llama"])
+def test_packed_logprobs_and_gradients_equal_unpacked(preset):
+    torch.manual_seed(0)
+    policy = PolicyModel(build_preset_model(preset, seed=0))  # sdpa: the CPU packed-attention path
+    seqs = _random_sequences(5, seed=3)
+    packed = collate(seqs, list(range(len(seqs))))
+    logp = policy(packed.input_ids, packed.position_ids, packed.targets)
+    (logp * torch.linspace(0.5, 1.5, logp.numel())).sum().backward()
+    grads_packed = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    pieces = []
+    offset = 0
+    for i in range(len(seqs)):
+        one = collate(seqs, [i])
+        lp = policy(one.input_ids, one.position_ids, one.targets)
+        weights = torch.linspace(0.5, 1.5, logp.numel())[offset:offset + one.num_tokens]
+        (lp * weights).sum().backward()
+        pieces.append(lp.detach())
+        offset += one.num_tokens
+    torch.testing.assert_close(logp.detach(), torch.cat(pieces), atol=1e-5, rtol=1e-5)
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(grads_packed[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_attention_does_not_see_the_previous_sequence():
+    policy = PolicyModel(build_preset_model("tiny-qwen2", seed=0))
+    a = Sequence([7] * 6, 1)
+    b1, b2 = Sequence([20, 21, 22, 23], 1), Sequence([30, 31, 32, 33], 1)
+    with torch.no_grad():
+        first = policy(*_tensors(collate([b1, a], [0, 1])))
+        second = policy(*_tensors(collate([b2, a], [0, 1])))
+    n = b1.packed_len
+    torch.testing.assert_close(first[n:], second[n:], atol=1e-6, rtol=0)  # `a` is unaffected by what precedes it
+
+
+def _tensors(mb):
+    return mb.input_ids, mb.position_ids, mb.targets

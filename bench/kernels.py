@@ -3,6 +3,7 @@
     python -m bench.kernels                       # CPU, N=8192 H=512 V=32000 fp32, writes nothing
     python -m bench.kernels --out results.json    # also write the table as JSON
     python -m bench.kernels --quick               # small shape, seconds
+    python -m bench.kernels --device cuda --anchors   # S1-S6 vs Liger/CCE/torch native (bench/anchors.py)
 
 Cases (same inputs, one run): `eager` materialises logits and takes log_softmax (the autograd baseline),
 `torch_native` is F.linear_cross_entropy with chunking options (cross-entropy only), `ours` is
@@ -139,6 +140,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small shape (N=2048, V=8000): a smoke run in seconds")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--_memory-probe", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--anchors", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="run bench.anchors instead (shapes S1-S6 with Liger, CCE, torch native; "
+                        "e.g. --device cuda --anchors --shapes S1 S3)")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.v, args.repeats = 2048, 8000, 3
@@ -147,6 +151,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.anchors is not None:
+        from bench.anchors import main as anchors_main
+        anchors_main(["--device", args.device, *args.anchors])
+        return
     device = torch.device(args.device)
     inputs = make_inputs(args.n, args.h, args.v, DTYPES[args.dtype], device)
     if args._memory_probe:

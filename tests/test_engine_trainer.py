@@ -1,0 +1,104 @@
+"""The training step on one rank: exact aggregation over micro-batches, the NaN guard, objective binding."""
+import functools
+
+import pytest
+import torch
+
+from engine.config import ModelConfig, OptimConfig
+from engine.distributed import init_distributed, shutdown_distributed
+from engine.model import build_policy
+from engine.packing import Sequence
+from engine.trainer import Trainer
+from objectives import sft_loss
+
+
+@pytest.fixture
+def env():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs: one thread is faster, and the CI cores are shared
+    yield init_distributed()
+    shutdown_distributed()
+    torch.set_num_threads(threads)
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 30, (1,), generator=g))
+        prompt = int(torch.randint(1, length - 1, (1,), generator=g))
+        tokens = torch.randint(4, 100, (length,), generator=g).tolist()
+        out.append(Sequence(tokens, prompt, row_id=i, fields={"rewards": float(i % 2), "advantages": i / 4 - 1.0}))
+    return out
+
+
+def _trainer(env, budget, objective="sft", **kwargs):
+    policy = build_policy(ModelConfig(preset="tiny-qwen2", dtype="float32"), env, seed=0)
+    return Trainer(policy, env, OptimConfig(lr=1e-2), objective=objective, objective_kwargs=kwargs, total_steps=4,
+                   max_tokens_per_microbatch=budget)
+
+
+def _accumulated_grads(trainer, batch):
+    num_tokens = float(sum(s.response_len for s in batch))
+    micro = trainer.plan(batch)
+    for mb in micro:
+        trainer.micro_step(mb, num_tokens, float(len(batch)))
+    grads = {n: p.grad.full_tensor().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return len(micro), grads
+
+
+@pytest.mark.parametrize("objective, kwargs", [("sft", {}), ("grpo", {"agg": "token_mean", "beta": 0.0}),
+                                               ("grpo", {"agg": "seq_mean_token_mean", "beta": 0.0})])
+def test_accumulated_gradient_equals_the_one_microbatch_gradient(env, objective, kwargs):
+    batch = _batch()
+    trainer = _trainer(env, budget=512, objective=objective, **kwargs)
+    one, whole = _accumulated_grads(trainer, batch)
+    trainer.budget = 40
+    many, split = _accumulated_grads(trainer, batch)
+    assert one == 1 and many >= 3
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_non_finite_loss_skips_the_step_and_leaves_weights_and_optimizer_untouched(env):
+    trainer = _trainer(env, budget=128)
+    trainer.step(_batch(seed=1))  # a normal step first, so the optimizer has state
+    before = {n: p.full_tensor().clone() for n, p in trainer.policy.named_parameters()}
+    state_before = {k: v["exp_avg"].full_tensor().clone() for k, v in enumerate(trainer.optimizer.state.values())}
+
+    @functools.wraps(sft_loss)
+    def exploding(*args, **kw):
+        loss, metrics = sft_loss(*args, **kw)
+        return loss * float("nan"), metrics
+
+    trainer.loss_fn = exploding
+    metrics = trainer.step(_batch(seed=2))
+    assert metrics["skipped"] == 1.0 and trainer.skipped_steps == 1 and metrics["step"] == 2
+    for name, param in trainer.policy.named_parameters():
+        assert torch.equal(param.full_tensor(), before[name]), name
+    for k, v in enumerate(trainer.optimizer.state.values()):
+        assert torch.equal(v["exp_avg"].full_tensor(), state_before[k])
+    trainer.loss_fn = sft_loss
+    assert trainer.step(_batch(seed=3))["skipped"] == 0.0
+
+
+def test_objective_missing_a_field_names_it(env):
+    trainer = _trainer(env, budget=128, objective="nft")
+    batch = [Sequence(s.tokens, s.prompt_len, s.row_id, {"rewards": s.fields["rewards"]}) for s in _batch()]
+    with pytest.raises(ValueError, match=r"objective 'nft' needs \['group_ids'\]"):
+        trainer.step(batch)
+
+
+def test_bad_sequence_in_a_batch_is_reported_by_row_id(env):
+    trainer = _trainer(env, budget=128)
+    batch = _batch()
+    batch[3] = Sequence([5, 6, 7], prompt_len=3, row_id="prompt-17")
+    with pytest.raises(ValueError, match="row 'prompt-17': empty response"):
+        trainer.step(batch)
+
+
+def test_step_reports_throughput_memory_and_schedule(env):
+    metrics = _trainer(env, budget=128).step(_batch())
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_mem_gib"] > 0
+    assert metrics["lr"] == pytest.approx(1e-2) and metrics["loss_tokens"] == sum(s.response_len for s in _batch())

@@ -14,13 +14,15 @@ import tempfile
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
 
+from kernels import linear_logprobs
 from objectives import nft_loss, r_hat, redi_loss
 
 
 def token_logprobs(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] log-prob of each next token. (twofold's kernels.linear_logprobs avoids the [B,T,V] logits.)"""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    """[B, T-1] fp32 log-prob of each next token, from the last hidden states and the LM-head weight: the fused
+    kernel never builds the [B, T, V] logits that `model(...).logits` would."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    return linear_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:])
 
 
 class NFTTrainer(Trainer):

@@ -91,8 +91,9 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     per_token, shared = _split_inputs(inputs, targets.shape)
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    needs = (hidden.requires_grad, weight.requires_grad)  # a frozen head skips its dW GEMM entirely
     args = (h2, weight, targets.reshape(-1).long(), _token_fn(objective), per_token, shared, float(temperature),
-            ignore_index, return_entropy, chunk_size)
+            ignore_index, return_entropy, chunk_size, needs)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     with torch.no_grad():  # gradients are formed here by hand; autograd only sees _AttachGrads
@@ -101,14 +102,15 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
             value, logp, entropy, grad_h, grad_w = triton_fused_pass(*args)
         else:
             value, logp, entropy, grad_h, grad_w = _torch_fused_pass(*args)
-    loss = _AttachGrads.apply(value, hidden, weight, grad_h.view(hidden.shape), grad_w)
+    loss = _AttachGrads.apply(value, hidden, weight, grad_h.view(hidden.shape) if needs[0] else grad_h, grad_w)
     shape = targets.shape
     return FusedLoss(loss, logp.view(shape), entropy.view(shape) if return_entropy else None)
 
 
 def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, want_entropy,
-                      chunk_size):
-    """PyTorch vocab pass: (loss, logp, entropy, grad_hidden, grad_weight), chunks of valid tokens only.
+                      chunk_size, needs):
+    """PyTorch vocab pass: (loss, logp, entropy, grad_hidden, grad_weight), chunks of valid tokens only; a
+    gradient not in `needs` (hidden, weight) is an empty tensor and costs nothing.
 
     Finding the valid tokens is one host sync (`nonzero`), as on the chunked log-probs path.
     """
@@ -118,8 +120,8 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     valid = (targets != ignore_index).nonzero().squeeze(1)
     logp_all = torch.zeros(n, dtype=acc, device=hidden.device)
     entropy_all = torch.zeros_like(logp_all)
-    grad_h = torch.zeros_like(hidden)
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_h = torch.zeros_like(hidden) if needs[0] else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape if needs[1] else 0, dtype=acc, device=weight.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     size = chunk_size or default_chunk_size(max(valid.numel(), 1), weight.shape[0], TORCH_CHUNK_BYTES)
     for s in range(0, valid.numel(), size):
@@ -138,7 +140,9 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         dz[torch.arange(index.numel(), device=dz.device), y] += g
         if temperature != 1.0:
             dz.div_(temperature)
-        grad_h[index] = (dz @ w).to(hidden.dtype)
-        grad_w.addmm_(dz.t(), h)
+        if needs[0]:
+            grad_h[index] = (dz @ w).to(hidden.dtype)
+        if needs[1]:
+            grad_w.addmm_(dz.t(), h)
         logp_all[index] = logp
     return total, logp_all, entropy_all, grad_h, grad_w.to(weight.dtype)

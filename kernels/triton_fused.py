@@ -21,7 +21,7 @@ def _chunk_tokens(n: int, vocab: int, itemsize: int, chunk_size: int | None) -> 
 
 
 def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, want_entropy,
-                      chunk_size, tiles=None):
+                      chunk_size, needs, tiles=None):
     """(loss, logp, entropy, grad_hidden, grad_weight); same contract as `kernels.fused._torch_fused_pass`."""
     if hidden.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests)")
@@ -30,9 +30,10 @@ def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     order, nvalid = compact(targets, ignore_index)
     size = _chunk_tokens(n, vocab, hidden.element_size(), chunk_size)
     ws = torch.empty(size, vocab, dtype=hidden.dtype, device=hidden.device)
-    grad_h = torch.zeros_like(hidden)
+    grad_h = torch.zeros_like(hidden) if needs[0] else hidden.new_empty(0)
     # The first chunk's dW kernel initialises every row (zero-trip loops give zeros), later chunks add to it.
-    grad_w = (torch.empty if n else torch.zeros)(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_w = (torch.empty if n else torch.zeros)(weight.shape if needs[1] else 0, dtype=torch.float32,
+                                                 device=weight.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     logp_c, entropy_c = (torch.zeros(n, dtype=torch.float32, device=hidden.device) for _ in range(2))
     for row0 in range(0, n, size):
@@ -47,8 +48,10 @@ def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         g = torch.where(ok, g, torch.zeros_like(g)).float()
         dlogits(hidden, weight, order, nvalid, targets[index], lse, entropy, g, None, ws, row0, rows, 0,
                 temperature, False, tiles)
-        grad_hidden(ws, weight, order, nvalid, grad_h, grad_h, row0, rows, 0, vocab, False, True, tiles)
-        grad_weight(ws, hidden, order, nvalid, grad_w, row0, rows, 0, vocab, row0 > 0, tiles)
+        if needs[0]:
+            grad_hidden(ws, weight, order, nvalid, grad_h, grad_h, row0, rows, 0, vocab, False, True, tiles)
+        if needs[1]:
+            grad_weight(ws, hidden, order, nvalid, grad_w, row0, rows, 0, vocab, row0 > 0, tiles)
         logp_c[row0:row0 + rows], entropy_c[row0:row0 + rows] = logp, entropy
     logp_all, entropy_all = (torch.zeros_like(t).scatter_(0, order, t) for t in (logp_c, entropy_c))
     return total, logp_all, entropy_all, grad_h, grad_w.to(weight.dtype)

@@ -183,3 +183,15 @@ def test_bad_arguments():
         fused_linear_loss(hidden, weight, targets, "sft", inputs={"weight": 1.0}, backend="cuda")
     with pytest.raises(ValueError, match="shaped"):
         fused_linear_loss(hidden, weight, targets[:3], "sft", inputs={"weight": 1.0})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_head_or_frozen_hidden(backend):
+    hidden, weight, targets, inputs = case_with_inputs("sft", seed=8)
+    ref = reference(hidden, weight, targets, "sft", inputs)
+    h, w = hidden.float().requires_grad_(), weight.float()
+    fused_linear_loss(h, w, targets, "sft", inputs=inputs, backend=backend).loss.backward()
+    torch.testing.assert_close(h.grad.double(), ref[1], rtol=1e-4, atol=1e-6)
+    h, w = hidden.float(), weight.float().requires_grad_()
+    fused_linear_loss(h, w, targets, "sft", inputs=inputs, backend=backend).loss.backward()
+    torch.testing.assert_close(w.grad.double(), ref[2], rtol=1e-4, atol=1e-6)

@@ -195,3 +195,14 @@ def test_frozen_head_or_frozen_hidden(backend):
     h, w = hidden.float(), weight.float().requires_grad_()
     fused_linear_loss(h, w, targets, "sft", inputs=inputs, backend=backend).loss.backward()
     torch.testing.assert_close(w.grad.double(), ref[2], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_fused_close_to_float64_reference():
+    hidden, weight, targets, inputs = case_with_inputs("dapo", n=2048, h=1024, v=32003, seed=9)
+    ours = fused(hidden, weight, targets, "dapo", inputs, torch.bfloat16, backend="triton")
+    ref = reference(hidden.bfloat16().double(), weight.bfloat16().double(), targets, "dapo", inputs)
+    for a, b in zip(ours, ref):
+        rel = (a.double() - b).norm() / b.norm()
+        assert rel < 2e-2, f"relative error {rel:.3e}"

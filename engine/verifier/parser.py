@@ -15,14 +15,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import mpmath
 import sympy
 
 MAX_TOKENS = 1000
 MAX_DEPTH = 40
 MAX_DIGITS = 400
-MAX_BITS = 100_000  # largest integer (in bits) a power, factorial or binomial may produce
-MAX_SYMBOLIC_EXPONENT = 1000
+MAX_BITS = 100_000  # largest magnitude (in bits) a power, factorial or binomial may produce
+MAX_SYMBOLIC_EXPONENT = 100  # (x+y+z)^100 still expands in well under a second
+MAX_ARGUMENT = 100_000  # |constant argument| of a function: sin(10^300) would need pi to 300 digits
 MAX_FACTORIAL = 2000
+MAX_TOWER = 2  # x^{x^x} is fine; x^{x^{x^x}} at x = 23/9 already has about 10^11000 digits
 
 
 class ParseError(ValueError):
@@ -361,11 +364,11 @@ class _Parser:
             power = self.parse_exponent()
             if power == -1 and name in _INVERSES:
                 function, power = _INVERSES[name], None
-        if name == "sqrt":
-            value = safe_pow(self.parse_call_argument(), sympy.Rational(1, 2))
+        argument = self.parse_call_argument()
+        if name in ("sqrt", "exp"):
+            value = safe_pow(argument, sympy.Rational(1, 2)) if name == "sqrt" else safe_pow(sympy.E, argument)
         else:
-            argument = self.parse_call_argument()
-            value = function(argument, base) if base is not None else function(argument)
+            value = safe_call(function, argument, base)
         return value if power is None else safe_pow(value, power)
 
     def parse_call_argument(self):
@@ -474,20 +477,56 @@ def _size_bits(expr: sympy.Expr) -> int:
     return max([1, *sizes])
 
 
+def _magnitude(constant: sympy.Expr):
+    """|constant| to 15 digits as an mpmath number; cheap because every part was built under these bounds."""
+    value = abs(constant.evalf(15))
+    if not isinstance(value, sympy.Float):
+        raise ParseError("value does not evaluate to a finite number")
+    return mpmath.mpf(value._mpf_)
+
+
+def _tower(expr: sympy.Expr) -> int:
+    """Height of the tallest tower of powers with non-constant exponents (exp, sinh and cosh count too)."""
+    if expr.is_Atom:
+        return 0
+    if isinstance(expr, sympy.Pow) and expr.exp.free_symbols:
+        return 1 + _tower(expr.exp)
+    if isinstance(expr, (sympy.exp, sympy.sinh, sympy.cosh)) and expr.args[0].free_symbols:
+        return 1 + _tower(expr.args[0])
+    return max(_tower(arg) for arg in expr.args)
+
+
 def safe_pow(base, exponent):
-    """base**exponent, refused when the result could exceed MAX_BITS (9^{9^{9^9}}) or blow up expansion."""
+    """base**exponent, refused when the result could exceed MAX_BITS (9^{9^{9^9}}), grow a tall symbolic
+    tower, or expand too far ((x+1)^{10^9})."""
     base, exponent = _scalar(base), _scalar(exponent)
-    if exponent.is_Rational:
-        if exponent.q.bit_length() > 64:
-            raise ParseError("root index too large")
-        if base.free_symbols:
-            if abs(exponent.p) > MAX_SYMBOLIC_EXPONENT:
-                raise ParseError("exponent too large")
-        elif abs(exponent.p) * _size_bits(base) > MAX_BITS:
+    if exponent.is_Rational and exponent.q.bit_length() > 64:
+        raise ParseError("root index too large")
+    if base.free_symbols or exponent.free_symbols:
+        if exponent.is_Rational and abs(exponent.p) > MAX_SYMBOLIC_EXPONENT:
+            raise ParseError("exponent too large")
+        if not exponent.free_symbols and _magnitude(exponent) > MAX_SYMBOLIC_EXPONENT:
+            raise ParseError("exponent too large")
+    elif base.is_Rational and exponent.is_Rational:
+        if abs(exponent.p) * _size_bits(base) > MAX_BITS:
             raise ParseError("power too large")
-    elif exponent.is_number and exponent.is_finite and _size_bits(exponent) > 64:
-        raise ParseError("exponent too large")
-    return sympy.Pow(base, exponent)
+    elif _magnitude(exponent) * max(1, abs(mpmath.log(_magnitude(base) or 1, 2))) > MAX_BITS:
+        raise ParseError("power too large")
+    value = sympy.Pow(base, exponent)
+    if _tower(value) > MAX_TOWER:
+        raise ParseError("tower of powers too tall")
+    return value
+
+
+def safe_call(function, argument, base=None):
+    """A whitelisted function; constant arguments are bounded (log and the like excepted)."""
+    argument = _scalar(argument)
+    if function is not sympy.log and not argument.free_symbols and _magnitude(argument) > MAX_ARGUMENT:
+        raise ParseError("function argument too large")
+    value = function(argument) if base is None else function(argument, _scalar(base))
+    if _tower(value) > MAX_TOWER:
+        raise ParseError("tower of functions too tall")
+    return value
 
 
 def safe_factorial(value):
@@ -505,8 +544,8 @@ def safe_binomial(n, k):
         smaller = min(k, n - k)
         if smaller > 0 and smaller * max(1, int(n).bit_length()) > MAX_BITS:
             raise ParseError("binomial too large")
-    elif _size_bits(n) > 64 or _size_bits(k) > 64:
-        raise ParseError("binomial too large")
+    elif any(x.is_number and _magnitude(x) > MAX_FACTORIAL for x in (n, k)):
+        raise ParseError("binomial too large")  # binomial(x, 10^9) expands a falling factorial
     return sympy.binomial(n, k)
 
 

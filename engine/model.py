@@ -44,10 +44,14 @@ class PolicyModel(nn.Module):
         # use_cache=False: with a cache transformers stops reading packed position_ids as sequence boundaries
         hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
         head = self.causal_lm.get_output_embeddings().weight
-        out = linear_logprobs(hidden[0], head, targets, temperature=temperature, return_entropy=return_entropy,
-                              check_targets=False)
+        out = self.head_logprobs(hidden[0], head, targets, temperature, return_entropy)
         # the kernel returns views; FSDP2 warns that in-place ops on a root output's view would skip its hooks
         return tuple(t.clone() for t in out) if return_entropy else out.clone()
+
+    def head_logprobs(self, hidden: Tensor, head: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
+        """hidden [N,H], head [V,H] -> log-probs [N] (and entropy [N]) without materialising [N,V] logits."""
+        return linear_logprobs(hidden, head, targets, temperature=temperature, return_entropy=return_entropy,
+                               check_targets=False)
 
 
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -65,15 +69,16 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
-def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0) -> PolicyModel:
-    """Meta-init, shard with FSDP2, allocate shards, then load weights (rank 0 reads, everyone receives)."""
+def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type = PolicyModel) -> PolicyModel:
+    """Meta-init, shard with FSDP2, allocate shards, then load weights (rank 0 reads, everyone receives).
+    `policy_cls` swaps the head (bench.step compares against materialised logits)."""
     hf_config = load_hf_config(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation, env.device)
     with torch.device("meta"):
         causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(causal_lm)
-    policy = PolicyModel(causal_lm)
+    policy = policy_cls(causal_lm)
     shard_policy(policy, env, DTYPES[cfg.dtype])
     policy.to_empty(device=env.device)
     source = _load_full_model(cfg, seed) if env.is_main else None

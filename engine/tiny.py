@@ -48,10 +48,18 @@ def _qwen25_1p5b_shape() -> PretrainedConfig:
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
+def _cpu_bench_qwen2() -> PretrainedConfig:
+    # big enough vocabulary that the LM head dominates memory, small enough for a CPU step in seconds
+    return Qwen2Config(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       tie_word_embeddings=True)
+
+
 PRESETS = {
     "tiny-qwen2": _tiny_qwen2,                          # tied head
     "tiny-qwen2-untied": lambda: _tiny_qwen2(tie=False),
     "tiny-llama": _tiny_llama,                          # untied head
+    "cpu-bench-qwen2": _cpu_bench_qwen2,
     "qwen2.5-1.5b-shape": _qwen25_1p5b_shape,
 }
 

@@ -110,10 +110,8 @@ def after_phrase(text: str, phrases: tuple[str, ...]) -> str | None:
     if best is None:
         return None
     line = text[best_at + len(best):].split("\n", 1)[0]
-    answer = line.strip().lstrip(":").strip().strip("$").strip()
-    if answer.endswith(".") and not answer[-2:-1].isdigit():
-        answer = answer[:-1]
-    return answer.strip("$ ") or None
+    answer = line.strip().lstrip(":").strip().rstrip(".").strip().strip("$").strip()
+    return answer or None
 
 
 def last_number(text: str) -> str | None:

@@ -105,13 +105,14 @@ def compact(targets: torch.Tensor, ignore_index: int):
 
 
 def vocab_stats(hidden, weight, targets, order, nvalid, row0, n_rows, temperature, want_entropy,
-                logits_out=None, tiles=None):
+                logits_out=None, tiles=None, splits=None):
     """(logp, entropy, lse) of local compacted tokens [row0, row0+n_rows), fp32, garbage past nvalid.
 
     With `logits_out` ([n_rows, V]) the pass also stores the tempered logits, for callers that form dz later.
+    `splits` overrides the number of vocab splits (default: enough programs to fill the GPU).
     """
     vocab, dim = weight.shape
-    splits = _num_splits(n_rows, vocab, hidden.device)
+    splits = splits or _num_splits(n_rows, vocab, hidden.device)
     parts = torch.empty(4, splits, n_rows, dtype=torch.float32, device=hidden.device)
     z = logits_out if logits_out is not None else parts
     args = (hidden, weight, targets, order, nvalid, parts[0], parts[1], parts[2], parts[3], z,

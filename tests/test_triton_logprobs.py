@@ -237,3 +237,35 @@ def test_gpu_bitwise_reproducible_and_faster_than_eager():
         ours = fwd_ms(triton_fn(targets))
         eager = fwd_ms(lambda h, w: materialised(h, w, targets, 1.0, torch.bfloat16))
     assert ours < eager, f"no-grad forward {ours:.2f} ms is not faster than eager {eager:.2f} ms"
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_vocab_splits_including_empty_ones(splits):
+    # 4 vocab tiles of 32 over 7 splits leaves splits 4-6 empty (max -inf, sum 0): the merge must ignore them.
+    from kernels.triton_logprobs import compact, vocab_stats
+    hidden, weight, targets = make_case(21, 24, 123, torch.float32, seed=15)
+    order, nvalid = compact(targets, IGNORE)
+    logp, ent, lse = vocab_stats(hidden, weight, targets, order, nvalid, 0, 21, 0.8, True, tiles=SMALL_TILES,
+                                 splits=splits)
+    n = int(nvalid)
+    ref_logp, ref_ent = materialised(hidden[order[:n]], weight, targets[order[:n]], 0.8, torch.float64)
+    torch.testing.assert_close(logp[:n].double(), ref_logp, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ent[:n].double(), ref_ent, rtol=0, atol=2e-6)
+
+
+@gpu
+@needs_cuda
+def test_gpu_cost_scales_with_valid_tokens():
+    def full_ms(ignore_frac):
+        hidden, weight, targets = make_case(8192, 2048, 65536, torch.bfloat16, ignore_frac=ignore_frac)
+        g = upstream(8192, ("logp", "ent"))
+        outputs_and_grads(triton_fn(targets), hidden, weight, *g)  # warm-up and autotune
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        outputs_and_grads(triton_fn(targets), hidden, weight, *g)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    dense, half = full_ms(0.0), full_ms(0.5)
+    assert half < 0.7 * dense, f"50% ignored took {half:.1f} ms vs {dense:.1f} ms dense"

@@ -1,7 +1,7 @@
 """Triton backend of `linear_logprobs` (`backend="triton"`): launchers, autotuning and the custom-op registration.
 
 Same contract as `kernels.chunked.chunked_linear_logprobs`. Forward: one 2NHV pass over vocab splits keeps only
-per-token (max, sum-exp, sum p*z, target logit) partials, merged in a fixed order into logp, entropy and lse.
+per-token (max, sum-exp, sum p*(z - max), target logit) partials, merged in a fixed order into logp, entropy, lse.
 Backward (8NHV in total, vocab-outer): for each vocab slice, one kernel recomputes the logits from the saved lse and
 writes dz into a [N, slice] workspace in the input dtype; dX accumulates over slices in fp32 and dW[slice] contracts
 over all valid tokens at once, so no fp32 [V, H] buffer exists and no atomics are used: results are bitwise

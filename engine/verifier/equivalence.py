@@ -1,11 +1,12 @@
 """Answer equivalence: normalise, parse into sympy objects, compare by kind.
 
-Scalars are compared exactly where equality is decidable: structurally after sympy's automatic
-canonicalisation, and by `cancel` when the difference is a rational function (this covers integers,
-decimals, fractions and polynomials). Differences involving radicals, pi, e or functions are first
-screened numerically at 50 digits (a clear difference proves inequality); when they agree to
-`RTOL` at every sample point the pair is accepted, since zero-testing such expressions is
-undecidable in general (Richardson) and `simplify` is slow and incomplete.
+Scalars: equal if structurally equal after sympy's automatic canonicalisation. Otherwise both sides
+are evaluated to 50 digits (at three sample points per free symbol, one of them negative); a clear
+difference proves inequality. Equality is then decided exactly by `cancel` when the difference is a
+rational function with rational coefficients (integers, decimals, fractions, polynomials). With
+radicals, pi, e or functions, zero-testing is undecidable in general (Richardson), so agreement to
+`RTOL` (35 significant digits) at every sample point is accepted; `simplify` is used only when a
+value does not evaluate to a number.
 """
 
 from __future__ import annotations
@@ -210,13 +211,15 @@ def same_scalar(a: sympy.Expr, b: sympy.Expr) -> bool:
         return True
     if a.has(*_SPECIAL) or b.has(*_SPECIAL):
         return False  # infinities and undefined values only match structurally
+    agree = _numerically_agree(a, b)  # cheap, and a clear difference is a proof of inequality
+    if agree is False:
+        return False
     difference = a - b
     if _rational_with_rational_coefficients(difference):
         return sympy.cancel(difference) == 0  # exact and decidable
-    agree = _numerically_agree(a, b)
     if agree is None:  # some value would not evaluate to a number: fall back to simplify
         return sympy.simplify(difference) == 0
-    return agree
+    return True
 
 
 def _rational_with_rational_coefficients(e: sympy.Expr) -> bool:

@@ -387,7 +387,7 @@ class _Parser:
             return Seq(tuple(items), "{", "}")
         inner = _scalar(self.parse_sum())
         self.expect("\\rfloor" if name == "lfloor" else "\\rceil")
-        return (sympy.floor if name == "lfloor" else sympy.ceiling)(inner)
+        return safe_call(sympy.floor if name == "lfloor" else sympy.ceiling, inner)
 
     def parse_binom(self, _name: str):
         return safe_binomial(self.parse_argument(), self.parse_argument())

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from objectives import OBJECTIVES
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -39,7 +41,7 @@ class DataConfig:
     """JSONL file, one row per sequence: {"prompt": str, "response": str} plus optional numeric fields
     (reward, advantage, group_id, ...) that the objective reads."""
     batch_size: int = 8
-    """Sequences per optimizer step, over all ranks (the mini-batch)."""
+    """Rows per optimizer step over all ranks (the mini-batch): sequences, or pairs for pair rows."""
     max_tokens_per_microbatch: int = 4096
     """Token budget of one packed micro-batch on one rank; a longer sequence is skipped and logged."""
     shuffle: bool = True
@@ -200,6 +202,8 @@ def validate(config: Config) -> None:
         raise ValueError("data.path is required (a JSONL file of prompt/response rows)")
     if not Path(data.path).is_file():
         raise ValueError(f"data.path {data.path!r} does not exist")
+    if config.objective.name not in OBJECTIVES:
+        raise ValueError(f"objective.name {config.objective.name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
     _require(data.max_tokens_per_microbatch >= 2, "data.max_tokens_per_microbatch", ">= 2",
              data.max_tokens_per_microbatch)

@@ -1,8 +1,9 @@
 """Offline dataset: JSONL rows -> tokenized `Sequence`s, and a resumable stream of global mini-batches.
 
-Row format: {"prompt": str, "response": str, <name>: number, ...}. Numbers become per-sequence fields that the
-objective reads by name (reward -> `rewards` is NOT renamed: use the loss's own argument names, e.g. "rewards",
-"advantages", "group_ids"). The row id is the 1-based line number.
+Row formats: {"prompt": str, "response": str, <name>: number, ...}, or a preference pair
+{"prompt": str, "chosen": str, "rejected": str, ...}, which becomes two sequences with the fields pair_id (the row
+id) and chosen (1/0). Numbers become per-sequence fields that the objective reads by its own argument names
+("rewards", "advantages", "group_ids", ...). The row id is the 1-based line number.
 Bad rows: a malformed row stops the run with its id (data.on_bad_row=error) or is logged and skipped (skip);
 an empty response or a sequence over the micro-batch budget is always logged and skipped.
 
@@ -33,46 +34,54 @@ def load_sequences(path: str | Path, tokenizer, budget: int, on_bad_row: str = "
             if not line.strip():
                 continue
             try:
-                prompt, response, fields = parse_row(line)
+                prompt, responses = parse_row(line, row_id)
             except ValueError as err:
                 if on_bad_row == "error":
                     raise ValueError(f"{path} row {row_id}: {err} (set data.on_bad_row=skip to skip such rows)")
                 log.warning("skipping %s row %d: %s", path, row_id, err)
                 skipped += 1
                 continue
-            seq = tokenize(tokenizer, prompt, response, row_id, fields)
-            problem = check_sequence(seq, budget)
-            if problem is None and sequences and set(seq.fields) != set(sequences[0].fields):
-                problem = f"numeric fields {sorted(seq.fields)} differ from row {sequences[0].row_id}'s"
+            row = [tokenize(tokenizer, prompt, response, row_id, fields) for response, fields in responses]
+            problem = next((p for q in row if (p := check_sequence(q, budget))), None)
+            if problem is None and sequences and set(row[0].fields) != set(sequences[0].fields):
+                problem = f"numeric fields {sorted(row[0].fields)} differ from row {sequences[0].row_id}'s"
             if problem:
                 log.warning("skipping %s row %d: %s", path, row_id, problem)
                 skipped += 1
                 continue
-            sequences.append(seq)
+            sequences.extend(row)
     if not sequences:
         raise ValueError(f"{path}: no usable rows ({skipped} skipped)")
     log.info("loaded %d sequences from %s (%d rows skipped)", len(sequences), path, skipped)
     return sequences
 
 
-def parse_row(line: str) -> tuple[str, str, dict[str, float]]:
+TEXT_KEYS = ("prompt", "response", "chosen", "rejected")
+
+
+def parse_row(line: str, row_id: int) -> tuple[str, list[tuple[str, dict[str, float]]]]:
+    """(prompt, [(response, fields), ...]): one response, or the chosen and rejected sides of a pair."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    for key in ("prompt", "response"):
+    sides = ("chosen", "rejected") if "chosen" in row and "response" not in row else ("response",)
+    for key in ("prompt", *sides):
         if not isinstance(row.get(key), str):
             raise ValueError(f"field {key!r} must be a string, got {row.get(key)!r}")
     fields = {}
     for key, value in row.items():
-        if key in ("prompt", "response"):
+        if key in TEXT_KEYS:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"field {key!r} must be a number, got {value!r}")
         fields[key] = value
-    return row["prompt"], row["response"], fields
+    if sides == ("response",):
+        return row["prompt"], [(row["response"], fields)]
+    return row["prompt"], [(row[side], {**fields, "pair_id": row_id, "chosen": int(side == "chosen")})
+                           for side in sides]
 
 
 def tokenize(tokenizer, prompt: str, response: str, row_id, fields: dict | None = None) -> Sequence:
@@ -92,26 +101,32 @@ def fingerprint(sequences: list[Sequence]) -> str:
 
 
 class BatchStream:
-    """Global mini-batches of `batch_size` sequences in a seeded, resumable order."""
+    """Global mini-batches of `batch_size` rows (a pair row gives two sequences) in a seeded, resumable order."""
 
     def __init__(self, sequences: list[Sequence], batch_size: int, shuffle: bool, seed: int):
-        self.sequences, self.batch_size, self.shuffle, self.seed = sequences, batch_size, shuffle, seed
+        self.rows: list[list[Sequence]] = []
+        for seq in sequences:  # the sequences of one row are consecutive and share its row id
+            if self.rows and self.rows[-1][0].row_id == seq.row_id:
+                self.rows[-1].append(seq)
+            else:
+                self.rows.append([seq])
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.consumed = 0
         self.fingerprint = fingerprint(sequences)
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return list(range(len(self.sequences)))
+            return list(range(len(self.rows)))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.sequences), generator=generator).tolist()
+        return torch.randperm(len(self.rows), generator=generator).tolist()
 
     def next_batch(self) -> list[Sequence]:
-        n = len(self.sequences)
+        n = len(self.rows)
         batch, orders = [], {}
         for position in range(self.consumed, self.consumed + self.batch_size):
             epoch = position // n
             order = orders.setdefault(epoch, self._order(epoch))
-            batch.append(self.sequences[order[position % n]])
+            batch.extend(self.rows[order[position % n]])
         self.consumed += self.batch_size
         return batch
 

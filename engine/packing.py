@@ -68,7 +68,7 @@ class MicroBatch:
     position_ids: Tensor  # [N] int64, restarting at 0 per sequence
     targets: Tensor  # [N] int64 next token at loss positions, IGNORE_INDEX elsewhere
     seq_index: Tensor  # [N] int64 in [0, S)
-    seq_fields: dict[str, Tensor]  # name -> [S] float64 (group ids stay int64)
+    seq_fields: dict[str, Tensor]  # name -> [S] float32 (integer fields such as group ids: int64)
     token_fields: dict[str, Tensor]  # name -> [N] float32, 0 off loss positions
     sequence_ids: list[int]  # index of each sequence in the mini-batch
 
@@ -87,18 +87,26 @@ class MicroBatch:
                           self.sequence_ids)
 
 
-def plan_microbatches(lengths: list[int], budget: int, world_size: int) -> list[list[list[int]]]:
-    """plan[rank][micro] = indices into `lengths` (packed lengths); every rank gets the same number of micro-batches."""
+def plan_microbatches(lengths: list[int], budget: int, world_size: int,
+                      units: list[int] | None = None) -> list[list[list[int]]]:
+    """plan[rank][micro] = indices into `lengths` (packed lengths); every rank gets the same number of micro-batches.
+    Sequences with equal `units` entries (e.g. the two sides of a preference pair) share a micro-batch."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    for i, n in enumerate(lengths):
+    members: dict[int, list[int]] = {}
+    for i, unit in enumerate(units if units is not None else range(len(lengths))):
+        members.setdefault(unit, []).append(i)
+    groups = list(members.values())
+    sizes = [sum(lengths[i] for i in g) for g in groups]
+    for g, n in zip(groups, sizes):
         if not 0 < n <= budget:
-            raise ValueError(f"sequence {i} has packed length {n}, outside [1, budget={budget}]")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    n_bins = world_size * max(1, math.ceil(_first_fit_bin_count(order, lengths, budget) / world_size))
-    while (bins := _worst_fit(order, lengths, budget, n_bins)) is None:
+            raise ValueError(f"sequence(s) {g} have packed length {n}, outside [1, budget={budget}]")
+    order = sorted(range(len(groups)), key=lambda i: (-sizes[i], i))
+    n_bins = world_size * max(1, math.ceil(_first_fit_bin_count(order, sizes, budget) / world_size))
+    while (bins := _worst_fit(order, sizes, budget, n_bins)) is None:
         n_bins += world_size
-    return _deal_to_ranks(bins, lengths, world_size)
+    plan = _deal_to_ranks(bins, sizes, world_size)
+    return [[sorted(i for g in micro for i in groups[g]) for micro in rank] for rank in plan]
 
 
 def _first_fit_bin_count(order: list[int], lengths: list[int], budget: int) -> int:
@@ -160,7 +168,7 @@ def _seq_fields(chosen: list[Sequence]) -> dict[str, Tensor]:
     for name in names:
         values = [seq.fields[name] for seq in chosen]
         is_int = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-        out[name] = torch.tensor(values, dtype=torch.long if is_int else torch.float64)
+        out[name] = torch.tensor(values, dtype=torch.long if is_int else torch.float32)
     return out
 
 

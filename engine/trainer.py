@@ -8,7 +8,9 @@ whole mini-batch in one piece, at any world size and any token budget.
 
 Objectives are called by parameter name from what the packed batch holds: `logp`, `mask`, `seq_index`,
 `num_tokens`, `num_seqs`, per-sequence fields ([S]: rewards, advantages, group_ids, ...) and per-token fields
-([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config.
+([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config. Pair objectives (REDI, DPO, SimPO: a
+`chosen_logp` argument) get the pair view of the same tensors (`pair_inputs`); their sequences carry the fields
+`pair_id` and `chosen` (1/0), and both sides of a pair are packed into the same micro-batch.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from engine.distributed import DistEnv, all_reduce_sum
 from engine.model import PolicyModel, count_parameters
 from engine.packing import MicroBatch, Sequence, check_sequence, collate, plan_microbatches
 from objectives import OBJECTIVES
+from objectives.groups import group_index
 
 # Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -48,6 +51,43 @@ def resolve_objective(name: str) -> Callable:
     return OBJECTIVES[name]
 
 
+def batch_totals(batch: list[Sequence]) -> dict[str, float]:
+    """The mini-batch normalisers every micro-batch loss divides by (counted tokens, sequences, pairs)."""
+    totals = {"num_tokens": float(sum(s.response_len for s in batch)), "num_seqs": float(len(batch))}
+    if batch and "pair_id" in batch[0].fields:
+        totals["num_pairs"] = float(len({s.fields["pair_id"] for s in batch}))
+    return totals
+
+
+def check_pairs(batch: list[Sequence]) -> None:
+    sides: dict[int, list[float]] = {}
+    for seq in batch:
+        if "pair_id" not in seq.fields or "chosen" not in seq.fields:
+            raise ValueError(f"sequence of row {seq.row_id!r}: a pair objective needs the fields pair_id and chosen")
+        sides.setdefault(seq.fields["pair_id"], []).append(seq.fields["chosen"])
+    for pair, chosen in sides.items():
+        if sorted(chosen) != [0, 1]:
+            raise ValueError(f"pair_id {pair!r} must have exactly one chosen (1) and one rejected (0) sequence, "
+                             f"got chosen={chosen}")
+
+
+def pair_inputs(logp: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
+    """The packed pair view of a micro-batch: both sides read the same [N] log-probs through their own masks,
+    indexed by the pair's number in this micro-batch; a per-sequence `ref_logp_sum` becomes ref_chosen/rejected."""
+    pair = group_index(mb.seq_fields["pair_id"])  # [S] dense pair number
+    chosen = mb.seq_fields["chosen"] > 0
+    token_pair, token_chosen, mask = pair[mb.seq_index], chosen[mb.seq_index], mb.loss_mask
+    out = {"chosen_logp": logp, "rejected_logp": logp, "chosen_mask": mask & token_chosen,
+           "rejected_mask": mask & ~token_chosen, "chosen_seq_index": token_pair, "rejected_seq_index": token_pair}
+    if "ref_logp_sum" in mb.seq_fields:
+        ref, n_pairs = mb.seq_fields["ref_logp_sum"], int(pair.max()) + 1
+        out["ref_chosen"] = torch.zeros(n_pairs, dtype=ref.dtype, device=ref.device).index_copy(
+            0, pair[chosen], ref[chosen])
+        out["ref_rejected"] = torch.zeros(n_pairs, dtype=ref.dtype, device=ref.device).index_copy(
+            0, pair[~chosen], ref[~chosen])
+    return out
+
+
 class Trainer:
     """Owns the optimizer and schedule of a sharded `PolicyModel`; `step(batch)` runs one optimizer step."""
 
@@ -63,13 +103,15 @@ class Trainer:
         schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
+        self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
         self.steps_done = 0
         self.skipped_steps = 0
         _, self.flop_params = count_parameters(policy)
 
     def plan(self, batch: list[Sequence]) -> list[MicroBatch]:
         """This rank's packed micro-batches of the mini-batch (CPU tensors)."""
-        plan = plan_microbatches([s.packed_len for s in batch], self.budget, self.env.world_size)
+        units = [s.fields["pair_id"] for s in batch] if self.pairwise else None
+        plan = plan_microbatches([s.packed_len for s in batch], self.budget, self.env.world_size, units)
         return [collate(batch, indices, self.pad_token_id) for indices in plan[self.env.rank]]
 
     def step(self, batch: list[Sequence]) -> dict[str, float]:
@@ -78,15 +120,16 @@ class Trainer:
         start = time.perf_counter()
         if self.env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.env.device)
-        num_tokens = float(sum(s.response_len for s in batch))
+        totals = batch_totals(batch)
+        num_tokens = totals["num_tokens"]
         micro = self.plan(batch)
         local_loss, weighted = torch.zeros((), dtype=torch.float64, device=self.env.device), {}
         for mb in micro:
-            loss, metrics = self.micro_step(mb.to(self.env.device), num_tokens, float(len(batch)))
+            loss, metrics = self.micro_step(mb.to(self.env.device), totals)
             local_loss += loss.detach().double()
             share = float(mb.loss_mask.sum()) / num_tokens  # objective metrics are per-micro-batch token means
             for k, v in metrics.items():
-                if k == "tokens":  # reported exactly below, not as a mean
+                if k in ("tokens", "pairs"):  # counts, reported exactly below, not as means
                     continue
                 weighted[k] = weighted.get(k, 0.0) + float(v) * share
         packed_tokens = sum(mb.num_tokens for mb in micro)
@@ -99,16 +142,17 @@ class Trainer:
                 "microbatches": float(len(micro)), "tokens_per_s": packed_tokens / elapsed, "step_time_s": elapsed,
                 **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}
 
-    def micro_step(self, mb: MicroBatch, num_tokens: float, num_seqs: float):
+    def micro_step(self, mb: MicroBatch, totals: dict[str, float]):
         logp = self.policy(mb.input_ids, mb.position_ids, mb.targets)
-        loss, metrics = self.call_objective(logp, mb, num_tokens, num_seqs, validate=False)
+        loss, metrics = self.call_objective(logp, mb, totals, validate=False)
         loss.backward()
         return loss, metrics
 
-    def call_objective(self, logp: torch.Tensor, mb: MicroBatch, num_tokens: float, num_seqs: float,
-                       validate: bool):
-        available = {"logp": logp, "mask": mb.loss_mask, "seq_index": mb.seq_index, "num_tokens": num_tokens,
-                     "num_seqs": num_seqs, "validate": validate, **mb.seq_fields, **mb.token_fields}
+    def call_objective(self, logp: torch.Tensor, mb: MicroBatch, totals: dict[str, float], validate: bool):
+        available = {"logp": logp, "mask": mb.loss_mask, "seq_index": mb.seq_index, "validate": validate,
+                     **totals, **mb.seq_fields, **mb.token_fields}
+        if self.pairwise:
+            available.update(pair_inputs(logp, mb))
         params = inspect.signature(self.loss_fn).parameters
         args = {k: available[k] for k in params if k in available and k not in self.objective_kwargs}
         unset = [k for k, p in params.items()
@@ -134,9 +178,10 @@ class Trainer:
                 problem = f"fields {sorted(seq.fields)} differ from the first sequence's {sorted(fields)}"
             if problem:
                 raise ValueError(f"sequence of row {seq.row_id!r}: {problem}")
+        if self.pairwise:
+            check_pairs(batch)
         whole = collate(batch, list(range(len(batch))), self.pad_token_id)
-        self.call_objective(torch.zeros(whole.num_tokens), whole, float(whole.loss_mask.sum()), float(len(batch)),
-                            validate=True)
+        self.call_objective(torch.zeros(whole.num_tokens), whole, batch_totals(batch), validate=True)
 
     def apply_gradients(self, loss: float) -> tuple[float, bool]:
         """Clip and step; on a non-finite loss or gradient norm skip the update (weights and optimizer state

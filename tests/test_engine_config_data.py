@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_applied(tmp_path, data_file):
     ("model.path=/nonexistent", "set exactly one of model.path"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1"),
     ("optim=3", "config section optim must be a mapping"),
+    ("objective.name=ppo2", "objective.name 'ppo2' is unknown"),
 ])
 def test_bad_config_is_rejected_with_the_key_named(tmp_path, data_file, override, message):
     with pytest.raises(ValueError, match=message):
@@ -87,3 +88,12 @@ def test_resuming_on_a_different_dataset_fails_loudly(data_file):
     state = BatchStream(seqs, 2, True, 0).state_dict()
     with pytest.raises(ValueError, match="dataset differs from the one in the checkpoint"):
         BatchStream(seqs[1:], 2, True, 0).load_state_dict(state)
+
+
+def test_preference_row_becomes_two_sequences_of_one_pair(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3", "weight": 0.5}) + "\n")
+    chosen, rejected = load_sequences(path, build_char_tokenizer(), budget=64)
+    assert chosen.fields == {"weight": 0.5, "pair_id": 1, "chosen": 1}
+    assert rejected.fields == {"weight": 0.5, "pair_id": 1, "chosen": 0}
+    assert chosen.tokens[:chosen.prompt_len] == rejected.tokens[:rejected.prompt_len]

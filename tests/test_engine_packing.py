@@ -43,7 +43,7 @@ def test_plan_is_no_worse_than_first_fit_decreasing_rounded_to_the_world_size():
 
 
 def test_plan_rejects_a_sequence_longer_than_the_budget():
-    with pytest.raises(ValueError, match="sequence 1 has packed length 300"):
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] have packed length 300"):
         plan_microbatches([10, 300], budget=256, world_size=1)
 
 
@@ -103,3 +103,25 @@ def test_packed_attention_does_not_see_the_previous_sequence():
 
 def _tensors(mb):
     return mb.input_ids, mb.position_ids, mb.targets
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_logprobs_equal_unpacked_on_gpu_with_the_resolved_attention():
+    from engine.model import resolve_attn_implementation
+    from transformers import AutoModelForCausalLM
+    from engine.tiny import preset_config
+    device = torch.device("cuda")
+    attn = resolve_attn_implementation("auto", device)  # flash_attention_2 (varlen) when flash-attn is installed
+    config = preset_config("tiny-llama")
+    config.head_dim = 64  # flash-attn kernels want head_dim >= 32
+    config.num_attention_heads, config.num_key_value_heads, config.hidden_size = 2, 1, 128
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.bfloat16).to(device)
+    policy = PolicyModel(model)
+    seqs = _random_sequences(6, seed=5)
+    with torch.no_grad():
+        packed = collate(seqs, list(range(len(seqs)))).to(device)
+        logp = policy(packed.input_ids, packed.position_ids, packed.targets)
+        single = [policy(*_tensors(collate(seqs, [i]).to(device))) for i in range(len(seqs))]
+    torch.testing.assert_close(logp, torch.cat(single), atol=2e-2, rtol=2e-2)

@@ -8,7 +8,7 @@ from engine.config import ModelConfig, OptimConfig
 from engine.distributed import init_distributed, shutdown_distributed
 from engine.model import build_policy
 from engine.packing import Sequence
-from engine.trainer import Trainer
+from engine.trainer import Trainer, batch_totals
 from objectives import sft_loss
 
 
@@ -32,6 +32,16 @@ def _batch(n=8, seed=0):
     return out
 
 
+def _pair_batch(n_pairs=5, seed=0):
+    """Preference pairs: each pair shares a prompt; sequences carry pair_id, chosen and a reference sum."""
+    out = []
+    for i, seq in enumerate(_batch(2 * n_pairs, seed)):
+        pair, chosen = i // 2, int(i % 2 == 0)
+        out.append(Sequence(seq.tokens, seq.prompt_len, row_id=pair,
+                            fields={"pair_id": pair, "chosen": chosen, "ref_logp_sum": -3.0 * seq.response_len}))
+    return out
+
+
 def _trainer(env, budget, objective="sft", **kwargs):
     policy = build_policy(ModelConfig(preset="tiny-qwen2", dtype="float32"), env, seed=0)
     return Trainer(policy, env, OptimConfig(lr=1e-2), objective=objective, objective_kwargs=kwargs, total_steps=4,
@@ -39,24 +49,28 @@ def _trainer(env, budget, objective="sft", **kwargs):
 
 
 def _accumulated_grads(trainer, batch):
-    num_tokens = float(sum(s.response_len for s in batch))
     micro = trainer.plan(batch)
     for mb in micro:
-        trainer.micro_step(mb, num_tokens, float(len(batch)))
+        trainer.micro_step(mb, batch_totals(batch))
     grads = {n: p.grad.full_tensor().clone() for n, p in trainer.policy.named_parameters()}
     trainer.optimizer.zero_grad(set_to_none=True)
     return len(micro), grads
 
 
-@pytest.mark.parametrize("objective, kwargs", [("sft", {}), ("grpo", {"agg": "token_mean", "beta": 0.0}),
-                                               ("grpo", {"agg": "seq_mean_token_mean", "beta": 0.0})])
-def test_accumulated_gradient_equals_the_one_microbatch_gradient(env, objective, kwargs):
-    batch = _batch()
+@pytest.mark.parametrize("objective, kwargs, make_batch", [
+    ("sft", {}, _batch),
+    ("grpo", {"agg": "token_mean", "beta": 0.0}, _batch),
+    ("grpo", {"agg": "seq_mean_token_mean", "beta": 0.0}, _batch),
+    ("redi", {"alpha": 0.8}, _pair_batch),
+    ("dpo", {"beta": 0.1}, _pair_batch),
+])
+def test_accumulated_gradient_equals_the_one_microbatch_gradient(env, objective, kwargs, make_batch):
+    batch = make_batch()
     trainer = _trainer(env, budget=512, objective=objective, **kwargs)
     one, whole = _accumulated_grads(trainer, batch)
-    trainer.budget = 40
+    trainer.budget = 60
     many, split = _accumulated_grads(trainer, batch)
-    assert one == 1 and many >= 3
+    assert one == 1 and many >= 2
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
 
@@ -102,3 +116,14 @@ def test_step_reports_throughput_memory_and_schedule(env):
     metrics = _trainer(env, budget=128).step(_batch())
     assert metrics["tokens_per_s"] > 0 and metrics["peak_mem_gib"] > 0
     assert metrics["lr"] == pytest.approx(1e-2) and metrics["loss_tokens"] == sum(s.response_len for s in _batch())
+
+
+def test_pairs_are_packed_together_and_a_broken_pair_is_named(env):
+    trainer = _trainer(env, budget=60, objective="redi")
+    batch = _pair_batch()
+    for mb in trainer.plan(batch):
+        pairs = mb.seq_fields["pair_id"].tolist()
+        assert all(pairs.count(p) == 2 for p in pairs)
+    batch[1].fields["chosen"] = 1
+    with pytest.raises(ValueError, match=r"pair_id 0 must have exactly one chosen \(1\) and one rejected"):
+        trainer.step(batch)

@@ -150,9 +150,10 @@ def test_megabyte_responses_are_extracted_in_linear_time():
     assert extract_answer("a" * 1_000_000 + " so \\boxed{3}") == "3"
     assert extract_answer("\\boxed{" * 200_000) is None  # each unclosed box bounds the scan of the earlier ones
     assert extract_answer("\\boxed{" + "{" * 1_000_000) is None
-    assert extract_answer("\\boxed{1}" + "}" * 1_000_000) == "1"
-    assert extract_answer("The answer is " + "9" * 1_000_000) is not None
-    assert time.monotonic() - start < 3.0
+    assert extract_answer("}" * 1_000_000 + "\\boxed{1}") == "1"
+    assert extract_answer("x" * 1_000_000 + "The answer is 5.") == "5"
+    assert extract_answer("The answer is 5. " + "9" * 1_000_000) is None  # only the tail is searched
+    assert time.monotonic() - start < 1.5
 
 
 def test_megabyte_answers_are_rejected_by_length_before_any_parsing():

@@ -1,7 +1,7 @@
 """Pull the final answer out of a model response.
 
-Every scan here is a single linear pass (no backtracking regexes), so a hostile
-1 MB response costs milliseconds and can be handled in the trainer process.
+This runs in the trainer process (outside the workers' time limit), so every scan is a single
+linear pass with no backtracking regex, and only the last `tail_chars` characters are searched.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character is skipped whole
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # A signed decimal (thousands commas allowed) or simple fraction; unambiguous, so linear time.
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -25,6 +26,8 @@ class ExtractConfig:
     """Fall back to the last number in the text (off by default: it rewards lucky guesses)."""
     after_think: bool = True
     """Look only after the last `</think>`; a response with `<think>` and no `</think>` has no answer."""
+    tail_chars: int = 100_000
+    """Search only this many final characters: answers sit at the end, and it bounds hostile 1 MB inputs."""
 
 
 DEFAULT_EXTRACT = ExtractConfig()
@@ -39,6 +42,7 @@ def extract_answer(text: str, config: ExtractConfig = DEFAULT_EXTRACT) -> str | 
             text = text[text.rfind(THINK_CLOSE) + len(THINK_CLOSE):]
         elif THINK_OPEN in text:
             return None
+    text = text[-config.tail_chars:]
     for find in (last_boxed, lambda t: after_phrase(t, config.phrases)):
         found = find(text)
         if found:
@@ -83,19 +87,15 @@ def _box_content(text: str, j: int, limit: int) -> str | None:
 
 def _matching_brace(text: str, open_at: int, limit: int) -> int:
     """Index of the brace closing `text[open_at]`, or -1; escaped braces `\\{` `\\}` do not count."""
-    depth, i = 0, open_at
-    while i < limit:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
+    depth = 0
+    for match in _BRACE_RE.finditer(text, open_at, limit):
+        token = match.group(0)
+        if token == "{":
             depth += 1
-        elif c == "}":
+        elif token == "}":
             depth -= 1
             if depth == 0:
-                return i
-        i += 1
+                return match.start()
     return -1
 
 

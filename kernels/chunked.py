@@ -27,7 +27,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(h: torch.Tensor, w_compute: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+def chunk_logits(h: torch.Tensor, w_compute: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
     """fp32 (or fp64) logits of one chunk, divided by the temperature, without a low-precision round trip."""
     z = h.to(acc) @ w_compute.t()
     if temperature != 1.0:
@@ -48,7 +48,7 @@ def _chunk_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
     return logp, entropy, lse
 
 
-def _weight_for_compute(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def weight_for_compute(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     # One upcast per call (O(VH), never O(NV)) so every chunk's GEMM runs in the accumulation dtype.
     return weight if weight.dtype == acc else weight.to(acc)
 
@@ -61,13 +61,13 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None and costs nothing
         acc = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
-        w = _weight_for_compute(weight, acc)
+        w = weight_for_compute(weight, acc)
         logp = hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_zeros(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = _logits(hidden[s:e], w, temperature, acc)
+            z = chunk_logits(hidden[s:e], w, temperature, acc)
             lp, ent, ls = _chunk_stats(z, targets[s:e], want_entropy)
             logp[s:e], lse[s:e] = lp, ls
             if ent is not None:
@@ -84,7 +84,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
-        w = _weight_for_compute(weight, acc)
+        w = weight_for_compute(weight, acc)
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -92,7 +92,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
-            z = _logits(h, w, temperature, acc)
+            z = chunk_logits(h, w, temperature, acc)
             g = grad_logp[s:e, None]
             p = torch.exp(z - lse[s:e, None])
             if grad_entropy is not None:

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from kernels.chunked import _logits, _weight_for_compute, compute_dtype, default_chunk_size
+from kernels.chunked import chunk_logits, weight_for_compute, compute_dtype, default_chunk_size
 from objectives.token_local import TOKEN_LOCAL
 
 # Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
@@ -116,7 +116,7 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     """
     n, dim = hidden.shape
     acc = compute_dtype(hidden.dtype)
-    w = _weight_for_compute(weight, acc)
+    w = weight_for_compute(weight, acc)
     valid = (targets != ignore_index).nonzero().squeeze(1)
     logp_all = torch.zeros(n, dtype=acc, device=hidden.device)
     entropy_all = torch.zeros_like(logp_all)
@@ -128,7 +128,7 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         index = valid[s:s + size]
         h = hidden.index_select(0, index).to(acc)
         y = targets.index_select(0, index)
-        z = _logits(h, w, temperature, acc)
+        z = chunk_logits(h, w, temperature, acc)
         lse = torch.logsumexp(z, dim=1)
         logp = (z.gather(1, y[:, None]).squeeze(1) - lse).clamp_(max=0.0)
         loss, g = _token_step(fn, logp, per_token, shared, index)

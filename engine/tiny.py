@@ -35,6 +35,13 @@ def _tiny_qwen2(tie: bool = True) -> PretrainedConfig:
                        tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
 
 
+def _tiny_qwen2_vllm() -> PretrainedConfig:
+    # vLLM's CPU attention needs head_dim 64 (it refuses 16): the smallest model the in-process sampler can serve
+    return Qwen2Config(vocab_size=CHAR_VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                       tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
 def _tiny_llama() -> PretrainedConfig:
     return LlamaConfig(vocab_size=CHAR_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -58,6 +65,7 @@ def _cpu_bench_qwen2() -> PretrainedConfig:
 PRESETS = {
     "tiny-qwen2": _tiny_qwen2,                          # tied head
     "tiny-qwen2-untied": lambda: _tiny_qwen2(tie=False),
+    "tiny-qwen2-vllm": _tiny_qwen2_vllm,                # head_dim 64
     "tiny-llama": _tiny_llama,                          # untied head
     "cpu-bench-qwen2": _cpu_bench_qwen2,
     "qwen2.5-1.5b-shape": _qwen25_1p5b_shape,

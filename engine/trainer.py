@@ -135,9 +135,10 @@ class Trainer:
         packed_tokens = sum(mb.num_tokens for mb in micro)
         totals = all_reduce_sum([float(local_loss), float(packed_tokens), *weighted.values()], self.env.device)
         loss, packed_tokens = totals[0], totals[1]
+        lr = self.last_lr  # the rate this update uses; apply_gradients advances the schedule
         grad_norm, applied = self.apply_gradients(loss)
         elapsed = time.perf_counter() - start
-        return {"step": self.steps_done, "loss": loss, "grad_norm": grad_norm, "lr": self.last_lr,
+        return {"step": self.steps_done, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                 "skipped": float(not applied), "tokens": packed_tokens, "loss_tokens": num_tokens,
                 "microbatches": float(len(micro)), "tokens_per_s": packed_tokens / elapsed, "step_time_s": elapsed,
                 **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}

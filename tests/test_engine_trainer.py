@@ -127,3 +127,12 @@ def test_pairs_are_packed_together_and_a_broken_pair_is_named(env):
     batch[1].fields["chosen"] = 1
     with pytest.raises(ValueError, match=r"pair_id 0 must have exactly one chosen \(1\) and one rejected"):
         trainer.step(batch)
+
+
+def test_schedule_warms_up_linearly_then_follows_the_cosine_to_its_floor():
+    from engine.trainer import lr_lambda
+    sched = dict(warmup_steps=4, total_steps=12, schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_lambda(s, **sched) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_lambda(8, **sched) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_lambda(12, **sched) == pytest.approx(0.1)
+    assert lr_lambda(7, warmup_steps=0, total_steps=12, schedule="constant", min_lr_ratio=0.0) == 1.0

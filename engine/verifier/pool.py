@@ -131,12 +131,15 @@ class VerifierPool:
         keys = [self._key(response, gold) for response, gold in zip(responses, golds)]
         todo = list(dict.fromkeys(k for k in keys if k is not None and k not in self._cache))
         self.stats.cache_hits += sum(1 for k in keys if k is not None) - len(todo)
-        for key, score in zip(todo, self._run(todo, timeout, deadline)):
+        fresh = dict(zip(todo, self._run(todo, timeout, deadline)))
+        for key, score in fresh.items():
+            if score is None:
+                continue  # cut off by the budget: scores 0 now, but is checked again next time
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = score
         self.stats.checks += len(keys)
-        return [0.0 if k is None else self._cache[k] for k in keys]
+        return [0.0 if k is None else fresh.get(k) or self._cache.get(k, 0.0) for k in keys]
 
     def _key(self, response: str, gold: str) -> tuple[str, str] | None:
         answer = extract_answer(response, self.extract)
@@ -145,7 +148,7 @@ class VerifierPool:
             return None
         return answer, str(gold)
 
-    def _run(self, jobs: list[tuple[str, str]], timeout: float, deadline: float | None) -> list[float]:
+    def _run(self, jobs: list[tuple[str, str]], timeout: float, deadline: float | None) -> list[float | None]:
         scores: list[float | None] = [None] * len(jobs)
         queue = deque(range(len(jobs)))
         while queue or any(w.job is not None for w in self._workers):
@@ -157,7 +160,7 @@ class VerifierPool:
                     job_id = queue.popleft()
                     worker.send(job_id, *jobs[job_id])
             self._wait(scores, timeout, deadline)
-        return [0.0 if s is None else s for s in scores]
+        return scores  # None where the budget cut a check off
 
     def _wait(self, scores: list, timeout: float, deadline: float | None) -> None:
         """Block until a message arrives or the nearest deadline passes, then enforce timeouts."""
@@ -205,10 +208,9 @@ class VerifierPool:
         self.stats.restarts += 1
 
     def _abandon(self, queue: deque, scores: list) -> None:
-        """The budget ran out: unfinished checks score 0, and busy workers are replaced."""
+        """The budget ran out: unfinished checks score 0 (left uncached), and busy workers are replaced."""
         for k, worker in enumerate(self._workers):
             if worker.job is not None:
-                scores[worker.job] = 0.0
                 self.stats.over_budget += 1
                 self._replace(k)
         self.stats.over_budget += len(queue)

@@ -3,7 +3,7 @@
     python -m bench.rollout                                   # CPU: tiny model, vLLM backend
     python -m bench.rollout --backend transformers            # the fallback, same numbers
     torchrun --nproc_per_node=2 -m bench.rollout              # one engine per rank, each sampling its share
-    python -m bench.rollout --shape qwen2.5-1.5b-shape --prompts 64 --n 8 --max-new-tokens 512   # GPU
+    python -m bench.rollout --shape qwen2.5-1.5b-shape --prompts 64 --samples-per-prompt 8 --max-new-tokens 512   # GPU
 
 Prints sync time, bytes and bandwidth, and generated tokens/s over all ranks. On a GPU it also estimates the sync
 time of a Qwen2.5-7B-shaped model from its bf16 bytes and the measured bandwidth; without a GPU that estimate is
@@ -79,7 +79,7 @@ def run(args) -> dict:
                             kv_cache_gib=args.kv_cache_gib, sync_bucket_mb=args.bucket_mb, seed=args.seed)
         sampler = build_sampler(cfg, path, rank=env.rank)
         syncs = [sync_weights(policy, sampler) for _ in range(args.syncs)]
-    params = GenerationParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    params = GenerationParams(n=args.samples_per_prompt, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
     prompts = [f"{i} + {2 * i} = " for i in range(args.prompts)]
     sample_distributed(sampler, prompts[:1], params)  # warm-up (first-call allocations)
     start = time.perf_counter()
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-gib", type=float, default=0.25)

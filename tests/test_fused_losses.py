@@ -4,19 +4,15 @@ The reference runs the same `objectives.token_local` function on float64 log-pro
 `objectives.layout.apply_token_local` (what the objectives' own losses do), then autograd. PyTorch backend in
 float64 (exact to rounding) for every token-local objective; Triton backend under TRITON_INTERPRET=1 in fp32/fp16.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Before any Triton kernel module is imported: triton picks compiled vs interpreted at decoration time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import linear_logprobs  # noqa: E402
-from kernels.fused import fused_linear_loss  # noqa: E402
-from objectives.layout import apply_token_local  # noqa: E402
-from objectives.token_local import TOKEN_LOCAL  # noqa: E402
+from kernels import linear_logprobs
+from kernels.fused import fused_linear_loss
+from objectives.layout import apply_token_local
+from objectives.token_local import TOKEN_LOCAL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100

@@ -79,7 +79,8 @@ def run(args) -> dict:
                             kv_cache_gib=args.kv_cache_gib, sync_bucket_mb=args.bucket_mb, seed=args.seed)
         sampler = build_sampler(cfg, path, rank=env.rank)
         syncs = [sync_weights(policy, sampler) for _ in range(args.syncs)]
-    params = GenerationParams(n=args.samples_per_prompt, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    params = GenerationParams(n=args.samples_per_prompt, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed)
     prompts = [f"{i} + {2 * i} = " for i in range(args.prompts)]
     sample_distributed(sampler, prompts[:1], params)  # warm-up (first-call allocations)
     start = time.perf_counter()
@@ -87,7 +88,8 @@ def run(args) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(s.token_ids) for g in groups for s in g)
     best = min(syncs, key=lambda s: s.seconds)
-    report = {"rank": env.rank, "shape": args.shape, "backend": args.backend, "dtype": args.dtype, "ranks": env.world_size,
+    report = {"rank": env.rank, "shape": args.shape, "backend": args.backend, "dtype": args.dtype,
+              "ranks": env.world_size,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "sync_s": best.seconds, "sync_bytes": best.bytes, "sync_gib_per_s": best.gib_per_s,
               "sync_buckets": best.buckets, "largest_bucket_bytes": best.largest_bucket_bytes,

@@ -18,7 +18,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 class HFSampler(Sampler):
     def __init__(self, cfg: SamplerConfig, model_path: str, rank: int = 0):
         super().__init__(cfg, model_path, rank)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         dtype = DTYPES[cfg.dtype]
         if cfg.load_format == "auto":
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -52,7 +53,8 @@ class HFSampler(Sampler):
         sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         end_ids = ([eos] if eos is not None else []) + list(params.stop_token_ids)
-        with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
+        # seed a forked RNG: sampling leaves the trainer's global RNG untouched
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = self.model.generate(
                 torch.tensor([ids], device=self.device), attention_mask=torch.ones(1, len(ids), device=self.device),

@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.harness import median_times, peak_extra_memory, time_call
 from kernels import linear_cross_entropy, linear_logprobs
 from kernels.fused import fused_linear_loss
 
@@ -137,35 +138,16 @@ CASES = {"gemm3": (case_gemm3, 6), "eager": (case_eager, 6), "ours_fwd": (case_o
 CPU_CASES = ("gemm3", "eager", "ours_fwd", "ours", "ours_ce", "ours_fused_dapo")
 
 
-class Timer:
-    """CUDA events on GPU (no host timing of async work), perf_counter elsewhere."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn):
-        if not self.cuda:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
-
-def matmul_peak_tflops(device, timer, size=8192, repeats=10):
+def matmul_peak_tflops(device, size=8192, repeats=10):
     """Measured dense bf16 matmul rate: the denominator of every 'fraction of peak' figure."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     a @ b
-    ms = statistics.median(timer(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / ms / 1e9
+    seconds = statistics.median(time_call(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * size**3 / seconds / 1e12
 
 
-def try_case(name, x, timer):
+def try_case(name, x):
     """(runner, error): a case that cannot be imported or run at this shape is reported, not raised."""
     fn = CASES[name][0]
     try:
@@ -179,37 +161,21 @@ def try_case(name, x, timer):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def peak_extra_mib(run, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def bench_shape(name, shape, cases, device, timer, peak, warmup, repeats):
+def bench_shape(name, shape, cases, device, peak, warmup, repeats):
     n, h, v, ignored = shape
     x = make_inputs(n, h, v, ignored, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     runners, rows = {}, {}
     for case in cases:
-        runners[case], err = try_case(case, x, timer)
+        runners[case], err = try_case(case, x)
         if err:
             rows[case] = {"error": err}
-    times = {c: [] for c in runners if runners[c]}
-    for r in range(warmup + repeats):  # interleaved so clock and thermal drift hit every case alike
-        for case in times:
-            ms = timer(runners[case])
-            if r >= warmup:
-                times[case].append(ms)
+    times = median_times({c: run for c, run in runners.items() if run}, device, warmup, repeats)
     nhv = n * h * v
-    for case, ts in times.items():
-        ms = statistics.median(ts)
+    for case, seconds in times.items():
+        ms = seconds * 1e3
         tflops = CASES[case][1] * nhv / ms / 1e9
         rows[case] = {"time_ms": ms, "tflops": tflops, "frac_of_peak": tflops / peak if peak else None,
-                      "peak_extra_mib": peak_extra_mib(runners[case], device)}
+                      "peak_extra_mib": peak_extra_memory(runners[case], device) / 2**20 if device.type == "cuda" else None}
     logits_mib = n * v * 2 / 2**20
     print_shape(name, shape, rows, logits_mib)
     return {"N": n, "H": h, "V": v, "ignored": ignored, "bf16_logits_mib": logits_mib, "cases": rows}
@@ -241,15 +207,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    timer = Timer(device)
     shapes = {"tiny": (512, 64, 1000, 0.25)} if args.quick else {s: SHAPES[s] for s in args.shapes}
     cases = args.cases or (list(CASES) if device.type == "cuda" else list(CPU_CASES))
-    peak = matmul_peak_tflops(device, timer) if device.type == "cuda" else None
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if peak:
         print(f"{name}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
-    results = {s: bench_shape(s, shape, cases, device, timer, peak, warmup, repeats) for s, shape in shapes.items()}
+    results = {s: bench_shape(s, shape, cases, device, peak, warmup, repeats) for s, shape in shapes.items()}
     report = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "bf16_matmul_peak_tflops": peak, "warmup": warmup, "repeats": repeats,
               "timing": "CUDA events, median, interleaved, hot L2" if peak else "perf_counter median",

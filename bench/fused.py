@@ -7,21 +7,17 @@
 Cases on identical inputs: `eager` materialises [N, V] logits, takes log_softmax and runs the NFT token-local
 step through `objectives.layout.apply_token_local` with autograd; `fused` is `kernels.fused.fused_linear_loss`
 ("nft"), which forms the gradients during its single pass. Both then backpropagate into hidden and weight.
-Time: median of repeats after warm-up, cases interleaved. Memory: as in bench.kernels (CUDA: max allocated
-minus inputs; CPU: peak RSS growth of one call in a fresh subprocess).
+Timing and memory methods: bench/harness.py (as in bench.kernels).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-from bench.kernels import DTYPES, _reset_peak_rss, _status_kib, _sync
+from bench.harness import DTYPES, median_times, memory_in_subprocess, memory_method, peak_extra_memory
 from kernels import linear_logprobs
 from kernels.fused import fused_linear_loss
 from objectives.layout import apply_token_local
@@ -64,41 +60,6 @@ def run_case(case, hidden, weight, targets, nft, backend):
     return h.grad, w.grad
 
 
-def time_cases(inputs, backend, device, warmup, repeats):
-    times = {c: [] for c in CASES}
-    for r in range(warmup + repeats):
-        for case in CASES:
-            _sync(device)
-            t0 = time.perf_counter()
-            run_case(case, *inputs, backend)
-            _sync(device)
-            if r >= warmup:
-                times[case].append(time.perf_counter() - t0)
-    return {c: statistics.median(v) for c, v in times.items()}
-
-
-def peak_extra_memory(case, inputs, backend, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_case(case, *inputs, backend)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    run_case(case, *inputs, backend)  # warm-up: thread pools and lazy init are not the case's memory
-    _reset_peak_rss()
-    base = _status_kib("VmRSS")
-    run_case(case, *inputs, backend)
-    return (_status_kib("VmHWM") - base) * 1024
-
-
-def memory_in_subprocess(case, args) -> int:
-    cmd = [sys.executable, "-m", "bench.fused", "--_memory-probe", case, "--n", str(args.n), "--h", str(args.h),
-           "--v", str(args.v), "--dtype", args.dtype, "--backend", args.backend]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return int(out.strip().splitlines()[-1])
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -122,14 +83,17 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     inputs = make_inputs(args.n, args.h, args.v, DTYPES[args.dtype], device)
+    runs = {c: (lambda c=c: run_case(c, *inputs, args.backend)) for c in CASES}
     if args._memory_probe:
-        print(peak_extra_memory(args._memory_probe, inputs, args.backend, device))
+        print(peak_extra_memory(runs[args._memory_probe], device))
         return
-    times = time_cases(inputs, args.backend, device, args.warmup, args.repeats)
-    mem = {c: (peak_extra_memory(c, inputs, args.backend, device) if device.type == "cuda"
-               else memory_in_subprocess(c, args)) for c in CASES}
+    times = median_times(runs, device, args.warmup, args.repeats)
+    probe = ["--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype, "--backend", args.backend]
+    mem = {c: (peak_extra_memory(runs[c], device) if device.type == "cuda"
+               else memory_in_subprocess("bench.fused", [c, *probe])) for c in CASES}
     report = {"shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype}, "objective": "nft",
               "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "memory_method": memory_method(device),
               "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
               "rows": [{"case": c, "time_ms": times[c] * 1e3, "peak_extra_mib": mem[c] / 2**20,
                         "gflops_6nhv": 6 * args.n * args.h * args.v / times[c] / 1e9} for c in CASES],

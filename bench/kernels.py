@@ -8,31 +8,23 @@
 Cases (same inputs, one run): `eager` materialises logits and takes log_softmax (the autograd baseline),
 `torch_native` is F.linear_cross_entropy with chunking options (cross-entropy only), `ours` is
 kernels.linear_logprobs. Modes: `fwd` (no grad: old/reference log-probs) and `fwd+bwd` (random upstream
-gradient through autograd). Time: median of repeats after warm-up, cases interleaved so drift hits all alike.
-Memory: on CUDA torch.cuda.max_memory_allocated minus what the inputs hold; on CPU torch's allocator is invisible
-to tracemalloc, so each case runs in a fresh subprocess and reports its peak RSS growth over one call after a warm-up
-(VmHWM, reset just before the call, minus VmRSS at that point), with glibc's mmap threshold fixed at 64 KiB so
-that freed tensors leave RSS at once instead of staying cached in the heap.
+gradient through autograd). Timing and memory methods: bench/harness.py (printed with the table).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.harness import DTYPES, median_times, memory_in_subprocess, memory_method, peak_extra_memory
 from kernels import linear_logprobs
 
 CASES = ("eager", "torch_native", "ours")
 MODES = ("fwd", "fwd+bwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
@@ -68,61 +60,6 @@ def run_case(case, mode, hidden, weight, targets, upstream):
     logp = FUNCS[case](h, w, targets)
     logp.backward(upstream)
     return h.grad
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_cases(cases, modes, inputs, device, warmup, repeats):
-    """Median seconds per (case, mode), interleaving cases within each repeat."""
-    times = {(c, m): [] for c in cases for m in modes}
-    for r in range(warmup + repeats):
-        for key in times:
-            _sync(device)
-            t0 = time.perf_counter()
-            run_case(*key, *inputs)
-            _sync(device)
-            if r >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets VmHWM. (ru_maxrss cannot be used: it survives fork+exec.)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_extra_memory(case, mode, inputs, device) -> int:
-    """Bytes above what the inputs hold, at the peak of one call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_case(case, mode, *inputs)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    run_case(case, mode, *inputs)  # warm-up: lazy library init and thread pools are not the case's memory
-    _reset_peak_rss()
-    base = _status_kib("VmRSS")
-    run_case(case, mode, *inputs)
-    return (_status_kib("VmHWM") - base) * 1024
-
-
-def cpu_memory_in_subprocess(case, mode, args) -> int:
-    cmd = [sys.executable, "-m", "bench.kernels", "--_memory-probe", case, mode, "--n", str(args.n),
-           "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype]
-    # A fixed mmap threshold stops glibc from keeping freed tensors resident, so RSS follows live memory.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
 
 
 def flops(n, h, v, mode, case):
@@ -162,13 +99,15 @@ def main(argv=None):
     device = torch.device(args.device)
     inputs = make_inputs(args.n, args.h, args.v, DTYPES[args.dtype], device)
     if args._memory_probe:
-        print(peak_extra_memory(*args._memory_probe, inputs, device))
+        print(peak_extra_memory(lambda: run_case(*args._memory_probe, *inputs), device))
         return
-    times = time_cases(CASES, MODES, inputs, device, args.warmup, args.repeats)
+    runs = {(c, m): (lambda c=c, m=m: run_case(c, m, *inputs)) for c in CASES for m in MODES}
+    times = median_times(runs, device, args.warmup, args.repeats)
     rows = []
     for (case, mode), sec in times.items():
-        mem = (peak_extra_memory(case, mode, inputs, device) if device.type == "cuda"
-               else cpu_memory_in_subprocess(case, mode, args))
+        mem = (peak_extra_memory(runs[(case, mode)], device) if device.type == "cuda" else
+               memory_in_subprocess("bench.kernels", [case, mode, "--n", str(args.n), "--h", str(args.h),
+                                                      "--v", str(args.v), "--dtype", args.dtype]))
         rows.append({"case": case, "mode": mode, "time_ms": sec * 1e3, "peak_extra_mib": mem / 2**20,
                      "gflops": flops(args.n, args.h, args.v, mode, case) / sec / 1e9})
     report = {
@@ -176,9 +115,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "warmup": args.warmup,
-        "memory_method": ("torch.cuda.max_memory_allocated minus inputs" if device.type == "cuda" else
-                          "peak RSS growth over one call after a warm-up (VmHWM - VmRSS), fresh subprocess per case, "
-                          "glibc mmap threshold fixed at 64 KiB"),
+        "memory_method": memory_method(device),
         "rows": rows, "ratios_vs_eager": ratios(rows),
     }
     print_table(report)

@@ -23,6 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench.harness import reset_peak_rss, rss_bytes
 from engine.config import ModelConfig, OptimConfig
 from engine.distributed import init_distributed, shutdown_distributed
 from engine.model import PolicyModel, build_policy
@@ -55,21 +56,6 @@ def synthetic_batch(batch_tokens: int, min_len: int, max_len: int, vocab: int, s
     return out
 
 
-def _rss_peak_reset() -> int:
-    """Reset the kernel's peak-RSS counter and return the current RSS (bytes)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status("VmRSS")
-
-
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def run_head(args, head: str) -> dict:
     env = init_distributed()
     try:
@@ -82,10 +68,10 @@ def run_head(args, head: str) -> dict:
             trainer.step(batch)
         rows = []
         for _ in range(args.steps):
-            base = _rss_peak_reset() if env.device.type == "cpu" else 0
+            base = reset_peak_rss() if env.device.type == "cpu" else 0
             metrics = trainer.step(batch)
             if env.device.type == "cpu":
-                metrics["peak_mem_gib"] = (_proc_status("VmHWM") - base) / 2**30
+                metrics["peak_mem_gib"] = (rss_bytes("VmHWM") - base) / 2**30
             rows.append(metrics)
         keys = ("tokens_per_s", "step_time_s", "peak_mem_gib", "mfu")
         summary = {k: statistics.median(r[k] for r in rows) for k in keys if k in rows[0]}

@@ -1,0 +1,89 @@
+"""Measurement shared by the benchmarks: interleaved median timing and honest peak-memory probes.
+
+Time: median of repeats after warm-up, every case run once per repeat so drift hits all cases alike.
+Memory: on CUDA, torch.cuda.max_memory_allocated minus what was allocated before the call. On CPU torch's
+allocator is invisible to tracemalloc, so a case runs in a fresh subprocess and reports its peak RSS growth over
+one call after a warm-up (VmHWM, reset just before the call, minus VmRSS at that point), with glibc's mmap
+threshold fixed at 64 KiB so freed tensors leave RSS at once instead of staying cached in the heap.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Hashable
+
+import torch
+
+CPU_MEMORY_METHOD = ("peak RSS growth over one call after a warm-up (VmHWM - VmRSS), fresh subprocess per case, "
+                     "glibc mmap threshold fixed at 64 KiB")
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated minus memory allocated before the call"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call: CUDA events on GPU (no host timing of async work), perf_counter elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def median_times(cases: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int,
+                 repeats: int) -> dict[Hashable, float]:
+    """Median seconds per case; cases interleaved within each repeat so drift hits all alike."""
+    times = {key: [] for key in cases}
+    for r in range(warmup + repeats):
+        for key, run in cases.items():
+            seconds = time_call(run, device)
+            if r >= warmup:
+                times[key].append(seconds)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Current (VmRSS) or peak (VmHWM) resident set of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS and return that (bytes). (ru_maxrss cannot serve: it survives fork+exec.)"""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: 5 resets the peak resident set
+    return rss_bytes()
+
+
+def peak_extra_memory(run: Callable[[], object], device: torch.device) -> int:
+    """Bytes above what existed before, at the peak of one call of `run` (in this process)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    run()  # warm-up: lazy library init and thread pools are not the case's memory
+    base = reset_peak_rss()
+    run()
+    return rss_bytes("VmHWM") - base
+
+
+def memory_in_subprocess(module: str, probe_args: list[str]) -> int:
+    """Run `python -m module --_memory-probe ...` in a fresh process; it prints peak_extra_memory's result last."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    cmd = [sys.executable, "-m", module, "--_memory-probe", *probe_args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def memory_method(device: torch.device) -> str:
+    return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from bench.harness import DTYPES, median_times, memory_in_subprocess, memory_method, peak_extra_memory
+from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
+                           memory_method, peak_extra_memory, shape_probe_args)
 from kernels import linear_logprobs
 from kernels.fused import fused_linear_loss
 from objectives.layout import apply_token_local
@@ -62,21 +63,10 @@ def run_case(case, hidden, weight, targets, nft, backend):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--h", type=int, default=512)
-    p.add_argument("--v", type=int, default=32000)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_shape_arguments(p)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="small shape (N=2048, V=8000)")
-    p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--_memory-probe", metavar="CASE", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.v, args.repeats = 2048, 8000, 3
-    return args
+    return finish_shape_arguments(p.parse_args(argv))
 
 
 def main(argv=None):
@@ -88,7 +78,7 @@ def main(argv=None):
         print(peak_extra_memory(runs[args._memory_probe], device))
         return
     times = median_times(runs, device, args.warmup, args.repeats)
-    probe = ["--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype, "--backend", args.backend]
+    probe = [*shape_probe_args(args), "--backend", args.backend]
     mem = {c: (peak_extra_memory(runs[c], device) if device.type == "cuda"
                else memory_in_subprocess("bench.fused", [c, *probe])) for c in CASES}
     report = {"shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype}, "objective": "nft",

@@ -87,3 +87,27 @@ def memory_in_subprocess(module: str, probe_args: list[str]) -> int:
 
 def memory_method(device: torch.device) -> str:
     return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
+
+
+def add_shape_arguments(p) -> None:
+    """The options every microbenchmark shares: device, shape, dtype, repeats, output."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--h", type=int, default=512)
+    p.add_argument("--v", type=int, default=32000)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small shape (N=2048, V=8000): a smoke run in seconds")
+    p.add_argument("--out", help="write the results as JSON here")
+
+
+def finish_shape_arguments(args):
+    if args.quick:
+        args.n, args.v, args.repeats = 2048, 8000, 3
+    return args
+
+
+def shape_probe_args(args) -> list[str]:
+    """The arguments a memory-probe subprocess needs to rebuild the same inputs."""
+    return ["--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype]

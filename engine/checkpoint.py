@@ -59,7 +59,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, keep_last: int) -> Path:
+def _state_dicts(trainer: Trainer, extras: dict | None) -> dict:
+    """Model and optimizer state of the trainer, plus `extras` {name: (module, optimizer)} (OREAL's token RM)."""
+    model_sd, optim_sd = get_state_dict(trainer.policy, trainer.optimizer)
+    out = {"model": model_sd, "optimizer": optim_sd}
+    for name, (module, optimizer) in (extras or {}).items():
+        out[f"{name}.model"], out[f"{name}.optimizer"] = get_state_dict(module, optimizer)
+    return out
+
+
+def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, keep_last: int,
+                    extras: dict | None = None) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the directory and prunes old ones."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{trainer.steps_done:08d}"
@@ -74,8 +84,7 @@ def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, kee
     blob = io.BytesIO()
     torch.save({"step": trainer.steps_done, "skipped": trainer.skipped_steps, "data": data_state, "rng": rng,
                 "scheduler": trainer.scheduler.state_dict()}, blob)
-    model_sd, optim_sd = get_state_dict(trainer.policy, trainer.optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd, "train_state": blob}, checkpoint_id=str(tmp))
+    dcp.save({**_state_dicts(trainer, extras), "train_state": blob}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():  # re-saving the same step (e.g. after a resume with nothing left to do)
@@ -96,14 +105,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, trainer: Trainer) -> dict:
-    """Restore model, optimizer, scheduler, counters and RNG into `trainer` (any world size); returns the data
-    position that was saved."""
-    model_sd, optim_sd = get_state_dict(trainer.policy, trainer.optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd, "train_state": io.BytesIO()}
+def load_checkpoint(path: str | Path, trainer: Trainer, extras: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler, counters and RNG into `trainer` (and `extras`, as saved) at any world
+    size; returns the data position that was saved."""
+    state = {**_state_dicts(trainer, extras), "train_state": io.BytesIO()}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+    for name, (module, optimizer) in (extras or {}).items():
+        set_state_dict(module, optimizer, model_state_dict=state[f"{name}.model"],
+                       optim_state_dict=state[f"{name}.optimizer"])
     blob = state["train_state"]  # DCP may hand back a new buffer rather than fill ours
     blob.seek(0)
     train_state = torch.load(blob, weights_only=False)

@@ -1,6 +1,6 @@
-"""Offline dataset: JSONL rows -> tokenized `Sequence`s, and a resumable stream of global mini-batches.
+"""Datasets: JSONL or Parquet rows -> tokenized `Sequence`s, and a resumable stream of global mini-batches.
 
-Row formats: {"prompt": str, "response": str, <name>: number, ...}, or a preference pair
+Row formats (field names configurable, `Fields`): {"prompt": str, "response": str, <name>: number, ...}, or a preference pair
 {"prompt": str, "chosen": str, "rejected": str, ...}, which becomes two sequences with the fields pair_id (the row
 id) and chosen (1/0). Numbers become per-sequence fields that the objective reads by its own argument names
 ("rewards", "advantages", "group_ids", ...). The row id is the 1-based line number.
@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,62 +28,121 @@ from engine.packing import Sequence, check_sequence
 log = logging.getLogger("twofold.data")
 
 
-def load_sequences(path: str | Path, tokenizer, budget: int, on_bad_row: str = "error") -> list[Sequence]:
-    """Tokenize every usable row: prompt tokens (with the tokenizer's special tokens) + response + EOS."""
-    sequences, skipped = [], 0
+@dataclass(frozen=True)
+class Fields:
+    """Column names of a dataset and the text put around each prompt (`data.*_field`, `data.prompt_template`)."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    answer: str = "answer"
+    template: str = "{prompt}"
+
+    @classmethod
+    def from_config(cls, data) -> "Fields":
+        return cls(data.prompt_field, data.response_field, data.chosen_field, data.rejected_field,
+                   data.answer_field, data.prompt_template)
+
+    @property
+    def text(self) -> tuple[str, ...]:
+        return (self.prompt, self.response, self.chosen, self.rejected, self.answer)
+
+
+DEFAULT_FIELDS = Fields()
+
+
+def read_rows(path: str | Path, file_format: str = "auto") -> Iterator[tuple[int, dict | str]]:
+    """(row id, row) for every row; row id is the 1-based line (JSONL) or row number (Parquet). A JSONL line that
+    is not a JSON object comes back as the error message (a str) so that the caller decides to stop or skip."""
+    path = Path(path)
+    if file_format == "parquet" or (file_format == "auto" and path.suffix == ".parquet"):
+        yield from _parquet_rows(path)
+        return
     with open(path, encoding="utf-8") as f:
         for row_id, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                prompt, responses = parse_row(line, row_id)
-            except ValueError as err:
-                if on_bad_row == "error":
-                    raise ValueError(f"{path} row {row_id}: {err} (set data.on_bad_row=skip to skip such rows)")
-                log.warning("skipping %s row %d: %s", path, row_id, err)
-                skipped += 1
-                continue
-            row = [tokenize(tokenizer, prompt, response, row_id, fields) for response, fields in responses]
-            problem = next((p for q in row if (p := check_sequence(q, budget))), None)
-            if problem is None and sequences and set(row[0].fields) != set(sequences[0].fields):
-                problem = f"numeric fields {sorted(row[0].fields)} differ from row {sequences[0].row_id}'s"
-            if problem:
-                log.warning("skipping %s row %d: %s", path, row_id, problem)
-                skipped += 1
-                continue
-            sequences.extend(row)
+            if line.strip():
+                yield row_id, _json_row(line)
+
+
+def _json_row(line: str) -> dict | str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg} at column {err.colno})"
+    return row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
+    row_id = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            row_id += 1
+            yield row_id, row
+
+
+def load_sequences(path: str | Path, tokenizer, budget: int, on_bad_row: str = "error",
+                   fields: Fields = DEFAULT_FIELDS, file_format: str = "auto") -> list[Sequence]:
+    """Tokenize every usable row: prompt tokens (with the tokenizer's special tokens) + response + EOS."""
+    sequences, skipped = [], 0
+    for row_id, row in read_rows(path, file_format):
+        try:
+            prompt, responses = parse_row(row, fields, row_id)
+        except ValueError as err:
+            if on_bad_row == "error":
+                raise ValueError(f"{path} row {row_id}: {err} (set data.on_bad_row=skip to skip such rows)")
+            log.warning("skipping %s row %d: %s", path, row_id, err)
+            skipped += 1
+            continue
+        row = [tokenize(tokenizer, fields.template.format(prompt=prompt), response, row_id, values)
+               for response, values in responses]
+        problem = next((p for q in row if (p := check_sequence(q, budget))), None)
+        if problem is None and sequences and set(row[0].fields) != set(sequences[0].fields):
+            problem = f"numeric fields {sorted(row[0].fields)} differ from row {sequences[0].row_id}'s"
+        if problem:
+            log.warning("skipping %s row %d: %s", path, row_id, problem)
+            skipped += 1
+            continue
+        sequences.extend(row)
     if not sequences:
         raise ValueError(f"{path}: no usable rows ({skipped} skipped)")
     log.info("loaded %d sequences from %s (%d rows skipped)", len(sequences), path, skipped)
     return sequences
 
 
-TEXT_KEYS = ("prompt", "response", "chosen", "rejected")
-
-
-def parse_row(line: str, row_id: int) -> tuple[str, list[tuple[str, dict[str, float]]]]:
+def parse_row(row: dict | str, fields: Fields = DEFAULT_FIELDS, row_id: int = 0
+              ) -> tuple[str, list[tuple[str, dict[str, float]]]]:
     """(prompt, [(response, fields), ...]): one response, or the chosen and rejected sides of a pair."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    sides = ("chosen", "rejected") if "chosen" in row and "response" not in row else ("response",)
-    for key in ("prompt", *sides):
-        if not isinstance(row.get(key), str):
-            raise ValueError(f"field {key!r} must be a string, got {row.get(key)!r}")
-    fields = {}
+    if isinstance(row, str):
+        raise ValueError(row)
+    pair = fields.chosen in row and fields.response not in row
+    sides = (fields.chosen, fields.rejected) if pair else (fields.response,)
+    for key in (fields.prompt, *sides):
+        require_text(row, key)
+    values = {}
     for key, value in row.items():
-        if key in TEXT_KEYS:
+        if key in fields.text:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"field {key!r} must be a number, got {value!r}")
-        fields[key] = value
-    if sides == ("response",):
-        return row["prompt"], [(row["response"], fields)]
-    return row["prompt"], [(row[side], {**fields, "pair_id": row_id, "chosen": int(side == "chosen")})
-                           for side in sides]
+        values[key] = value
+    prompt = row[fields.prompt]
+    if not pair:
+        return prompt, [(row[fields.response], values)]
+    return prompt, [(row[side], {**values, "pair_id": row_id, "chosen": int(side == fields.chosen)})
+                    for side in sides]
+
+
+def require_text(row: dict, key: str) -> str:
+    if key not in row:
+        raise ValueError(f"missing field {key!r} (row has {sorted(row)})")
+    if not isinstance(row[key], str):
+        raise ValueError(f"field {key!r} must be a string, got {row[key]!r}")
+    return row[key]
 
 
 def tokenize(tokenizer, prompt: str, response: str, row_id, fields: dict | None = None) -> Sequence:
@@ -93,17 +154,23 @@ def tokenize(tokenizer, prompt: str, response: str, row_id, fields: dict | None 
                     fields=dict(fields or {}))
 
 
-def fingerprint(sequences: list[Sequence]) -> str:
+def fingerprint(items: list) -> str:
+    """Hash of the rows' content: `Sequence`s (tokens) or prompt problems (prompt ids and gold answer)."""
     digest = hashlib.sha256()
-    for seq in sequences:
-        digest.update(repr((seq.row_id, seq.tokens, seq.prompt_len)).encode())
+    for item in items:
+        if isinstance(item, Sequence):
+            key = (item.row_id, item.tokens, item.prompt_len)
+        else:
+            key = (item.row_id, list(item.prompt_ids), item.answer)
+        digest.update(repr(key).encode())
     return digest.hexdigest()[:16]
 
 
 class BatchStream:
-    """Global mini-batches of `batch_size` rows (a pair row gives two sequences) in a seeded, resumable order."""
+    """Global mini-batches of `batch_size` rows (a pair row gives two sequences) in a seeded, resumable order.
+    Items are `Sequence`s or any rows with a `row_id` (the online loop streams prompt problems)."""
 
-    def __init__(self, sequences: list[Sequence], batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, sequences: list, batch_size: int, shuffle: bool, seed: int):
         self.rows: list[list[Sequence]] = []
         for seq in sequences:  # the sequences of one row are consecutive and share its row id
             if self.rows and self.rows[-1][0].row_id == seq.row_id:

@@ -16,6 +16,7 @@ from engine.config import Config
 
 log = logging.getLogger("twofold")
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s")
+ONLINE_PLOTTED = ("loss", "rollout/accuracy", "grad_norm", "tokens_per_s")
 
 
 class Tracker:
@@ -26,6 +27,7 @@ class Tracker:
         if not enabled:
             return
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.eval_jsonl = open(self.run_dir / "eval.jsonl", "a", encoding="utf-8")
         if config.log.progress_bar:
             self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
         if config.log.tensorboard and _installed("tensorboard", "log.tensorboard"):
@@ -55,10 +57,26 @@ class Tracker:
             log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g; weights unchanged", step,
                         metrics["loss"], metrics["grad_norm"])
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Held-out evaluation after `step` training steps (0: before training), to eval.jsonl and the console."""
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        self.eval_jsonl.write(json.dumps(row) + "\n")
+        self.eval_jsonl.flush()
+        shown = "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s")
+        (self.bar.write if self.bar is not None else print)(f"eval after {step} steps: {shown}")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
     def close(self, plot: bool) -> None:
         if not self.enabled:
             return
         self.jsonl.close()
+        self.eval_jsonl.close()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
@@ -66,7 +84,7 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
         if plot:
-            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png", self.run_dir / "eval.jsonl")
 
 
 def _installed(package: str, option: str) -> bool:
@@ -85,18 +103,29 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def plot_metrics(jsonl: Path, png: Path) -> Path | None:
+def plot_metrics(jsonl: Path, png: Path, eval_jsonl: Path | None = None) -> Path | None:
+    """Training curves (online runs: loss, rollout accuracy, ...) and, when there is one, held-out evaluation."""
     if not _installed("matplotlib", "log.plot"):
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(jsonl)
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3))
-    for ax, key in zip(axes, PLOTTED):
+    keys = ONLINE_PLOTTED if rows and "rollout/accuracy" in rows[0] else PLOTTED
+    evals = read_metrics(eval_jsonl) if eval_jsonl is not None and eval_jsonl.is_file() else []
+    panels = len(keys) + bool(evals)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3))
+    for ax, key in zip(axes, keys):
         ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
         ax.set_title(key)
         ax.set_xlabel("step")
+    if evals:
+        for key in [k for k in evals[0] if k.startswith("eval/") and k != "eval/time_s"]:
+            axes[-1].plot([r["step"] for r in evals], [r.get(key, float("nan")) for r in evals], marker="o",
+                          label=key.removeprefix("eval/"))
+        axes[-1].set_title("held-out pass@1")
+        axes[-1].set_xlabel("step")
+        axes[-1].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

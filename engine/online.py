@@ -3,7 +3,7 @@
     sample n per prompt (in-process sampler) -> verify -> dynamic sampling -> training sequences
     -> old log-probs (trainer weights, only when a rollout feeds more than one update)
     -> reference log-probs (frozen initial policy, only when the objective's KL coefficient is > 0)
-    -> [OREAL: token-RM scores, then one token-RM update]
+    -> [OREAL: one token-RM update on the batch, then its token scores]
     -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler
 
 `train.steps` counts rollout steps. Every step logs the time split (generate / verify / old_logp / train / sync),
@@ -108,6 +108,8 @@ class OnlineRun:
         groups, stats = self.collector.collect(self.stream)
         metrics = {"step": self.rollout_steps, **stats.metrics()}
         batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer)
+        if self.token_rm is not None and batch:
+            metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
         t = time.perf_counter()
         self.add_token_fields(batch)
         metrics["time/old_logp_s"] = time.perf_counter() - t
@@ -137,8 +139,6 @@ class OnlineRun:
     def train(self, batch: list[Sequence]) -> dict[str, float]:
         """ppo_epochs x mini_batches optimizer steps over whole groups; metrics averaged over the updates."""
         out: dict[str, float] = {}
-        if self.token_rm is not None and batch:
-            out |= self.token_rm.update(batch)
         frozen = self.rollout_steps < self.config.rollout.freeze_actor_steps
         if not batch or frozen:
             return out | {"loss": 0.0, "grad_norm": 0.0, "lr": self.trainer.last_lr, "tokens": 0.0,

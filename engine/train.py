@@ -83,13 +83,14 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     sequences = load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row,
                                Fields.from_config(data), data.format)
     policy = build_policy(config.model, env, seed=config.train.seed)
-    if config.objective.name == "dpo" and data.precompute_ref_logp:
-        add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
-    stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
                       objective_kwargs=config.objective.kwargs, total_steps=config.train.steps,
                       max_tokens_per_microbatch=data.max_tokens_per_microbatch,
                       pad_token_id=tokenizer.pad_token_id or 0)
+    # after the optimizer exists: a forward leaves the FSDP2 root unsharded, and the optimizer must hold the shards
+    if config.objective.name == "dpo" and data.precompute_ref_logp:
+        add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
+    stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
     resume = resume_path(config)
     if resume is not None:
         stream.load_state_dict(load_checkpoint(resume, trainer))

@@ -103,13 +103,15 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
              "oreal": ["rollout.freeze_actor_steps=0"]}.get(objective, [])
     history = run(online_config(files, warm, objective, tmp_path, *extra), sampler=sampler, pool=pool)
     (step,) = history
-    assert step["rollout/informative_groups"] >= 1 and step["skipped"] == 0
+    assert step["skipped"] == 0 and step["rollout/prompts"] >= 4
+    if objective != "jepo":  # JEPO learns from the gold answer's likelihood: no reward filter
+        assert step["rollout/informative_groups"] >= 1
     assert step["grad_norm"] > 0 and step["tokens"] > 0
     for key in ("time/generate_s", "time/verify_s", "time/old_logp_s", "time/train_s", "time/sync_s"):
         assert step[key] >= 0
     assert step["rollout/generate_tokens_per_s"] > 0 and step["tokens_per_s"] > 0
     if objective == "grpo":
-        assert step["optimizer_steps"] == 2 and "kl" in step  # beta 0.04: reference log-probs were used
+        assert step["optimizer_steps"] == min(2, step["rollout/informative_groups"]) and "kl" in step  # beta 0.04: reference log-probs were used
     if objective == "oreal":
         assert 0 <= step["token_rm/accuracy"] <= 1 and step["token_rm/loss"] > 0
     if objective == "jepo":
@@ -151,8 +153,7 @@ def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path)
                                "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1",
                                "verifier.timeout=0.000001")
         (step,) = run(config, sampler=sampler, pool=fresh)
-    answered = 4 - step["rollout/no_answer"]
-    assert answered > 0 and step["rollout/verifier_timeouts"] == answered
+    assert step["rollout/no_answer"] < 4 and step["rollout/verifier_timeouts"] >= 1  # equal answers: one check
     assert step["rollout/accuracy"] == 0 and step["rollout/informative_groups"] == 0 and step["skipped"] == 1
 
 

@@ -1,5 +1,6 @@
 """The testable invariants of OBJECTIVES.md section 9 (numbers in the test docstrings), plus the global-normaliser
 contract the engine relies on and the token-local interface the fused kernel uses."""
+import itertools
 import math
 
 import pytest
@@ -289,7 +290,7 @@ def test_redi_token_gradient_does_not_depend_on_the_policy():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
-# ---- JEPO (23-25, 4) -------------------------------------------------------------------------------------------
+# ---- JEPO (23-27, 4) -------------------------------------------------------------------------------------------
 def test_jepo_multi_sample_bound_is_above_the_mean_with_equality_iff_all_equal():
     """23: LSE(l*) - log n >= mean(l*)."""
     ids = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -333,6 +334,48 @@ def test_jepo_with_empty_cot_is_beta_sup_times_sft_on_the_answer(multi):
     grad = _grad(lambda lp: O.jepo_loss(lp, cot, answer, ids, beta_sup=0.4, multi_sample=multi), logp)[0]
     sft = _grad(lambda lp: O.sft_loss(lp, answer, agg="sum_const", constant=6.0), logp)[0]
     torch.testing.assert_close(grad, 0.4 * sft, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("multi,n", [(False, 2), (False, 3), (True, 2), (True, 3)])
+def test_jepo_leave_one_out_estimators_are_unbiased_tabular(multi, n):
+    """26: enumerate every n-tuple of CoTs c ~ pi_theta over K choices. The score-function estimate with the
+    leave-one-out advantages, E[sum_i A_i grad log pi(c_i)], equals the exact gradient of E[bound] (the baseline
+    adds nothing in expectation); for the single-sample bound that is grad sum_c pi(c) log pi(a*|c), n times."""
+    k = 3
+    gen = torch.Generator().manual_seed(26)
+    theta = torch.randn(k, dtype=DT, generator=gen).requires_grad_()
+    log_answer = torch.log(0.05 + 0.9 * torch.rand(k, dtype=DT, generator=gen))  # log pi(a*|c)
+    log_pi = theta.log_softmax(0)
+    ids, ok = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    expected_bound, estimate = 0.0, torch.zeros(k, dtype=DT)
+    for combo in itertools.product(range(k), repeat=n):
+        c = torch.tensor(combo)
+        prob = log_pi[c].sum().exp()
+        bound, adv, _ = O.jepo_group_terms(log_answer[c], ids, ok, multi_sample=multi)
+        expected_bound = expected_bound + prob * bound[0]
+        score = torch.nn.functional.one_hot(c, k).to(DT) - log_pi.detach().exp()  # d log pi(c_i) / d theta
+        estimate += prob.detach() * (adv[:, None] * score).sum(0)
+    exact = torch.autograd.grad(expected_bound, theta, retain_graph=True)[0]
+    torch.testing.assert_close(estimate, exact * (1 if multi else n), rtol=1e-12, atol=1e-14)
+    if not multi:
+        elbo = torch.autograd.grad((log_pi.exp() * log_answer).sum(), theta)[0]
+        torch.testing.assert_close(exact, elbo, rtol=1e-12, atol=1e-14)
+
+
+def test_jepo_answer_log_likelihood_is_a_sum_not_a_mean():
+    """27: the same answer log-likelihood split over more tokens changes neither the bound nor the gradients."""
+    ids = torch.tensor([0, 0, 1, 1])
+    cot_logp = -torch.rand(4, 3, dtype=DT)
+    l_star = -torch.rand(4, dtype=DT) * 3
+    cot = torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool).repeat(4, 1)
+    one_token = torch.cat([cot_logp, l_star[:, None], torch.zeros(4, 1, dtype=DT)], 1)
+    two_tokens = torch.cat([cot_logp, 0.3 * l_star[:, None], 0.7 * l_star[:, None]], 1)
+    answer_one = torch.tensor([[0, 0, 0, 1, 0]], dtype=torch.bool).repeat(4, 1)
+    answer_two = torch.tensor([[0, 0, 0, 1, 1]], dtype=torch.bool).repeat(4, 1)
+    g1, _, m1 = _grad(lambda lp: O.jepo_loss(lp, cot, answer_one, ids), one_token)
+    g2, _, m2 = _grad(lambda lp: O.jepo_loss(lp, cot, answer_two, ids), two_tokens)
+    torch.testing.assert_close(m1["bound"], m2["bound"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(g1[:, :4], g2[:, :4], rtol=1e-12, atol=0)  # CoT and the first answer token
 
 
 # ---- OREAL (28-30) -----------------------------------------------------------------------------------------------

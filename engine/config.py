@@ -293,8 +293,8 @@ def validate(config: Config) -> None:
     _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)",
              optim.betas)
     updates = optimizer_steps(config)
-    _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, optimizer steps={updates}]",
-             optim.warmup_steps)
+    bound = f"train.steps={train.steps}" if train.mode == "offline" else f"optimizer steps={updates}"
+    _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, {bound}]", optim.warmup_steps)
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
     _require(train.steps >= 1, "train.steps", ">= 1", train.steps)

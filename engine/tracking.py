@@ -16,7 +16,7 @@ from engine.config import Config
 
 log = logging.getLogger("twofold")
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s")
-ONLINE_PLOTTED = ("loss", "rollout/accuracy", "grad_norm", "tokens_per_s")
+ONLINE_PLOTTED = ("rollout/accuracy", "rollout/informative_groups", "grad_norm", "tokens_per_s")  # NFT at R = 1: loss 0
 
 
 class Tracker:

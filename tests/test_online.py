@@ -144,15 +144,20 @@ def test_resumed_online_run_repeats_the_uninterrupted_one(files, warm, sampler, 
         assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5)
 
 
+def hanging_check(answer: str, gold: str) -> bool:
+    """An answer check that never returns (what a pathological sympy input does), run in the verifier's workers."""
+    while True:
+        pass
+
+
 def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path):
-    """A limit no check can meet: every sample scores 0 and is counted, the group is not informative, nothing
-    trains, and the run goes on."""
+    """Every check hangs: each is killed at the limit and scores 0, the timeouts are counted, the group is not
+    informative, nothing trains, and the run goes on."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "7+0=", "answer": "7"}])
-    with VerifierPool(num_workers=1, timeout=5.0) as fresh:  # an empty cache: every check reaches a worker
+    with VerifierPool(num_workers=1, timeout=0.3, check="tests.test_online:hanging_check") as hanging:
         config = online_config(files, warm, "nft", tmp_path, f"data.path={prompts}", "rollout.prompts_per_step=1",
-                               "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1",
-                               "verifier.timeout=0.000001")
-        (step,) = run(config, sampler=sampler, pool=fresh)
+                               "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1", "verifier.timeout=0.3")
+        (step,) = run(config, sampler=sampler, pool=hanging)
     assert step["rollout/no_answer"] < 4 and step["rollout/verifier_timeouts"] >= 1  # equal answers: one check
     assert step["rollout/accuracy"] == 0 and step["rollout/informative_groups"] == 0 and step["skipped"] == 1
 

@@ -24,7 +24,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m bench.kernels --quick
+	$(PY) -m engine.demo
 
 bench: $(STAMP)
 	$(PY) -m bench.kernels --out bench/results/cpu.json

@@ -37,6 +37,21 @@ def test_missing_field_names_field_and_row(tmp_path):
         load_sequences(rows, build_char_tokenizer(), 64, fields=Fields(prompt="question", response="solution"))
 
 
+def test_parquet_rows_read_like_jsonl(tmp_path):
+    import pyarrow as pa  # a dev dependency; users without it get a clear error (engine/data.py)
+    import pyarrow.parquet as pq
+    rows = [{"q": "1+1=", "gold": "2", "sol": "\\boxed{2}"}, {"q": "2+5=", "gold": "7", "sol": "\\boxed{7}"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    tok = build_char_tokenizer()
+    fields = Fields(prompt="q", answer="gold", response="sol")
+    from_parquet = load_problems(tmp_path / "p.parquet", tok, fields, 64).problems
+    assert [(p.row_id, p.answer) for p in from_parquet] == [(1, "2"), (2, "7")]
+    as_parquet = load_sequences(tmp_path / "p.parquet", tok, 64, fields=fields)
+    as_jsonl = load_sequences(tmp_path / "p.jsonl", tok, 64, fields=fields)
+    assert [s.tokens for s in as_parquet] == [s.tokens for s in as_jsonl]
+
+
 def test_every_prompt_unusable_is_an_error(tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x" * 100, "answer": "2"}])
     with pytest.raises(ValueError, match="no usable prompts"):

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.harness import median_times, peak_extra_memory, time_call
+from bench.harness import device_name, median_times, peak_extra_memory, time_call
 from kernels import linear_cross_entropy, linear_logprobs
 from kernels.fused import fused_linear_loss
 
@@ -210,7 +210,7 @@ def main(argv=None):
     shapes = {"tiny": (512, 64, 1000, 0.25)} if args.quick else {s: SHAPES[s] for s in args.shapes}
     cases = args.cases or (list(CASES) if device.type == "cuda" else list(CPU_CASES))
     peak = matmul_peak_tflops(device) if device.type == "cuda" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     if peak:
         print(f"{name}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
-                           memory_method, peak_extra_memory, shape_probe_args)
+                           device_name, memory_method, peak_extra_memory, shape_probe_args)
 from kernels import linear_logprobs
 from kernels.fused import fused_linear_loss
 from objectives.layout import apply_token_local
@@ -82,7 +82,7 @@ def main(argv=None):
     mem = {c: (peak_extra_memory(runs[c], device) if device.type == "cuda"
                else memory_in_subprocess("bench.fused", [c, *probe])) for c in CASES}
     report = {"shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype}, "objective": "nft",
-              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "memory_method": memory_method(device),
               "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
               "rows": [{"case": c, "time_ms": times[c] * 1e3, "peak_extra_mib": mem[c] / 2**20,

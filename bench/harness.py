@@ -111,3 +111,12 @@ def finish_shape_arguments(args):
 def shape_probe_args(args) -> list[str]:
     """The arguments a memory-probe subprocess needs to rebuild the same inputs."""
     return ["--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    return f"{model} ({os.cpu_count()} cores)"

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
-                           memory_method, peak_extra_memory, shape_probe_args)
+                           device_name, memory_method, peak_extra_memory, shape_probe_args)
 from kernels import linear_logprobs
 
 CASES = ("eager", "torch_native", "ours")
@@ -101,7 +100,7 @@ def main(argv=None):
                      "gflops": flops(args.n, args.h, args.v, mode, case) / sec / 1e9})
     report = {
         "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "warmup": args.warmup,
         "memory_method": memory_method(device),

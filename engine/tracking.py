@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -29,7 +30,9 @@ class Tracker:
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.eval_jsonl = open(self.run_dir / "eval.jsonl", "a", encoding="utf-8")
         if config.log.progress_bar:
-            self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+            # Redirected to a file or CI log, a bar redrawn 10x a second is megabytes of noise: redraw every 30 s.
+            self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
         if config.log.tensorboard and _installed("tensorboard", "log.tensorboard"):
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))

@@ -27,7 +27,8 @@ demo: $(STAMP)
 	$(PY) -m engine.demo
 
 bench: $(STAMP)
-	$(PY) -m bench.kernels --out bench/results/cpu.json
+	$(PY) -m bench.kernels --out bench/results/cpu-kernels.json
+	$(PY) -m bench.fused --out bench/results/cpu-fused.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -88,7 +88,7 @@ def main(argv=None):
               "rows": [{"case": c, "time_ms": times[c] * 1e3, "peak_extra_mib": mem[c] / 2**20,
                         "gflops_6nhv": 6 * args.n * args.h * args.v / times[c] / 1e9} for c in CASES],
               "fused_vs_eager": {"time": times["fused"] / times["eager"], "memory": mem["fused"] / mem["eager"]}}
-    print(f"NFT loss fwd+bwd  N={args.n} H={args.h} V={args.v} {args.dtype} on {device} "
+    print(f"NFT loss fwd+bwd  N={args.n} H={args.h} V={args.v} {args.dtype} on {report['device']} "
           f"({report['threads']} threads), median of {args.repeats}")
     for row in report["rows"]:
         print(f"  {row['case']:<6} {row['time_ms']:>9.1f} ms {row['gflops_6nhv']:>8.1f} GFLOP/s "

@@ -174,6 +174,20 @@ class VLLMSampler(Sampler):
 
     def close(self) -> None:
         del self.llm
+        _forget_vllm_process_groups()
+
+
+def _forget_vllm_process_groups() -> None:
+    """vLLM keeps its process groups in module globals and reuses them for the next engine in this process. The
+    trainer may destroy and re-create its own group in between (repeated runs, tests), which leaves those stale
+    ("not initialized in the world group map"), so an engine that closes drops them. They are not destroyed one by
+    one: they may already be gone with the default group, and `destroy_process_group()` frees any that are not."""
+    from vllm.distributed import parallel_state
+
+    for name in ("_TP", "_ETP", "_PP", "_DP", "_EP", "_EPLB", "_DCP", "_PCP", "_ENGRAM_DP", "_WORLD",
+                 "_INNER_DP_WORLD", "_NODE_COUNT"):
+        if hasattr(parallel_state, name):
+            setattr(parallel_state, name, None)
 
 
 def finish_reason(vllm_reason: str | None, stop_reason) -> FinishReason:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 # Bytes one [chunk, V] fp32 block may take. Two such blocks live at once in backward.
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 def default_chunk_size(num_tokens: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:

@@ -139,9 +139,17 @@ def test_resumed_online_run_repeats_the_uninterrupted_one(files, warm, sampler, 
     first = run(split, sampler=sampler, pool=pool)
     rest = run(split, sampler=sampler, pool=pool)  # resume=auto: continues from the step-2 checkpoint
     assert [m["step"] for m in first + rest] == [0, 1, 2]
-    keys = ("rollout/accuracy", "rollout/prompts", "grad_norm", "r_hat", "positive_frac", "tokens")
+    # Which steps have an informative group (and so which metrics a row holds) depends on the CPU's kernels:
+    # compare every row's full set of keys and every value that does not measure time or memory.
     for a, b in zip(whole, first + rest):
-        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5)
+        assert sorted(a) == sorted(b)
+        assert deterministic(a) == pytest.approx(deterministic(b), rel=1e-5)
+
+
+def deterministic(row: dict) -> dict:
+    """A metrics row without the wall-clock, throughput and memory readings, which differ between two runs."""
+    return {k: v for k, v in row.items() if not (k.startswith("time/") or k.endswith(("_per_s", "_time_s"))
+                                                  or k in ("peak_mem_gib", "mfu"))}
 
 
 def hanging_check(answer: str, gold: str) -> bool:

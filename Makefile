@@ -24,7 +24,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m engine.demo
+	$(PY) -m twofold.engine.demo
 
 bench: $(STAMP)
 	$(PY) -m bench.kernels --out bench/results/cpu-kernels.json

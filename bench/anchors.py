@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import device_name, median_times, peak_extra_memory, time_call
-from kernels import linear_cross_entropy, linear_logprobs
-from kernels.fused import fused_linear_loss
+from twofold.kernels import linear_cross_entropy, linear_logprobs
+from twofold.kernels.fused import fused_linear_loss
 
 SHAPES = {  # (N, H, V, ignored fraction)
     "S1": (8192, 4096, 128256, 0.0), "S2": (8192, 4096, 151936, 0.0), "S3": (4096, 4096, 128256, 0.0),

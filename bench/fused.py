@@ -5,7 +5,7 @@
     python -m bench.fused --device cuda --dtype bf16 --n 8192 --h 4096 --v 128256 --backend triton
 
 Cases on identical inputs: `eager` materialises [N, V] logits, takes log_softmax and runs the NFT token-local
-step through `objectives.layout.apply_token_local` with autograd; `fused` is `kernels.fused.fused_linear_loss`
+step through `twofold.objectives.layout.apply_token_local` with autograd; `fused` is `twofold.kernels.fused.fused_linear_loss`
 ("nft"), which forms the gradients during its single pass. Both then backpropagate into hidden and weight.
 Timing and memory methods: bench/harness.py (as in bench.kernels).
 """
@@ -19,10 +19,10 @@ import torch
 
 from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
                            device_name, memory_method, peak_extra_memory, shape_probe_args)
-from kernels import linear_logprobs
-from kernels.fused import fused_linear_loss
-from objectives.layout import apply_token_local
-from objectives.token_local import nft_token
+from twofold.kernels import linear_logprobs
+from twofold.kernels.fused import fused_linear_loss
+from twofold.objectives.layout import apply_token_local
+from twofold.objectives.token_local import nft_token
 
 CASES = ("eager", "fused")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
                            device_name, memory_method, peak_extra_memory, shape_probe_args)
-from kernels import linear_logprobs
+from twofold.kernels import linear_logprobs
 
 CASES = ("eager", "torch_native", "ours")
 MODES = ("fwd", "fwd+bwd")

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import reset_peak_rss, rss_bytes
-from engine.config import ModelConfig, OptimConfig
-from engine.distributed import init_distributed, shutdown_distributed
-from engine.model import PolicyModel, build_policy
-from engine.packing import IGNORE_INDEX, Sequence
-from engine.trainer import Trainer
+from twofold.engine.config import ModelConfig, OptimConfig
+from twofold.engine.distributed import init_distributed, shutdown_distributed
+from twofold.engine.model import PolicyModel, build_policy
+from twofold.engine.packing import IGNORE_INDEX, Sequence
+from twofold.engine.trainer import Trainer
 
 HEADS = ("fused", "eager")
 
@@ -84,7 +84,7 @@ def run_head(args, head: str) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--preset", help="engine.tiny preset (default: cpu-bench-qwen2 on CPU, qwen2.5-1.5b-shape on CUDA)")
+    p.add_argument("--preset", help="twofold.engine.tiny preset (default: cpu-bench-qwen2 on CPU, qwen2.5-1.5b-shape on CUDA)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of " + ",".join(HEADS))
     p.add_argument("--batch-tokens", type=int, help="tokens per step (default: 2048 CPU, 65536 CUDA)")

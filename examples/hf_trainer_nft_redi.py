@@ -14,8 +14,8 @@ import tempfile
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
 
-from kernels import linear_logprobs
-from objectives import nft_loss, r_hat, redi_loss
+from twofold.kernels import linear_logprobs
+from twofold.objectives import nft_loss, r_hat, redi_loss
 
 
 def token_logprobs(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-from engine.config import load_config, to_yaml
-from engine.data import BatchStream, load_sequences
-from engine.tiny import build_char_tokenizer
+from twofold.engine.config import load_config, to_yaml
+from twofold.engine.data import BatchStream, load_sequences
+from twofold.engine.tiny import build_char_tokenizer
 
 
 @pytest.fixture

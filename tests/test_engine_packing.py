@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from engine.model import PolicyModel
-from engine.packing import IGNORE_INDEX, Sequence, collate, plan_microbatches
-from engine.tiny import build_preset_model
+from twofold.engine.model import PolicyModel
+from twofold.engine.packing import IGNORE_INDEX, Sequence, collate, plan_microbatches
+from twofold.engine.tiny import build_preset_model
 
 
 def _random_sequences(n, seed=0, max_len=40):
@@ -108,9 +108,9 @@ def _tensors(mb):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_packed_logprobs_equal_unpacked_on_gpu_with_the_resolved_attention():
-    from engine.model import resolve_attn_implementation
+    from twofold.engine.model import resolve_attn_implementation
     from transformers import AutoModelForCausalLM
-    from engine.tiny import preset_config
+    from twofold.engine.tiny import preset_config
     device = torch.device("cuda")
     attn = resolve_attn_implementation("auto", device)  # flash_attention_2 (varlen) when flash-attn is installed
     config = preset_config("tiny-llama")

@@ -4,12 +4,12 @@ import functools
 import pytest
 import torch
 
-from engine.config import ModelConfig, OptimConfig
-from engine.distributed import init_distributed, shutdown_distributed
-from engine.model import build_policy
-from engine.packing import Sequence
-from engine.trainer import Trainer, batch_totals
-from objectives import sft_loss
+from twofold.engine.config import ModelConfig, OptimConfig
+from twofold.engine.distributed import init_distributed, shutdown_distributed
+from twofold.engine.model import build_policy
+from twofold.engine.packing import Sequence
+from twofold.engine.trainer import Trainer, batch_totals
+from twofold.objectives import sft_loss
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_pairs_are_packed_together_and_a_broken_pair_is_named(env):
 
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine_to_its_floor():
-    from engine.trainer import lr_lambda
+    from twofold.engine.trainer import lr_lambda
     sched = dict(warmup_steps=4, total_steps=12, schedule="cosine", min_lr_ratio=0.1)
     assert [lr_lambda(s, **sched) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_lambda(8, **sched) == pytest.approx(0.1 + 0.9 * 0.5)

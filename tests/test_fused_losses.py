@@ -1,7 +1,7 @@
-"""Fused token-local losses (kernels.fused): loss and gradients equal the materialised-logits reference.
+"""Fused token-local losses (twofold.kernels.fused): loss and gradients equal the materialised-logits reference.
 
-The reference runs the same `objectives.token_local` function on float64 log-probs from full logits, through
-`objectives.layout.apply_token_local` (what the objectives' own losses do), then autograd. PyTorch backend in
+The reference runs the same `twofold.objectives.token_local` function on float64 log-probs from full logits, through
+`twofold.objectives.layout.apply_token_local` (what the objectives' own losses do), then autograd. PyTorch backend in
 float64 (exact to rounding) for every token-local objective; Triton backend under TRITON_INTERPRET=1 in fp32/fp16.
 """
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 
-from kernels import linear_logprobs
-from kernels.fused import fused_linear_loss
-from objectives.layout import apply_token_local
-from objectives.token_local import TOKEN_LOCAL
+from twofold.kernels import linear_logprobs
+from twofold.kernels.fused import fused_linear_loss
+from twofold.objectives.layout import apply_token_local
+from twofold.objectives.token_local import TOKEN_LOCAL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import linear_cross_entropy, linear_logprobs
+from twofold.kernels import linear_cross_entropy, linear_logprobs
 
 IGNORE = -100
 TOL = {torch.float32: (1e-5, 5e-4), torch.bfloat16: (1e-2, 1e-2)}  # (forward, backward)

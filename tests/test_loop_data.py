@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.data import Fields, load_sequences
-from engine.tasks import load_problems, sloppy_answer, write_addition_data
-from engine.tiny import build_char_tokenizer
+from twofold.engine.config import load_config
+from twofold.engine.data import Fields, load_sequences
+from twofold.engine.tasks import load_problems, sloppy_answer, write_addition_data
+from twofold.engine.tiny import build_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_missing_field_names_field_and_row(tmp_path):
 
 
 def test_parquet_rows_read_like_jsonl(tmp_path):
-    import pyarrow as pa  # a dev dependency; users without it get a clear error (engine/data.py)
+    import pyarrow as pa  # a dev dependency; users without it get a clear error (twofold/engine/data.py)
     import pyarrow.parquet as pq
     rows = [{"q": "1+1=", "gold": "2", "sol": "\\boxed{2}"}, {"q": "2+5=", "gold": "7", "sol": "\\boxed{7}"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")

@@ -6,7 +6,7 @@ packed call and the naive reference must agree in value and gradient.
 import pytest
 import torch
 
-import objectives as O
+import twofold.objectives as O
 from tests import test_objectives_naive as naive
 
 SEEDS = range(4)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import objectives as O
+import twofold.objectives as O
 
 
 def _batch(dtype=torch.float64):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import objectives as O
-from objectives.layout import flatten
+import twofold.objectives as O
+from twofold.objectives.layout import flatten
 from tests import test_objectives_naive as naive
 
 DT = naive.DT

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from bench.rollout import write_tiny_model
-from engine.config import load_config
-from engine.sampler import SamplerConfig, build_sampler
-from engine.tracking import read_metrics
-from engine.train import run
-from engine.verifier import VerifierPool
+from twofold.engine.config import load_config
+from twofold.engine.sampler import SamplerConfig, build_sampler
+from twofold.engine.tracking import read_metrics
+from twofold.engine.train import run
+from twofold.engine.verifier import VerifierPool
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER = dict(dtype="float32", max_model_len=48, kv_cache_gib=1 / 32, sync_bucket_mb=8)
@@ -187,9 +187,9 @@ def test_two_ranks_nft_and_redi(files, warm, tmp_path):
     redi = load_config(None, offline_overrides(files, "redi", tmp_path / "redi", "pairs"))
     for config, name in ((nft, "nft"), (redi, "redi")):
         recipe = tmp_path / f"{name}.yaml"
-        from engine.config import to_yaml
+        from twofold.engine.config import to_yaml
         recipe.write_text(to_yaml(config))
-        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "engine.train", "--config",
+        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
                                str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

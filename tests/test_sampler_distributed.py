@@ -18,11 +18,11 @@ PROMPTS = [f"{i}+{i}=" for i in range(5)]  # odd count: the ranks get 3 and 2
 def worker(out_path: str, model_dir: str) -> None:
     import torch
 
-    from engine.config import ModelConfig
-    from engine.distributed import init_distributed, shutdown_distributed
-    from engine.model import build_policy
-    from engine.sampler import GenerationParams, SamplerConfig, build_sampler, rank_share, sample_distributed
-    from engine.weight_sync import sync_weights
+    from twofold.engine.config import ModelConfig
+    from twofold.engine.distributed import init_distributed, shutdown_distributed
+    from twofold.engine.model import build_policy
+    from twofold.engine.sampler import GenerationParams, SamplerConfig, build_sampler, rank_share, sample_distributed
+    from twofold.engine.weight_sync import sync_weights
 
     torch.set_num_threads(1)
     env = init_distributed()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 
-from kernels import linear_cross_entropy, linear_logprobs
-from kernels.triton_logprobs import DEFAULT_TILES, triton_linear_logprobs
+from twofold.kernels import linear_cross_entropy, linear_logprobs
+from twofold.kernels.triton_logprobs import DEFAULT_TILES, triton_linear_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
@@ -184,7 +184,7 @@ def test_custom_op_under_torch_compile():
 
 
 def test_custom_op_opcheck():
-    from kernels.triton_logprobs import _fwd_op
+    from twofold.kernels.triton_logprobs import _fwd_op
     hidden, weight, targets = make_case(13, 24, 123, torch.float32, seed=14)
     args = (hidden.requires_grad_(), weight.requires_grad_(), targets, IGNORE, 1.0, True, 0, [])
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -238,7 +238,7 @@ def test_gpu_bitwise_reproducible_and_faster_than_eager():
 @pytest.mark.parametrize("splits", [1, 3, 7])
 def test_vocab_splits_including_empty_ones(splits):
     # 4 vocab tiles of 32 over 7 splits leaves splits 4-6 empty (max -inf, sum 0): the merge must ignore them.
-    from kernels.triton_logprobs import compact, vocab_stats
+    from twofold.kernels.triton_logprobs import compact, vocab_stats
     hidden, weight, targets = make_case(21, 24, 123, torch.float32, seed=15)
     order, nvalid = compact(targets, IGNORE)
     logp, ent, lse = vocab_stats(hidden, weight, targets, order, nvalid, 0, 21, 0.8, True, tiles=SMALL_TILES,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.verifier import ParseError, VerifierPool, extract_answer, is_equivalent
-from engine.verifier.parser import parse
+from twofold.engine.verifier import ParseError, VerifierPool, extract_answer, is_equivalent
+from twofold.engine.verifier.parser import parse
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOADS = [
@@ -50,7 +50,7 @@ def hook(event, args):
     if writes or event in ("exec", "compile", "os.system", "subprocess.Popen", "os.posix_spawn", "os.exec", "os.fork"):
         events.append(event)
 sys.addaudithook(hook)
-from engine.verifier import extract_answer, is_equivalent
+from twofold.engine.verifier import extract_answer, is_equivalent
 is_equivalent("\\sqrt{8}", "2\\sqrt2"), is_equivalent("x^2-1", "(x-1)(x+1)")  # warm sympy's lazy paths
 payloads = json.loads(sys.stdin.read())
 armed = True

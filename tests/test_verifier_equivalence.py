@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.verifier import is_equivalent
+from twofold.engine.verifier import is_equivalent
 
 T, F = True, False
 

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from engine.verifier import ExtractConfig, binary_reward, extract_answer, format_reward, math_rewards, \
+from twofold.engine.verifier import ExtractConfig, binary_reward, extract_answer, format_reward, math_rewards, \
     overlong_penalty
-from engine.verifier.normalize import normalize
+from twofold.engine.verifier.normalize import normalize
 
 EXTRACTION = [
     ("We get \\boxed{5}.", "5"),

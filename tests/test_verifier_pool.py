@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.verifier import VerifierPool, is_equivalent, verify_batch
+from twofold.engine.verifier import VerifierPool, is_equivalent, verify_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK = "tests.test_verifier_pool:faulty_check"
@@ -175,7 +175,7 @@ def test_mismatched_lengths_raise_a_value_error(pool):
 
 def test_a_worker_that_cannot_start_raises_instead_of_scoring_zero():
     start = time.monotonic()
-    with VerifierPool(num_workers=1, check="engine.verifier.no_such_module:check") as broken:
+    with VerifierPool(num_workers=1, check="twofold.engine.verifier.no_such_module:check") as broken:
         with pytest.raises(RuntimeError, match="before it was ready"):
             broken.verify_batch(["\\boxed{1}"], ["1"])
     assert time.monotonic() - start < 10
@@ -183,7 +183,7 @@ def test_a_worker_that_cannot_start_raises_instead_of_scoring_zero():
 
 TORCHRUN_SCRIPT = r"""
 import os, threading
-from engine.verifier import verify_batch
+from twofold.engine.verifier import verify_batch
 out = {}
 worker = threading.Thread(target=lambda: out.update(s=verify_batch(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], timeout=5)))
 worker.start(); worker.join()

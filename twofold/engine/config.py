@@ -1,0 +1,359 @@
+"""Run configuration: a tree of dataclasses, loaded from YAML plus `section.key=value` overrides.
+
+Every field is typed; loading rejects unknown keys (with a suggestion), wrong types and impossible combinations
+with a ValueError that names the key. The resolved config is printed once at start and saved as
+`<run_dir>/config.yaml`, beside the checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from twofold.engine.sampler import SamplerConfig
+from twofold.objectives import OBJECTIVES
+
+ONLINE_OBJECTIVES = ("nft", "rft", "grpo", "dapo", "drgrpo", "oreal", "jepo")
+OFFLINE_OBJECTIVES = ("sft", "rft", "redi", "dpo", "simpo")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Local Hugging Face causal-LM checkpoint directory (Qwen2/2.5/3, Llama). Exactly one of path / preset."""
+    preset: str = ""
+    """Named random-init model from twofold.engine.tiny.PRESETS (tests, CPU demo, benchmarks)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute dtype of parameters in forward/backward. Master weights, optimizer state and the gradient
+    reduction stay fp32 either way (FSDP2 MixedPrecisionPolicy)."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
+    """auto: flash_attention_2 (varlen) on CUDA when flash-attn is installed, else sdpa with a packed mask."""
+    activation_checkpointing: bool = True
+    """Recompute each decoder layer in backward."""
+    tokenizer: str = ""
+    """Tokenizer directory; defaults to model.path, or the built-in char tokenizer for presets."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = ""
+    """JSONL file, one row per sequence: {"prompt": str, "response": str} plus optional numeric fields
+    (reward, advantage, group_id, ...) that the objective reads."""
+    batch_size: int = 8
+    """Rows per optimizer step over all ranks (the mini-batch): sequences, or pairs for pair rows."""
+    max_tokens_per_microbatch: int = 4096
+    """Token budget of one packed micro-batch on one rank; a longer sequence is skipped and logged."""
+    shuffle: bool = True
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Malformed row (bad JSON, missing or mistyped field): stop with the row id, or log it and skip it.
+    Empty responses and sequences over the budget are always skipped and logged with their row id."""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """auto: by file suffix (.parquet is Parquet, anything else JSONL)."""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    answer_field: str = "answer"
+    """Online runs: the gold answer of each prompt row (a string or a number)."""
+    prompt_template: str = "{prompt}"
+    """Text around each prompt before tokenization (offline and online alike), e.g. a chat template."""
+    precompute_ref_logp: bool = True
+    """DPO: score every sequence once with the initial policy (no grad) before training, stored per row."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: str = "sft"
+    """A key of twofold.objectives.OBJECTIVES."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the loss (eps, beta, ...)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 10
+    """Optimizer steps of the whole run (the schedule's length)."""
+    stop_after_steps: int = 0
+    """End this invocation after this many steps (job time slots); 0 = run to `steps`. Resume continues."""
+    seed: int = 0
+    mode: Literal["offline", "online"] = "offline"
+    """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
+    (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a sharded checkpoint every N steps (0: only at the end of the invocation)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto: newest complete checkpoint in run_dir if any; never; or a checkpoint directory."""
+    export_hf: bool = True
+    """Write <run_dir>/hf (safetensors + tokenizer) when the run reaches train.steps."""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    progress_bar: bool = True
+    tensorboard: bool = False
+    """Write TensorBoard events when tensorboard is installed (a warning otherwise)."""
+    wandb: bool = False
+    wandb_project: str = "twofold"
+    plot: bool = True
+    """PNG of the main curves at the end (needs matplotlib; a warning otherwise)."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Online runs: one rollout step = sample, verify, build the batch, `ppo_epochs * mini_batches` updates."""
+    prompts_per_step: int = 8
+    """Prompts (groups) trained on per rollout step."""
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    dynamic_sampling: bool = True
+    """Keep only groups whose rewards differ (0 < correct < n), refilling with new prompts (DAPO, NFT, OREAL)."""
+    gen_batch_prompts: int = 0
+    """Prompts drawn per generation batch (0: prompts_per_step); DAPO draws 3x."""
+    max_gen_batches: int = 10
+    """Cap on generation batches per step; the step trains on the informative groups found so far."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch over the rollout batch (DAPO: 16)."""
+    ppo_epochs: int = 1
+    negative_reward: float = 0.0
+    """Reward of a wrong answer: 0 (0/1 rewards) or -1 (the +-1 of DAPO, NFT, OREAL code)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: L_cache (L_max = max_new_tokens); 0 disables it."""
+    format_penalty: float = 10.0
+    """JEPO: advantage penalty of a sample without a boxed answer."""
+    freeze_actor_steps: int = 0
+    """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
+    token_rm_lr: float = 2e-6
+    """OREAL: learning rate of the token reward model (its own AdamW)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    path: str = ""
+    """Held-out prompts with gold answers (same fields as data); empty: no evaluation."""
+    every: int = 0
+    """Evaluate every N rollout steps (0: only before and after training)."""
+    samples: int = 4
+    """k of sampled avg@k (pass@1 estimated from k samples at rollout.temperature); 0 skips it."""
+    max_prompts: int = 0
+    """Use at most this many held-out prompts (0: all)."""
+    max_new_tokens: int = 0
+    """0: rollout.max_new_tokens."""
+
+
+@dataclass(kw_only=True)
+class VerifierConfig:
+    workers: int = 2
+    timeout: float = 5.0
+    """Wall-clock limit of one answer check (seconds); an overrun scores 0 and is counted."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run_dir: str = "runs/default"
+    """Checkpoints, config.yaml, metrics.jsonl, plots and the HF export go here."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (optional) and `section.key=value` overrides (values parsed as YAML), validated."""
+    tree: dict = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    for item in overrides:
+        _apply_override(tree, item)
+    config = _build(Config, tree, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _build(cls, tree: dict, prefix: str):
+    if not isinstance(tree, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def _check_type(name: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"config {name} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"config {name} must be a list of {item.__name__}, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config {name} must be a mapping, got {value!r}")
+        return value
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"config {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def validate(config: Config) -> None:
+    """Reject impossible combinations, naming the keys involved."""
+    model, data, optim, train, ckpt = config.model, config.data, config.optim, config.train, config.checkpoint
+    if bool(model.path) == bool(model.preset):
+        raise ValueError("set exactly one of model.path (a local HF checkpoint) and model.preset, "
+                         f"got path={model.path!r}, preset={model.preset!r}")
+    if model.path and not Path(model.path).is_dir():
+        raise ValueError(f"model.path {model.path!r} is not a directory")
+    if not data.path:
+        raise ValueError("data.path is required (a JSONL or Parquet file of rows)")
+    for key, path in (("data.path", data.path), ("eval.path", config.eval.path)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{key} {path!r} does not exist")
+    if config.objective.name not in OBJECTIVES:
+        raise ValueError(f"objective.name {config.objective.name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
+    allowed = ONLINE_OBJECTIVES if train.mode == "online" else OFFLINE_OBJECTIVES
+    if config.objective.name not in allowed:
+        raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
+                         f"{train.mode} objectives: {', '.join(allowed)}")
+    if "{prompt}" not in data.prompt_template:
+        raise ValueError(f"data.prompt_template must contain {{prompt}}, got {data.prompt_template!r}")
+    validate_rollout(config)
+    _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
+    _require(data.max_tokens_per_microbatch >= 2, "data.max_tokens_per_microbatch", ">= 2",
+             data.max_tokens_per_microbatch)
+    _require(optim.lr > 0, "optim.lr", "> 0", optim.lr)
+    _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)",
+             optim.betas)
+    updates = optimizer_steps(config)
+    bound = f"train.steps={train.steps}" if train.mode == "offline" else f"optimizer steps={updates}"
+    _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, {bound}]", optim.warmup_steps)
+    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
+    _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
+    _require(train.steps >= 1, "train.steps", ">= 1", train.steps)
+    _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)
+    _require(ckpt.every >= 0, "checkpoint.every", ">= 0", ckpt.every)
+    _require(ckpt.keep_last >= 1, "checkpoint.keep_last", ">= 1", ckpt.keep_last)
+    if ckpt.resume not in ("auto", "never") and not Path(ckpt.resume).is_dir():
+        raise ValueError(f"checkpoint.resume must be auto, never or a checkpoint directory, got {ckpt.resume!r}")
+
+
+def updates_per_step(config: Config) -> int:
+    """Optimizer steps per train step: 1 offline, ppo_epochs * mini_batches online."""
+    if config.train.mode == "offline":
+        return 1
+    return config.rollout.ppo_epochs * config.rollout.mini_batches
+
+
+def optimizer_steps(config: Config) -> int:
+    """Length of the learning-rate schedule (OREAL's frozen-actor steps make no update)."""
+    actor_steps = config.train.steps - (config.rollout.freeze_actor_steps if config.train.mode == "online" else 0)
+    return max(1, actor_steps) * updates_per_step(config)
+
+
+def validate_rollout(config: Config) -> None:
+    r, ev = config.rollout, config.eval
+    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_gen_batches", "mini_batches",
+                 "ppo_epochs"):
+        _require(getattr(r, name) >= 1, f"rollout.{name}", ">= 1", getattr(r, name))
+    _require(r.gen_batch_prompts >= 0, "rollout.gen_batch_prompts", ">= 0", r.gen_batch_prompts)
+    _require(r.temperature > 0, "rollout.temperature", "> 0", r.temperature)
+    _require(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]", r.top_p)
+    _require(r.negative_reward in (0.0, -1.0), "rollout.negative_reward", "0 or -1", r.negative_reward)
+    _require(0 <= r.overlong_buffer <= r.max_new_tokens, "rollout.overlong_buffer",
+             f"in [0, rollout.max_new_tokens={r.max_new_tokens}]", r.overlong_buffer)
+    _require(0 <= r.freeze_actor_steps < config.train.steps, "rollout.freeze_actor_steps",
+             f"in [0, train.steps={config.train.steps})", r.freeze_actor_steps)
+    _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
+    _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
+             f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
+    if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):
+        _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", f">= 2 for {config.objective.name}",
+                 r.samples_per_prompt)
+    for name in ("every", "samples", "max_prompts", "max_new_tokens"):
+        _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
+    _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
+    _require(config.verifier.timeout > 0, "verifier.timeout", "> 0", config.verifier.timeout)
+
+
+def _require(ok: bool, name: str, expected: str, actual) -> None:
+    if not ok:
+        raise ValueError(f"config {name} must be {expected}, got {actual!r}")
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def save_config(config: Config, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path

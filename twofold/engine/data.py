@@ -1,0 +1,207 @@
+"""Datasets: JSONL or Parquet rows -> tokenized `Sequence`s, and a resumable stream of global mini-batches.
+
+Row formats (field names configurable, `Fields`): {"prompt": str, "response": str, <name>: number, ...}, or a preference pair
+{"prompt": str, "chosen": str, "rejected": str, ...}, which becomes two sequences with the fields pair_id (the row
+id) and chosen (1/0). Numbers become per-sequence fields that the objective reads by its own argument names
+("rewards", "advantages", "group_ids", ...). The row id is the 1-based line number.
+Bad rows: a malformed row stops the run with its id (data.on_bad_row=error) or is logged and skipped (skip);
+an empty response or a sequence over the micro-batch budget is always logged and skipped.
+
+Order: epoch e visits the sequences in a permutation seeded by (seed, e). The position is the number of sequences
+consumed since the start, so resuming (at any world size) continues with exactly the next sequence, across epoch
+boundaries too. The dataset's fingerprint is saved with the position: resuming on a different dataset fails loudly
+instead of silently skipping rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from twofold.engine.packing import Sequence, check_sequence
+
+log = logging.getLogger("twofold.data")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Column names of a dataset and the text put around each prompt (`data.*_field`, `data.prompt_template`)."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    answer: str = "answer"
+    template: str = "{prompt}"
+
+    @classmethod
+    def from_config(cls, data) -> "Fields":
+        return cls(data.prompt_field, data.response_field, data.chosen_field, data.rejected_field,
+                   data.answer_field, data.prompt_template)
+
+    @property
+    def text(self) -> tuple[str, ...]:
+        return (self.prompt, self.response, self.chosen, self.rejected, self.answer)
+
+
+DEFAULT_FIELDS = Fields()
+
+
+def read_rows(path: str | Path, file_format: str = "auto") -> Iterator[tuple[int, dict | str]]:
+    """(row id, row) for every row; row id is the 1-based line (JSONL) or row number (Parquet). A JSONL line that
+    is not a JSON object comes back as the error message (a str) so that the caller decides to stop or skip."""
+    path = Path(path)
+    if file_format == "parquet" or (file_format == "auto" and path.suffix == ".parquet"):
+        yield from _parquet_rows(path)
+        return
+    with open(path, encoding="utf-8") as f:
+        for row_id, line in enumerate(f, start=1):
+            if line.strip():
+                yield row_id, _json_row(line)
+
+
+def _json_row(line: str) -> dict | str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg} at column {err.colno})"
+    return row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
+    row_id = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            row_id += 1
+            yield row_id, row
+
+
+def load_sequences(path: str | Path, tokenizer, budget: int, on_bad_row: str = "error",
+                   fields: Fields = DEFAULT_FIELDS, file_format: str = "auto") -> list[Sequence]:
+    """Tokenize every usable row: prompt tokens (with the tokenizer's special tokens) + response + EOS."""
+    sequences, skipped = [], 0
+    for row_id, row in read_rows(path, file_format):
+        try:
+            prompt, responses = parse_row(row, fields, row_id)
+        except ValueError as err:
+            if on_bad_row == "error":
+                raise ValueError(f"{path} row {row_id}: {err} (set data.on_bad_row=skip to skip such rows)")
+            log.warning("skipping %s row %d: %s", path, row_id, err)
+            skipped += 1
+            continue
+        row = [tokenize(tokenizer, fields.template.format(prompt=prompt), response, row_id, values)
+               for response, values in responses]
+        problem = next((p for q in row if (p := check_sequence(q, budget))), None)
+        if problem is None and sequences and set(row[0].fields) != set(sequences[0].fields):
+            problem = f"numeric fields {sorted(row[0].fields)} differ from row {sequences[0].row_id}'s"
+        if problem:
+            log.warning("skipping %s row %d: %s", path, row_id, problem)
+            skipped += 1
+            continue
+        sequences.extend(row)
+    if not sequences:
+        raise ValueError(f"{path}: no usable rows ({skipped} skipped)")
+    log.info("loaded %d sequences from %s (%d rows skipped)", len(sequences), path, skipped)
+    return sequences
+
+
+def parse_row(row: dict | str, fields: Fields = DEFAULT_FIELDS, row_id: int = 0
+              ) -> tuple[str, list[tuple[str, dict[str, float]]]]:
+    """(prompt, [(response, fields), ...]): one response, or the chosen and rejected sides of a pair."""
+    if isinstance(row, str):
+        raise ValueError(row)
+    pair = fields.chosen in row and fields.response not in row
+    sides = (fields.chosen, fields.rejected) if pair else (fields.response,)
+    for key in (fields.prompt, *sides):
+        require_text(row, key)
+    values = {}
+    for key, value in row.items():
+        if key in fields.text:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"field {key!r} must be a number, got {value!r}")
+        values[key] = value
+    prompt = row[fields.prompt]
+    if not pair:
+        return prompt, [(row[fields.response], values)]
+    return prompt, [(row[side], {**values, "pair_id": row_id, "chosen": int(side == fields.chosen)})
+                    for side in sides]
+
+
+def require_text(row: dict, key: str) -> str:
+    if key not in row:
+        raise ValueError(f"missing field {key!r} (row has {sorted(row)})")
+    if not isinstance(row[key], str):
+        raise ValueError(f"field {key!r} must be a string, got {row[key]!r}")
+    return row[key]
+
+
+def tokenize(tokenizer, prompt: str, response: str, row_id, fields: dict | None = None) -> Sequence:
+    prompt_ids = tokenizer(prompt).input_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids if response else []
+    if response_ids:
+        response_ids.append(tokenizer.eos_token_id)
+    return Sequence(tokens=prompt_ids + response_ids, prompt_len=len(prompt_ids), row_id=row_id,
+                    fields=dict(fields or {}))
+
+
+def fingerprint(items: list) -> str:
+    """Hash of the rows' content: `Sequence`s (tokens) or prompt problems (prompt ids and gold answer)."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, Sequence):
+            key = (item.row_id, item.tokens, item.prompt_len)
+        else:
+            key = (item.row_id, list(item.prompt_ids), item.answer)
+        digest.update(repr(key).encode())
+    return digest.hexdigest()[:16]
+
+
+class BatchStream:
+    """Global mini-batches of `batch_size` rows (a pair row gives two sequences) in a seeded, resumable order.
+    Items are `Sequence`s or any rows with a `row_id` (the online loop streams prompt problems)."""
+
+    def __init__(self, sequences: list, batch_size: int, shuffle: bool, seed: int):
+        self.rows: list[list[Sequence]] = []
+        for seq in sequences:  # the sequences of one row are consecutive and share its row id
+            if self.rows and self.rows[-1][0].row_id == seq.row_id:
+                self.rows[-1].append(seq)
+            else:
+                self.rows.append([seq])
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.consumed = 0
+        self.fingerprint = fingerprint(sequences)
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.rows), generator=generator).tolist()
+
+    def next_batch(self) -> list[Sequence]:
+        n = len(self.rows)
+        batch, orders = [], {}
+        for position in range(self.consumed, self.consumed + self.batch_size):
+            epoch = position // n
+            order = orders.setdefault(epoch, self._order(epoch))
+            batch.extend(self.rows[order[position % n]])
+        self.consumed += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"the dataset differs from the one in the checkpoint (fingerprint {self.fingerprint} vs "
+                             f"{state['fingerprint']}): resuming would silently shift the data order")
+        self.consumed = state["consumed"]

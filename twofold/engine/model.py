@@ -1,0 +1,138 @@
+"""Model loading and FSDP2: any local HF causal LM (or a preset) as a `PolicyModel` sharded per decoder layer.
+
+`PolicyModel` is the FSDP2 root: its forward runs the transformer trunk to the final hidden states and then
+`kernels.linear_logprobs` with the LM-head weight. Because that happens inside the root's forward, FSDP2 has
+already all-gathered the root's own parameters (embeddings, final norm, LM head; tied or not), so the kernel sees
+the full weight in the compute dtype and its gradient is reduce-scattered like any other. The model's own logits
+are never computed.
+
+Precision: parameters, gradients and optimizer state are fp32 shards (the master copy); FSDP2 casts to
+`model.dtype` for compute and reduces gradients in fp32. Loading at scale: every rank builds the model on the meta
+device, shards it and allocates only its shard; rank 0 alone reads the checkpoint and broadcasts it.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from twofold.engine.config import ModelConfig
+from twofold.engine.distributed import DistEnv
+from twofold.engine.tiny import build_preset_model, preset_config
+from twofold.kernels import linear_logprobs
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class PolicyModel(nn.Module):
+    """Causal LM trunk + fused LM head: per-token log-probs of `targets` from packed sequences."""
+
+    def __init__(self, causal_lm: nn.Module):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                return_entropy: bool = False):
+        """input_ids, position_ids, targets [N] (one packed row) -> fp32 log-probs [N] (0 at ignored targets)."""
+        trunk = self.causal_lm.get_decoder()
+        # use_cache=False: with a cache transformers stops reading packed position_ids as sequence boundaries
+        hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
+        head = self.causal_lm.get_output_embeddings().weight
+        out = self.head_logprobs(hidden[0], head, targets, temperature, return_entropy)
+        # the kernel returns views; FSDP2 warns that in-place ops on a root output's view would skip its hooks
+        return tuple(t.clone() for t in out) if return_entropy else out.clone()
+
+    def head_logprobs(self, hidden: Tensor, head: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
+        """hidden [N,H], head [V,H] -> log-probs [N] (and entropy [N]) without materialising [N,V] logits."""
+        return linear_logprobs(hidden, head, targets, temperature=temperature, return_entropy=return_entropy,
+                               check_targets=False)
+
+
+def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    hf_config = AutoConfig.from_pretrained(cfg.path) if cfg.path else preset_config(cfg.preset)
+    hf_config.use_cache = False
+    return hf_config
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        return "flash_attention_2" if flash else "sdpa"
+    if requested == "flash_attention_2" and device.type != "cuda":
+        raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA device; use auto or sdpa on CPU")
+    return requested
+
+
+def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type = PolicyModel) -> PolicyModel:
+    """Meta-init, shard with FSDP2, allocate shards, then load weights (rank 0 reads, everyone receives).
+    `policy_cls` swaps the head (bench.step compares against materialised logits)."""
+    hf_config = load_hf_config(cfg)
+    attn = resolve_attn_implementation(cfg.attn_implementation, env.device)
+    with torch.device("meta"):
+        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(causal_lm)
+    policy = policy_cls(causal_lm)
+    shard_policy(policy, env, DTYPES[cfg.dtype])
+    policy.to_empty(device=env.device)
+    source = _load_full_model(cfg, seed) if env.is_main else None
+    load_full_weights(policy, source)
+    policy.train()
+    return policy
+
+
+def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
+    """Recompute every decoder layer in backward (non-reentrant, which composes with FSDP2)."""
+    kwargs = {"use_reentrant": False}
+    # transformers renamed the method (the old name warns in 5.23; 5.17 on the GPU machine has only the old one)
+    new_api = getattr(causal_lm, "activation_checkpointing_enable", None)
+    if new_api is not None:
+        new_api(activation_checkpointing_kwargs=kwargs)
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def shard_policy(policy: PolicyModel, env: DistEnv, compute_dtype: torch.dtype) -> None:
+    """fully_shard every decoder layer, then the root; gradients are summed (not averaged) over ranks, because
+    the objectives divide by global token/sequence counts themselves."""
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in policy.causal_lm.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def _load_full_model(cfg: ModelConfig, seed: int) -> nn.Module:
+    if cfg.path:
+        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+    return build_preset_model(cfg.preset, seed)
+
+
+def load_full_weights(policy: PolicyModel, source: nn.Module | None) -> None:
+    """Copy a full (unsharded) model held by rank 0 into the sharded policy on every rank."""
+    full = {f"causal_lm.{k}": v for k, v in source.state_dict().items()} if source is not None else {}
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # non-persistent buffers (rotary inv_freq) are not in the state dict: rank 0 copies them, then broadcasts
+    source_buffers = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in policy.causal_lm.named_buffers():
+        if source is not None:
+            buffer.copy_(source_buffers[name])
+        dist.broadcast(buffer, src=0)
+
+
+def count_parameters(policy: PolicyModel) -> tuple[int, int]:
+    """(all parameters, parameters outside the input embedding): the second one drives the 6*N*T FLOP count."""
+    total = sum(p.numel() for p in policy.parameters())
+    embedding = policy.causal_lm.get_input_embeddings().weight.numel()
+    tied = policy.causal_lm.get_output_embeddings().weight is policy.causal_lm.get_input_embeddings().weight
+    return total, total - (0 if tied else embedding)

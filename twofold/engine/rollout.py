@@ -1,0 +1,237 @@
+"""Rollout: prompts -> n samples each (in-process sampler) -> verifier rewards -> informative groups -> the
+training sequences of one online step, with the per-sequence / per-token fields each objective reads.
+
+Dynamic sampling (DAPO, NFT, OREAL): generation batches of `gen_batch_prompts` prompts are drawn until
+`prompts_per_step` groups have mixed rewards (0 < correct < n) or `max_gen_batches` batches were drawn; the step
+trains on the informative groups found (the first `prompts_per_step`). Every rank samples its share of each batch;
+rank 0 verifies and broadcasts the scores, so all ranks build the same batch. Seeds follow the prompt position in
+the stream, so a resumed run samples exactly what the uninterrupted one would have.
+
+Per objective (OBJECTIVES.md): NFT/RFT read 0/1 `rewards` (+ the group's `correct_rate`); GRPO/Dr. GRPO/DAPO read
+`advantages` from `objectives.group_advantages` (DAPO on +-1 rewards plus the overlong penalty); OREAL keeps one
+positive and one negative per prompt with RLOO advantages of the +-1 rewards of the whole group; JEPO appends the
+gold answer after each sampled chain of thought (`cot_mask`, `answer_mask`, `valid` = format check).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from twofold.engine.config import RolloutConfig
+from twofold.engine.data import BatchStream
+from twofold.engine.packing import Sequence
+from twofold.engine.sampler import GenerationParams, Sample, Sampler, sample_distributed
+from twofold.engine.tasks import Problem
+from twofold.engine.verifier import VerifierPool, math_rewards
+from twofold.engine.verifier.extract import _BOX_RE, last_boxed
+from twofold.objectives import group_advantages
+
+ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "oreal": "rloo"}
+MIXED_GROUPS_ONLY = ("oreal",)  # needs a positive and a negative in every group
+NO_FILTER = ("jepo",)  # learns from the gold answer's likelihood, not from rewards
+
+
+@dataclass
+class Group:
+    problem: Problem
+    samples: list[Sample]
+    correct: list[float]
+
+    @property
+    def informative(self) -> bool:
+        return 0 < sum(c > 0 for c in self.correct) < len(self.correct)
+
+
+@dataclass
+class RolloutStats:
+    gen_batches: int = 0
+    prompts: int = 0
+    samples: int = 0
+    correct: float = 0.0
+    informative: int = 0
+    response_tokens: int = 0
+    truncated: int = 0
+    verifier_timeouts: int = 0
+    no_answer: int = 0
+    generate_s: float = 0.0
+    verify_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.samples, 1)
+        return {"rollout/accuracy": self.correct / n, "rollout/informative_groups": self.informative,
+                "rollout/prompts": self.prompts, "rollout/gen_batches": self.gen_batches,
+                "rollout/response_len": self.response_tokens / n, "rollout/truncated_frac": self.truncated / n,
+                "rollout/verifier_timeouts": self.verifier_timeouts, "rollout/no_answer": self.no_answer,
+                "time/generate_s": self.generate_s, "time/verify_s": self.verify_s,
+                "rollout/generate_tokens_per_s": self.response_tokens / max(self.generate_s, 1e-9), **self.extra}
+
+
+def verify_groups(pool: VerifierPool, problems: list[Problem], groups: list[list[Sample]], timeout: float,
+                  stats: RolloutStats) -> list[list[float]]:
+    """Scores of every sample; rank 0 checks, everyone receives (a timeout must not differ between ranks)."""
+    start = time.perf_counter()
+    payload: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        texts = [s.text for g in groups for s in g]
+        golds = [p.answer for p, g in zip(problems, groups) for _ in g]
+        before = pool.stats.as_dict()
+        flat = pool.verify_batch(texts, golds, timeout=timeout)
+        after = pool.stats.as_dict()
+        payload = [(flat, after["timeouts"] - before["timeouts"], after["no_answer"] - before["no_answer"])]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    flat, timeouts, no_answer = payload[0]
+    stats.verifier_timeouts += timeouts
+    stats.no_answer += no_answer
+    stats.verify_s += time.perf_counter() - start
+    sizes = [len(g) for g in groups]
+    return [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(groups))]
+
+
+class RolloutCollector:
+    """Draws prompts from a resumable stream and returns the step's groups (dynamic sampling included)."""
+
+    def __init__(self, sampler: Sampler, pool: VerifierPool, cfg: RolloutConfig, objective: str,
+                 verifier_timeout: float, seed: int):
+        self.sampler, self.pool, self.cfg = sampler, pool, cfg
+        self.verifier_timeout, self.seed = verifier_timeout, seed
+        self.filter = objective in MIXED_GROUPS_ONLY or (cfg.dynamic_sampling and objective not in NO_FILTER)
+
+    def params(self, position: int) -> GenerationParams:
+        # prompt i of this batch gets seed + i * n: unique per stream position, identical after a resume
+        base = self.seed * 1_000_003 + position * self.cfg.samples_per_prompt
+        return GenerationParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
+                                top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, seed=base)
+
+    def collect(self, stream: BatchStream) -> tuple[list[Group], RolloutStats]:
+        stats, kept = RolloutStats(), []
+        while stats.gen_batches < self.cfg.max_gen_batches and len(kept) < self.cfg.prompts_per_step:
+            position = stream.consumed
+            problems: list[Problem] = stream.next_batch()
+            start = time.perf_counter()
+            samples = sample_distributed(self.sampler, [list(p.prompt_ids) for p in problems],
+                                         self.params(position))
+            stats.generate_s += time.perf_counter() - start
+            scores = verify_groups(self.pool, problems, samples, self.verifier_timeout, stats)
+            groups = [Group(p, s, c) for p, s, c in zip(problems, samples, scores)]
+            self.count(groups, stats)
+            kept += [g for g in groups if g.informative or not self.filter]
+            if not self.filter:
+                break
+        stats.informative = sum(g.informative for g in kept)
+        return kept[:self.cfg.prompts_per_step], stats
+
+    @staticmethod
+    def count(groups: list[Group], stats: RolloutStats) -> None:
+        stats.gen_batches += 1
+        stats.prompts += len(groups)
+        for g in groups:
+            stats.samples += len(g.samples)
+            stats.correct += sum(g.correct)
+            stats.response_tokens += sum(len(s.token_ids) for s in g.samples)
+            stats.truncated += sum(s.truncated for s in g.samples)
+
+
+# ---- groups -> training sequences ------------------------------------------------------------------------------
+
+def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
+    """The step's training sequences with the fields `objective` reads (group_ids = index of the group)."""
+    if objective == "jepo":
+        return jepo_sequences(groups, cfg, tokenizer)
+    if objective == "oreal":
+        return oreal_sequences(groups)
+    seqs, rewards = [], []
+    for gid, g in enumerate(groups):
+        for j, (sample, correct) in enumerate(zip(g.samples, g.correct)):
+            seqs.append(sample_sequence(g.problem, sample, j, {"group_ids": gid, "rewards": float(correct > 0)}))
+            rewards.append(shaped_reward(objective, correct, len(sample.token_ids), cfg))
+    if objective in ("nft", "rft"):
+        for gid, g in enumerate(groups):
+            rate = sum(c > 0 for c in g.correct) / len(g.correct)
+            for s in seqs:
+                if s.fields["group_ids"] == gid:
+                    s.fields["correct_rate"] = rate
+        return seqs
+    ids = torch.tensor([s.fields["group_ids"] for s in seqs])
+    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), ids, ADVANTAGE_KIND[objective])
+    for s, a in zip(seqs, advantages.tolist()):
+        s.fields = {"group_ids": s.fields["group_ids"], "advantages": a}
+    return seqs
+
+
+def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfig) -> float:
+    """Correctness reward (1 / rollout.negative_reward) plus DAPO's overlong penalty when configured."""
+    shaping = {}
+    if objective == "dapo" and cfg.overlong_buffer:
+        shaping = dict(lengths=[length], max_length=cfg.max_new_tokens, cache_length=cfg.overlong_buffer)
+    return math_rewards([correct], negative=cfg.negative_reward, **shaping)[0]
+
+
+def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) -> Sequence:
+    prompt = list(problem.prompt_ids)
+    return Sequence(prompt + list(sample.token_ids), len(prompt), row_id=f"{problem.row_id}/{index}",
+                    fields=dict(fields))
+
+
+def oreal_sequences(groups: list[Group]) -> list[Sequence]:
+    """One positive and one negative per (mixed) group; advantages are RLOO of the group's +-1 rewards."""
+    seqs = []
+    for gid, g in enumerate(groups):
+        pm = torch.tensor([1.0 if c > 0 else -1.0 for c in g.correct], dtype=torch.float64)
+        adv = group_advantages(pm, torch.zeros(len(pm), dtype=torch.long), "rloo").tolist()
+        for want in (1.0, -1.0):
+            j = next(i for i, r in enumerate(pm.tolist()) if r == want)
+            seqs.append(sample_sequence(g.problem, g.samples[j], j, {"group_ids": gid, "rewards": float(want > 0),
+                                                                      "advantages": adv[j]}))
+    return seqs
+
+
+def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
+    """prompt + chain of thought (the sampled tokens up to `\\boxed{`) + gold answer + EOS. A sample without a
+    boxed answer fails the format check (valid 0, advantage -format_penalty); a group needs >= 2 valid samples for
+    the leave-one-out baseline, else none of it counts as valid."""
+    seqs = []
+    for gid, g in enumerate(groups):
+        parts = [jepo_parts(s, g.problem.answer, tokenizer) for s in g.samples]
+        enough = sum(valid for _, _, valid in parts) >= 2
+        for j, (cot, answer, valid) in enumerate(parts):
+            ok = valid and enough
+            prompt = list(g.problem.prompt_ids)
+            seqs.append(Sequence(prompt + cot + answer, len(prompt), row_id=f"{g.problem.row_id}/{j}",
+                                 fields={"group_ids": gid, "valid": float(ok),
+                                         "extra_advantages": 0.0 if valid else -cfg.format_penalty},
+                                 token_fields={"cot_mask": [1.0] * len(cot) + [0.0] * len(answer),
+                                               "answer_mask": [0.0] * len(cot) + [1.0] * len(answer)}))
+    return seqs
+
+
+def jepo_parts(sample: Sample, gold: str, tokenizer) -> tuple[list[int], list[int], bool]:
+    """(CoT token ids, appended answer token ids, format ok)."""
+    ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
+    valid = last_boxed(sample.text) is not None
+    cut = None
+    if valid:
+        starts = [m.end() for m in _BOX_RE.finditer(sample.text)]
+        cut = starts[-1] + 1 if starts else None  # after "\boxed{"
+    if cut is None:
+        answer = tokenizer(f"\\boxed{{{gold}}}", add_special_tokens=False).input_ids
+        return ids or [tokenizer.eos_token_id], answer + [tokenizer.eos_token_id], False
+    cot = token_prefix(ids, cut, tokenizer)
+    answer = tokenizer(f"{gold}}}", add_special_tokens=False).input_ids
+    return cot, answer + [tokenizer.eos_token_id], valid
+
+
+def token_prefix(ids: list[int], chars: int, tokenizer) -> list[int]:
+    """The shortest prefix of `ids` whose text covers the first `chars` characters (binary search)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo]

@@ -1,0 +1,225 @@
+"""Rollout sampler: one interface, two backends (vLLM in-process, transformers `generate`), fed by weight sync.
+
+A sampler generates n samples per prompt and returns, per prompt, a group of `Sample`s: token ids, text, why the
+sample ended and, on request, the sampler's log-prob of every sampled token. Prompts are strings (formatted with the
+tokenizer's chat template when it has one, else `SamplerConfig.prompt_template`) or token ids (used as given).
+Token ids go to the backend, never text, so the trainer scores exactly the tokens that were sampled.
+
+Semantics shared by both backends (tests hold them to it):
+- a sample ends at the EOS token, a stop token id or a stop string (`finish_reason` "eos" / "stop"), and its
+  token ids include the token that ended it; `text` excludes special tokens and the stop string;
+- the response is capped at `max_new_tokens` and at `max_model_len - prompt_len`; a capped sample has
+  `finish_reason == "length"` (`truncated`);
+- `logprobs` are those of the distribution the token was drawn from: log-softmax(logits / temperature), restricted
+  and renormalised to the top-p nucleus when top_p < 1; greedy (temperature 0) scores at temperature 1;
+- seeds: with `GenerationParams.seed`, prompt i of the global batch uses seed + i * n (a sample does not depend on
+  how prompts are split over ranks); without it, each engine draws from its own stream seeded by
+  `SamplerConfig.seed + rank`.
+- bad input (empty prompt, prompt that fills the context, n < 1, a stop token id outside the vocabulary, an empty
+  stop string, out-of-range temperature/top-p) raises ValueError naming the prompt or field.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+FinishReason = Literal["eos", "stop", "length"]
+Bucket = list[tuple[str, Tensor]]  # (Hugging Face parameter name, full tensor) pairs pushed in one update call
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    backend: Literal["vllm", "transformers"] = "vllm"
+    """vllm: in-process `vllm.LLM` (one engine per rank); transformers: `model.generate` with KV cache."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_model_len: int = 4096
+    """Prompt + response tokens per sample; prompts must be shorter, responses are capped to fit."""
+    load_format: Literal["dummy", "auto"] = "dummy"
+    """dummy: random weights until the first `sync_weights` (nothing is read from disk; generating before a sync
+    raises); auto: load the checkpoint at the model path once at start."""
+    kv_cache_gib: float = 1.0
+    """KV-cache size. Required on CPU (vLLM's RAM fraction counts the whole trainer's RSS); 0 on GPU means
+    `gpu_memory_utilization` decides."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory for vLLM when kv_cache_gib is 0; leave room for training."""
+    sleep_mode: bool = True
+    """GPU only: release vLLM's memory between rollouts (level 1: weights to host, KV cache dropped). The order is
+    wake weights -> load -> wake KV cache -> generate -> sleep. Ignored on CPU, where vLLM has no sleep mode."""
+    max_num_seqs: int = 256
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile: faster start, no recompiles after weight updates."""
+    sync_bucket_mb: int = 512
+    """Weight sync sends at most this many MiB per update call (a larger single tensor goes alone)."""
+    use_chat_template: bool = True
+    prompt_template: str = "{prompt}"
+    """Used for string prompts when the tokenizer has no chat template (or use_chat_template is false)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings for every call, in addition to GenerationParams.stop."""
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    n: int = 1
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    """Index of the prompt in the global batch."""
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class Sampler(ABC):
+    """Common front end: prompt formatting, input checks, seeds; backends implement `_generate` and
+    `load_weights`."""
+
+    def __init__(self, cfg: SamplerConfig, model_path: str, rank: int = 0):
+        check_config(cfg)
+        self.cfg, self.model_path, self.rank = cfg, model_path, rank
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_path)
+        self.vocab_size = len(self.tokenizer)
+        self.weight_version = 0 if cfg.load_format == "dummy" else 1
+        self.last_generate_s = 0.0
+
+    def generate(self, prompts: Sequence[str | list[int]], params: GenerationParams,
+                 prompt_offset: int = 0) -> list[list[Sample]]:
+        """n samples for each prompt; `prompt_offset` is the index of prompts[0] in the global batch."""
+        if self.weight_version == 0:
+            raise RuntimeError("the sampler holds dummy weights: call twofold.engine.weight_sync.sync_weights(policy, "
+                               "sampler) before the first rollout (or set load_format=auto)")
+        stop = tuple(self.cfg.stop) + tuple(params.stop)
+        self.check_params(params, stop)
+        prompt_ids = [self.prompt_ids(p, prompt_offset + i) for i, p in enumerate(prompts)]
+        seeds = None if params.seed is None else [params.seed + (prompt_offset + i) * params.n
+                                                   for i in range(len(prompts))]
+        start = time.perf_counter()
+        groups = self._generate(prompt_ids, params, stop, seeds)
+        self.last_generate_s = time.perf_counter() - start
+        for i, group in enumerate(groups):
+            for sample in group:
+                sample.prompt_index = prompt_offset + i
+        return groups
+
+    def prompt_ids(self, prompt: str | list[int], index: int) -> list[int]:
+        ids = self.format_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        if not (prompt if isinstance(prompt, str) else ids):
+            raise ValueError(f"prompt {index} is empty")
+        if len(ids) >= self.cfg.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; sampler.max_model_len={self.cfg.max_model_len} "
+                             "leaves no room for a response")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt {index} holds token ids outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def format_prompt(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        if self.cfg.use_chat_template and tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False).input_ids  # the template already holds BOS and friends
+        return tok(self.cfg.prompt_template.format(prompt=prompt)).input_ids
+
+    def check_params(self, params: GenerationParams, stop: tuple[str, ...]) -> None:
+        if params.n < 1:
+            raise ValueError(f"GenerationParams.n must be >= 1, got {params.n}")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"GenerationParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if params.temperature < 0:
+            raise ValueError(f"GenerationParams.temperature must be >= 0 (0 is greedy), got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"GenerationParams.top_p must be in (0, 1], got {params.top_p}")
+        unknown = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if unknown:
+            raise ValueError(f"stop token ids {unknown} are not in the vocabulary [0, {self.vocab_size})")
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+
+    def max_new_tokens(self, prompt_len: int, params: GenerationParams) -> int:
+        return min(params.max_new_tokens, self.cfg.max_model_len - prompt_len)
+
+    @abstractmethod
+    def _generate(self, prompt_ids: list[list[int]], params: GenerationParams, stop: tuple[str, ...],
+                  seeds: list[int] | None) -> list[list[Sample]]:
+        """Backend sampling of checked prompts; Sample.prompt_index is set by the caller."""
+
+    @abstractmethod
+    def load_weights(self, buckets: Iterable[Bucket]) -> None:
+        """Load full trained tensors, bucket by bucket, in place; the next `generate` uses them."""
+
+    def close(self) -> None:
+        """Release the backend (tests create several samplers in one process)."""
+
+
+def check_config(cfg: SamplerConfig) -> None:
+    if cfg.max_model_len < 2:
+        raise ValueError(f"sampler.max_model_len must be >= 2, got {cfg.max_model_len}")
+    if cfg.kv_cache_gib < 0:
+        raise ValueError(f"sampler.kv_cache_gib must be >= 0, got {cfg.kv_cache_gib}")
+    if cfg.sync_bucket_mb < 1:
+        raise ValueError(f"sampler.sync_bucket_mb must be >= 1, got {cfg.sync_bucket_mb}")
+    if "{prompt}" not in cfg.prompt_template:
+        raise ValueError(f"sampler.prompt_template must contain {{prompt}}, got {cfg.prompt_template!r}")
+
+
+def build_sampler(cfg: SamplerConfig, model_path: str, rank: int = 0) -> Sampler:
+    """`model_path` needs config.json and the tokenizer; weights only with load_format=auto."""
+    if cfg.backend == "vllm":
+        from twofold.engine.sampler_vllm import VLLMSampler
+        return VLLMSampler(cfg, model_path, rank)
+    if cfg.backend == "transformers":
+        from twofold.engine.sampler_hf import HFSampler
+        return HFSampler(cfg, model_path, rank)
+    raise ValueError(f"sampler.backend must be vllm or transformers, got {cfg.backend!r}")
+
+
+def rank_share(num_prompts: int, rank: int, world_size: int) -> range:
+    """Contiguous share of the global prompt list for one rank (sizes differ by at most one)."""
+    base, extra = divmod(num_prompts, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def sample_distributed(sampler: Sampler, prompts: Sequence[str | list[int]],
+                       params: GenerationParams) -> list[list[Sample]]:
+    """Each rank samples its share of the global prompts; every rank returns all groups, in prompt order."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    share = rank_share(len(prompts), rank, world)
+    local = sampler.generate([prompts[i] for i in share], params, prompt_offset=share.start) if share else []
+    if world == 1:
+        return local
+    gathered: list[list[list[Sample]] | None] = [None] * world
+    dist.all_gather_object(gathered, local)
+    return [group for part in gathered for group in part]
+
+
+def write_model_dir(hf_config, tokenizer: PreTrainedTokenizerBase, directory) -> str:
+    """config.json + tokenizer, no weights: enough for a sampler with load_format=dummy (a preset model)."""
+    hf_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+

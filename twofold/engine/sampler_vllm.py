@@ -1,0 +1,196 @@
+"""vLLM backend: `vllm.LLM` inside the training process, weights pushed through vLLM's weight-transfer API.
+
+Weight sync uses the public RL protocol of `vllm.LLM` (`init_weight_transfer_engine`, `start_weight_update`,
+`update_weights`, `finish_weight_update`) with a backend registered through `WeightTransferEngineFactory`, the
+documented extension point. vLLM's own backends move tensors between processes (NCCL broadcast, CUDA IPC); here
+the engine lives in the trainer's process, so an update carries the tensors themselves. start/finish run vLLM's
+layerwise reload (the same path as `reload_weights(weights_iterator=...)`): each layer is re-processed once all its
+weights arrived and copied into the original storage, so kernel re-layouts (CPU GEMM packing) are redone.
+
+Engine per rank: under torchrun, `distributed_executor_backend="external_launcher"`, tensor_parallel_size=1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from twofold.engine.sampler import Bucket, FinishReason, GenerationParams, Sample, Sampler, SamplerConfig
+
+# In-process engine core (no spawned process): must be set before vLLM reads its environment.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.config import WeightTransferConfig  # noqa: E402
+from vllm.distributed.weight_transfer.base import (  # noqa: E402
+    WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory  # noqa: E402
+from vllm.model_executor.layers.vocab_parallel_embedding import (  # noqa: E402
+    ParallelLMHead, VocabParallelEmbedding)
+from vllm.model_executor.model_loader.reload import (  # noqa: E402
+    finalize_layerwise_reload, initialize_layerwise_reload)
+
+BACKEND = "twofold_inprocess"
+
+
+class _ExpectedSyncNoise(logging.Filter):
+    """Drops vLLM's per-sync messages that are expected here: the layerwise reload warns "Failed to load weights"
+    for layers with no checkpoint tensors of their own (the rotary cache, restored as is; a tied LM head, refreshed
+    by `refresh_tied_lm_heads`), and the prefix-cache reset after every sync is logged at INFO. Both would
+    otherwise print on every training step; the greedy-equality tests check that the sync is right."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"):
+            return False
+        return message != "Successfully reset prefix cache"
+
+
+for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.core.block_pool"):
+    logging.getLogger(_name).addFilter(_ExpectedSyncNoise())
+
+
+@dataclass
+class InProcessInitInfo(WeightTransferInitInfo):
+    """Nothing to rendezvous: trainer and engine share the process."""
+
+
+@dataclass
+class InProcessUpdateInfo(WeightTransferUpdateInfo):
+    weights: list[tuple[str, torch.Tensor]]
+    """Full tensors in Hugging Face names; they must stay alive until update_weights returns."""
+
+
+class InProcessWeightTransferEngine(WeightTransferEngine[InProcessInitInfo, InProcessUpdateInfo]):
+    init_info_cls = InProcessInitInfo
+    update_info_cls = InProcessUpdateInfo
+
+    def init_transfer_engine(self, init_info: InProcessInitInfo) -> None:
+        pass
+
+    def start_weight_update(self) -> None:
+        initialize_layerwise_reload(self.model)
+
+    def receive_weights(self, update_info: InProcessUpdateInfo) -> None:
+        self.model.load_weights(update_info.weights)
+
+    def finish_weight_update(self) -> None:
+        finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_lm_heads(self.model)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def refresh_tied_lm_heads(model: torch.nn.Module) -> None:
+    """A tied LM head receives no weights of its own (checkpoints hold only the embedding), so layerwise reload
+    leaves it unprocessed; its data is the embedding's, but on CPU its packed GEMM copy would stay stale. Re-run
+    its post-load processing (a no-op on GPU)."""
+    embeddings = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and id(module.weight) in embeddings:
+            module.quant_method.process_weights_after_loading(module)
+
+
+def register_backend() -> None:
+    if BACKEND not in WeightTransferEngineFactory._registry:  # no public "is registered" query
+        WeightTransferEngineFactory.register_engine(BACKEND, InProcessWeightTransferEngine)
+
+
+class VLLMSampler(Sampler):
+    def __init__(self, cfg: SamplerConfig, model_path: str, rank: int = 0):
+        super().__init__(cfg, model_path, rank)
+        register_backend()
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_mode = cfg.sleep_mode and self.on_gpu
+        self.llm = LLM(**self.engine_args())
+        self.llm.init_weight_transfer_engine({"init_info": {}})
+        self.asleep = False
+        self.sleep()
+
+    def engine_args(self) -> dict:
+        cfg = self.cfg
+        args = dict(model=self.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed + self.rank,
+                    load_format=cfg.load_format, enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs,
+                    enable_prefix_caching=True, enable_sleep_mode=self.sleep_mode,
+                    logprobs_mode="processed_logprobs",  # temperature/top-p applied: the sampling distribution
+                    weight_transfer_config=WeightTransferConfig(backend=BACKEND))
+        if cfg.kv_cache_gib > 0:
+            args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        else:
+            args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if "RANK" in os.environ:  # torchrun: one engine per rank, sharing the launcher's process group
+            args.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+        return args
+
+    def load_weights(self, buckets: Iterable[Bucket]) -> None:
+        # wake weights -> load -> wake KV cache (GPU sleep mode); never reload from disk after this
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.start_weight_update()
+        for bucket in buckets:
+            self.llm.update_weights({"update_info": {"weights": bucket}})
+        self.llm.finish_weight_update()
+        if self.asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.weight_version += 1
+
+    def _generate(self, prompt_ids, params, stop, seeds):
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        sampling = [self.sampling_params(len(ids), params, stop, None if seeds is None else seeds[i])
+                    for i, ids in enumerate(prompt_ids)]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        self.sleep()
+        return [[self.to_sample(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)]
+                for out in outputs]
+
+    def sampling_params(self, prompt_len: int, params: GenerationParams, stop, seed) -> SamplingParams:
+        return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                              max_tokens=self.max_new_tokens(prompt_len, params), stop=list(stop),
+                              stop_token_ids=list(params.stop_token_ids), seed=seed,
+                              logprobs=0 if params.logprobs else None)
+
+    @staticmethod
+    def to_sample(completion, with_logprobs: bool) -> Sample:
+        ids = list(completion.token_ids)
+        logprobs = [step[t].logprob for step, t in zip(completion.logprobs, ids)] if with_logprobs else None
+        return Sample(prompt_index=-1, token_ids=ids, text=completion.text,
+                      finish_reason=finish_reason(completion.finish_reason, completion.stop_reason),
+                      logprobs=logprobs)
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)  # level 2 drops buffers (rotary caches) that a weight push does not restore
+            self.asleep = True
+
+    def close(self) -> None:
+        del self.llm
+        _forget_vllm_process_groups()
+
+
+def _forget_vllm_process_groups() -> None:
+    """vLLM keeps its process groups in module globals and reuses them for the next engine in this process. The
+    trainer may destroy and re-create its own group in between (repeated runs, tests), which leaves those stale
+    ("not initialized in the world group map"), so an engine that closes drops them. They are not destroyed one by
+    one: they may already be gone with the default group, and `destroy_process_group()` frees any that are not."""
+    from vllm.distributed import parallel_state
+
+    for name in ("_TP", "_ETP", "_PP", "_DP", "_EP", "_EPLB", "_DCP", "_PCP", "_ENGRAM_DP", "_WORLD",
+                 "_INNER_DP_WORLD", "_NODE_COUNT"):
+        if hasattr(parallel_state, name):
+            setattr(parallel_state, name, None)
+
+
+def finish_reason(vllm_reason: str | None, stop_reason) -> FinishReason:
+    if vllm_reason == "length":
+        return "length"
+    return "eos" if stop_reason is None else "stop"

@@ -1,0 +1,129 @@
+"""Prompts with gold answers (online training and evaluation), and the synthetic arithmetic task of the CPU demo.
+
+A prompt row holds the prompt text and its gold answer (`data.prompt_field`, `data.answer_field`; a number is
+taken as its decimal text; a `\\boxed{...}` gold is unwrapped). Rows whose gold answer the verifier cannot parse
+would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are prompts too long for the
+sampler. A row without the prompt or answer field is an error naming the field and the row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twofold.engine.data import Fields, read_rows, require_text
+from twofold.engine.verifier.equivalence import parse_answer
+from twofold.engine.verifier.extract import last_boxed
+from twofold.engine.verifier.normalize import normalize
+from twofold.engine.verifier.parser import ParseError
+
+log = logging.getLogger("twofold.tasks")
+
+
+@dataclass(frozen=True)
+class Problem:
+    row_id: int
+    prompt_ids: tuple[int, ...]
+    """The formatted prompt (data.prompt_template), tokenized: exactly what the sampler and the trainer see."""
+    answer: str
+
+
+@dataclass
+class ProblemSet:
+    problems: list[Problem]
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Reason -> rows skipped (unparseable gold answer, prompt too long)."""
+
+
+def gold_text(row: dict, key: str) -> str:
+    if key not in row:
+        raise ValueError(f"missing field {key!r} (row has {sorted(row)})")
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"field {key!r} must be a string or a number, got {value!r}")
+    text = str(value).strip()
+    return last_boxed(text) or text
+
+
+def parseable(answer: str) -> bool:
+    """Whether the verifier can compare anything with this gold answer."""
+    text = normalize(answer)
+    if not text:
+        return False
+    try:
+        parse_answer(text)
+    except ParseError:
+        return False
+    return True
+
+
+def load_problems(path: str | Path, tokenizer, fields: Fields, max_prompt_tokens: int,
+                  file_format: str = "auto", limit: int = 0) -> ProblemSet:
+    """Tokenized problems of a prompt file; bad gold answers and overlong prompts are skipped and counted."""
+    out = ProblemSet([])
+    for row_id, row in read_rows(path, file_format):
+        try:
+            if isinstance(row, str):
+                raise ValueError(row)
+            prompt, answer = require_text(row, fields.prompt), gold_text(row, fields.answer)
+        except ValueError as err:
+            raise ValueError(f"{path} row {row_id}: {err}") from None
+        reason = None if parseable(answer) else "unparseable gold answer"
+        ids = tuple(tokenizer(fields.template.format(prompt=prompt)).input_ids)
+        if reason is None and not 0 < len(ids) < max_prompt_tokens:
+            reason = "prompt too long for sampler.max_model_len"
+        if reason:
+            log.warning("skipping %s row %d: %s (%r)", path, row_id, reason, answer)
+            out.skipped[reason] = out.skipped.get(reason, 0) + 1
+            continue
+        out.problems.append(Problem(row_id, ids, answer))
+        if limit and len(out.problems) >= limit:
+            break
+    if not out.problems:
+        raise ValueError(f"{path}: no usable prompts (skipped: {out.skipped})")
+    log.info("loaded %d prompts from %s (skipped: %s)", len(out.problems), path, out.skipped or "none")
+    return out
+
+
+# ---- the demo's synthetic task -------------------------------------------------------------------------------
+
+def addition_problem(rng: random.Random) -> tuple[int, int]:
+    """A two-digit number plus a one-digit number; 45% of them carry into the tens."""
+    return rng.randrange(10, 100), rng.randrange(1, 10)
+
+
+def addition_prompt(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def sloppy_answer(a: int, b: int, rng: random.Random, forget_carry: float) -> int:
+    """The demo's teacher: right, except that it forgets the carry with probability `forget_carry`."""
+    carries = a % 10 + b >= 10
+    return a + b - 10 if carries and rng.random() < forget_carry else a + b
+
+
+def write_addition_data(directory: str | Path, *, sft_rows: int, rl_prompts: int, eval_prompts: int,
+                        forget_carry: float, seed: int = 0) -> dict[str, Path]:
+    """JSONL files of the demo: sft.jsonl (prompt/response by the sloppy teacher), prompts.jsonl and
+    eval.jsonl (prompt/answer); the held-out problems appear in neither training file."""
+    rng = random.Random(seed)
+    everything = [(a, b) for a in range(10, 100) for b in range(1, 10)]
+    rng.shuffle(everything)
+    held_out, train = everything[:eval_prompts], everything[eval_prompts:]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sft = []
+    for _ in range(sft_rows):
+        a, b = rng.choice(train)
+        sft.append({"prompt": addition_prompt(a, b), "response": f"\\boxed{{{sloppy_answer(a, b, rng, forget_carry)}}}"})
+    files = {"sft": sft,
+             "prompts": [{"prompt": addition_prompt(a, b), "answer": str(a + b)} for a, b in
+                         (rng.choice(train) for _ in range(rl_prompts))],
+             "eval": [{"prompt": addition_prompt(a, b), "answer": str(a + b)} for a, b in held_out]}
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = directory / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths

@@ -1,0 +1,63 @@
+"""OREAL's token reward model, trained alongside the policy (OBJECTIVES.md 7.2; InternLM/OREAL).
+
+A copy of the initial policy's trunk (FSDP2-sharded like the policy) with `objectives.TokenRewardHead` (zero-init,
+as in the paper) in place of the LM head; trained with `objectives.token_rm_loss` (BCE of the sequence-mean score
+against correctness) by its own AdamW. Its per-token scores (no grad) become the policy's `token_scores`.
+The head is replicated, not sharded (H + 1 numbers), so its gradient is summed over ranks by hand.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from twofold.engine.config import ModelConfig
+from twofold.engine.distributed import DistEnv
+from twofold.engine.model import PolicyModel, build_policy
+from twofold.engine.packing import Sequence
+from twofold.engine.trainer import plan_rank, sequence_logprobs
+from twofold.objectives import TokenRewardHead, token_rm_loss
+
+
+class TokenScorer(PolicyModel):
+    """Trunk -> hidden -> token score; same call signature as the policy (targets pick the scored positions)."""
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, targets: Tensor, **_) -> Tensor:
+        trunk = self.causal_lm.get_decoder()
+        hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
+        return self.score_head(hidden[0].float())
+
+
+class TokenRewardModel:
+    def __init__(self, model_cfg: ModelConfig, env: DistEnv, lr: float, seed: int, budget: int, pad_token_id: int):
+        self.env, self.budget, self.pad_token_id = env, budget, pad_token_id
+        self.model = build_policy(model_cfg, env, seed=seed, policy_cls=TokenScorer)
+        hidden = self.model.causal_lm.config.hidden_size
+        self.model.score_head = TokenRewardHead(hidden, zero_init=True).to(env.device)  # outside FSDP: replicated
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def scores(self, batch: list[Sequence]) -> list[list[float]]:
+        return sequence_logprobs(self.model, batch, self.env, self.budget, self.pad_token_id)
+
+    def update(self, batch: list[Sequence]) -> dict[str, float]:
+        """One optimizer step on the exact mean loss over the batch's sequences (any split over ranks)."""
+        total, loss_sum, hits = len(batch), 0.0, 0.0
+        for mb in plan_rank(batch, self.budget, self.env, self.pad_token_id):
+            mb = mb.to(self.env.device)
+            scores = self.model(mb.input_ids, mb.position_ids, mb.targets)
+            loss, metrics = token_rm_loss(scores, mb.seq_fields["rewards"], mb.loss_mask, seq_index=mb.seq_index,
+                                          validate=False)
+            share = len(mb.sequence_ids) / total
+            (loss * share).backward()
+            loss_sum += float(loss) * share
+            hits += float(metrics["accuracy"]) * share
+        head = [p for p in self.model.score_head.parameters() if p.grad is not None]
+        if self.env.world_size > 1:
+            for p in head:
+                dist.all_reduce(p.grad)
+            sums = torch.tensor([loss_sum, hits], dtype=torch.float64, device=self.env.device)
+            dist.all_reduce(sums)
+            loss_sum, hits = sums.tolist()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"token_rm/loss": loss_sum, "token_rm/accuracy": hits}

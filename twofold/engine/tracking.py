@@ -1,0 +1,135 @@
+"""Metrics sinks, rank 0 only: console progress bar, `metrics.jsonl`, optional TensorBoard / W&B, a PNG at the end.
+
+Optional sinks are used when their package is installed and warn once when asked for but missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from twofold.engine.config import Config
+
+log = logging.getLogger("twofold")
+PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s")
+ONLINE_PLOTTED = ("rollout/accuracy", "rollout/informative_groups", "grad_norm", "tokens_per_s")  # NFT at R = 1: loss 0
+
+
+class Tracker:
+    def __init__(self, config: Config, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.run_dir = Path(config.run_dir)
+        self.jsonl = self.bar = self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.eval_jsonl = open(self.run_dir / "eval.jsonl", "a", encoding="utf-8")
+        if config.log.progress_bar:
+            # Redirected to a file or CI log, a bar redrawn 10x a second is megabytes of noise: redraw every 30 s.
+            self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        if config.log.tensorboard and _installed("tensorboard", "log.tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if config.log.wandb and _installed("wandb", "log.wandb"):
+            import wandb
+            self.wandb = wandb.init(project=config.log.wandb_project, dir=str(self.run_dir), resume="allow",
+                                    config=dataclasses.asdict(config))
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        step = int(metrics["step"])
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3g}",
+                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if metrics.get("skipped"):
+            log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g; weights unchanged", step,
+                        metrics["loss"], metrics["grad_norm"])
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Held-out evaluation after `step` training steps (0: before training), to eval.jsonl and the console."""
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        self.eval_jsonl.write(json.dumps(row) + "\n")
+        self.eval_jsonl.flush()
+        shown = "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s")
+        (self.bar.write if self.bar is not None else print)(f"eval after {step} steps: {shown}")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self, plot: bool) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.eval_jsonl.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if plot:
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png", self.run_dir / "eval.jsonl")
+
+
+def _installed(package: str, option: str) -> bool:
+    if importlib.util.find_spec(package) is None:
+        log.warning("%s=true but %s is not installed; skipping it", option, package)
+        return False
+    return True
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a resumed run appends, so a step seen twice keeps its latest row."""
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        rows[int(row["step"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_metrics(jsonl: Path, png: Path, eval_jsonl: Path | None = None) -> Path | None:
+    """Training curves (online runs: loss, rollout accuracy, ...) and, when there is one, held-out evaluation."""
+    if not _installed("matplotlib", "log.plot"):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(jsonl)
+    keys = ONLINE_PLOTTED if rows and "rollout/accuracy" in rows[0] else PLOTTED
+    evals = read_metrics(eval_jsonl) if eval_jsonl is not None and eval_jsonl.is_file() else []
+    panels = len(keys) + bool(evals)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3))
+    for ax, key in zip(axes, keys):
+        ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    if evals:
+        for key in [k for k in evals[0] if k.startswith("eval/") and k != "eval/time_s"]:
+            axes[-1].plot([r["step"] for r in evals], [r.get(key, float("nan")) for r in evals], marker="o",
+                          label=key.removeprefix("eval/"))
+        axes[-1].set_title("held-out pass@1")
+        axes[-1].set_xlabel("step")
+        axes[-1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

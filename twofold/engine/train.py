@@ -1,0 +1,143 @@
+"""Training entry point.
+
+    python -m twofold.engine.train --config configs/tiny_sft.yaml [section.key=value ...]          one process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 -m twofold.engine.train --config configs/<recipe>.yaml [...]        FSDP2 over 8 ranks
+
+train.mode=offline (SFT, RFT, REDI, DPO, SimPO) trains on dataset rows; train.mode=online (NFT, RFT, GRPO, DAPO,
+Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (twofold.engine.online).
+
+Each step takes the next global mini-batch, runs `Trainer.step` and logs; checkpoints every `checkpoint.every`
+steps and at the end of the invocation; with checkpoint.resume=auto a rerun continues from the newest complete
+checkpoint in run_dir (at any world size). When the run reaches train.steps it exports `<run_dir>/hf`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from twofold.engine.checkpoint import complete_checkpoints, export_hf, load_checkpoint, save_checkpoint
+from twofold.engine.config import Config, load_config, save_config, to_yaml
+from twofold.engine.data import BatchStream, Fields, load_sequences
+from twofold.engine.distributed import DistEnv, init_distributed, shutdown_distributed
+from twofold.engine.model import build_policy
+from twofold.engine.online import OnlineRun
+from twofold.engine.packing import Sequence
+from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.tracking import Tracker
+from twofold.engine.trainer import Trainer, sequence_logprobs
+
+log = logging.getLogger("twofold")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m twofold.engine.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-5 train.steps=20")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as err:
+        sys.exit(f"config error: {err}")
+    run(config)
+
+
+def load_tokenizer(config: Config):
+    source = config.model.tokenizer or config.model.path
+    return AutoTokenizer.from_pretrained(source) if source else build_char_tokenizer()
+
+
+def run(config: Config, **online_kwargs) -> list[dict]:
+    """Train (or continue) the run described by `config`; returns this invocation's metrics (one dict per step).
+    Online runs accept a ready `sampler` and verifier `pool` (tests share one engine between runs)."""
+    env = init_distributed()
+    try:
+        return _run(config, env, **online_kwargs)
+    finally:
+        shutdown_distributed()
+
+
+def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(levelname)s %(message)s")
+    if env.is_main:
+        print(to_yaml(config), flush=True)
+        save_config(config, config.run_dir)
+    torch.manual_seed(config.train.seed + env.rank)
+    tokenizer = load_tokenizer(config)
+    if config.train.mode == "online":
+        online = OnlineRun(config, env, tokenizer, **online_kwargs)
+        try:
+            return online.run(resume_path(config))
+        finally:
+            online.close()
+    data = config.data
+    sequences = load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row,
+                               Fields.from_config(data), data.format)
+    policy = build_policy(config.model, env, seed=config.train.seed)
+    trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
+                      objective_kwargs=config.objective.kwargs, total_steps=config.train.steps,
+                      max_tokens_per_microbatch=data.max_tokens_per_microbatch,
+                      pad_token_id=tokenizer.pad_token_id or 0)
+    # after the optimizer exists: a forward leaves the FSDP2 root unsharded, and the optimizer must hold the shards
+    if config.objective.name == "dpo" and data.precompute_ref_logp:
+        add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
+    stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
+    resume = resume_path(config)
+    if resume is not None:
+        stream.load_state_dict(load_checkpoint(resume, trainer))
+        log.info("resumed from %s at step %d", resume, trainer.steps_done)
+    history = train_loop(config, trainer, stream, env)
+    if trainer.steps_done >= config.train.steps and config.checkpoint.export_hf:
+        out = export_hf(policy, tokenizer, Path(config.run_dir) / "hf", config.checkpoint.export_dtype)
+        log.info("exported Hugging Face checkpoint to %s", out)
+    return history
+
+
+def add_reference_sums(policy, sequences: list[Sequence], env: DistEnv, budget: int, pad_token_id: int) -> None:
+    """DPO's reference: the initial policy's summed response log-prob of every sequence, scored once (no grad,
+    fused head) before the first update and kept as the per-sequence field `ref_logp_sum`."""
+    start = time.perf_counter()
+    for seq, logp in zip(sequences, sequence_logprobs(policy, sequences, env, budget, pad_token_id)):
+        seq.fields["ref_logp_sum"] = float(sum(logp))
+    log.info("reference log-probs of %d sequences in %.1f s", len(sequences), time.perf_counter() - start)
+
+
+def resume_path(config: Config) -> Path | None:
+    if config.checkpoint.resume == "never":
+        return None
+    if config.checkpoint.resume != "auto":
+        return Path(config.checkpoint.resume)
+    found = complete_checkpoints(config.run_dir)
+    return found[-1] if found else None
+
+
+def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:
+    end = config.train.steps
+    if config.train.stop_after_steps:
+        end = min(end, trainer.steps_done + config.train.stop_after_steps)
+    tracker = Tracker(config, env.is_main, trainer.steps_done)
+    history, saved_at = [], trainer.steps_done
+    while trainer.steps_done < end:
+        metrics = trainer.step(stream.next_batch())
+        history.append(metrics)
+        tracker.log(metrics)
+        if config.checkpoint.every and trainer.steps_done % config.checkpoint.every == 0:
+            save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+            saved_at = trainer.steps_done
+    if saved_at != trainer.steps_done:
+        save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+    tracker.close(plot=config.log.plot and trainer.steps_done >= config.train.steps)
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The training step: one mini-batch of sequences -> packed micro-batches -> objective -> one optimizer step.
+
+Contract: every rank passes the same global mini-batch (a list of `Sequence`); the step packs it, each rank runs
+its share of micro-batches, and the objective's aggregation uses the mini-batch totals (counted tokens and
+sequences over all micro-batches and ranks). Each micro-batch loss is therefore its exact share of the mini-batch
+loss; FSDP2 sums (not averages) the gradients over ranks, so the accumulated gradient equals the gradient of the
+whole mini-batch in one piece, at any world size and any token budget.
+
+Objectives are called by parameter name from what the packed batch holds: `logp`, `mask`, `seq_index`,
+`num_tokens`, `num_seqs`, per-sequence fields ([S]: rewards, advantages, group_ids, ...) and per-token fields
+([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config. Pair objectives (REDI, DPO, SimPO: a
+`chosen_logp` argument) get the pair view of the same tensors (`pair_inputs`); their sequences carry the fields
+`pair_id` and `chosen` (1/0), and both sides of a pair are packed into the same micro-batch.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import resource
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from twofold.engine.config import OptimConfig
+from twofold.engine.distributed import DistEnv, all_reduce_sum
+from twofold.engine.model import PolicyModel, count_parameters
+from twofold.engine.packing import MicroBatch, Sequence, check_sequence, collate, plan_microbatches
+from twofold.objectives import OBJECTIVES
+from twofold.objectives.groups import group_index
+
+# Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_objective(name: str) -> Callable:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective.name {name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+# objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
+WHOLE_GROUPS = ("jepo",)
+
+
+def batch_totals(batch: list[Sequence]) -> dict[str, float]:
+    """The mini-batch normalisers every micro-batch loss divides by (counted tokens, sequences, pairs, prompts,
+    positive / negative tokens); an objective reads those its signature names."""
+    totals = {"num_tokens": float(sum(s.response_len for s in batch)), "num_seqs": float(len(batch))}
+    fields = batch[0].fields if batch else {}
+    if "pair_id" in fields:
+        totals["num_pairs"] = float(len({s.fields["pair_id"] for s in batch}))
+    if "group_ids" in fields:
+        totals["num_prompts"] = float(len({s.fields["group_ids"] for s in batch}))
+    if "rewards" in fields:
+        totals["num_pos_tokens"] = float(sum(s.response_len for s in batch if s.fields["rewards"] > 0))
+        totals["num_neg_tokens"] = totals["num_tokens"] - totals["num_pos_tokens"]
+    return totals
+
+
+def check_pairs(batch: list[Sequence]) -> None:
+    sides: dict[int, list[float]] = {}
+    for seq in batch:
+        if "pair_id" not in seq.fields or "chosen" not in seq.fields:
+            raise ValueError(f"sequence of row {seq.row_id!r}: a pair objective needs the fields pair_id and chosen")
+        sides.setdefault(seq.fields["pair_id"], []).append(seq.fields["chosen"])
+    for pair, chosen in sides.items():
+        if sorted(chosen) != [0, 1]:
+            raise ValueError(f"pair_id {pair!r} must have exactly one chosen (1) and one rejected (0) sequence, "
+                             f"got chosen={chosen}")
+
+
+def pair_inputs(logp: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
+    """The packed pair view of a micro-batch: both sides read the same [N] log-probs through their own masks,
+    indexed by the pair's number in this micro-batch; a per-sequence `ref_logp_sum` becomes ref_chosen/rejected."""
+    pair = group_index(mb.seq_fields["pair_id"])  # [S] dense pair number
+    chosen = mb.seq_fields["chosen"] > 0
+    token_pair, token_chosen, mask = pair[mb.seq_index], chosen[mb.seq_index], mb.loss_mask
+    out = {"chosen_logp": logp, "rejected_logp": logp, "chosen_mask": mask & token_chosen,
+           "rejected_mask": mask & ~token_chosen, "chosen_seq_index": token_pair, "rejected_seq_index": token_pair}
+    if "ref_logp_sum" in mb.seq_fields:
+        ref, n_pairs = mb.seq_fields["ref_logp_sum"], int(pair.max()) + 1
+        out["ref_chosen"] = torch.zeros(n_pairs, dtype=ref.dtype, device=ref.device).index_copy(
+            0, pair[chosen], ref[chosen])
+        out["ref_rejected"] = torch.zeros(n_pairs, dtype=ref.dtype, device=ref.device).index_copy(
+            0, pair[~chosen], ref[~chosen])
+    return out
+
+
+def plan_rank(batch: list[Sequence], budget: int, env: DistEnv, pad_token_id: int,
+              units: list | None = None) -> list[MicroBatch]:
+    """This rank's packed micro-batches of a global batch (every rank gets the same number)."""
+    plan = plan_microbatches([s.packed_len for s in batch], budget, env.world_size, units)
+    return [collate(batch, indices, pad_token_id) for indices in plan[env.rank]]
+
+
+@torch.no_grad()
+def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, budget: int,
+                      pad_token_id: int = 0) -> list[list[float]]:
+    """Per response token log-probs of every sequence under `model` (no grad; old / reference log-probs).
+    Each rank scores its micro-batches; the result is gathered, so every rank returns the whole batch."""
+    local: dict[int, list[float]] = {}
+    for mb in plan_rank(batch, budget, env, pad_token_id):
+        dev = mb.to(env.device)
+        logp = model(dev.input_ids, dev.position_ids, dev.targets).float().cpu()
+        for s, index in enumerate(mb.sequence_ids):
+            picked = (mb.seq_index == s) & mb.loss_mask
+            local[index] = logp[picked].tolist()
+    parts: list = [local]
+    if env.world_size > 1:
+        parts = [None] * env.world_size
+        dist.all_gather_object(parts, local)
+    merged = {k: v for part in parts for k, v in part.items()}
+    return [merged[i] for i in range(len(batch))]
+
+
+class Trainer:
+    """Owns the optimizer and schedule of a sharded `PolicyModel`; `step(batch)` runs one optimizer step."""
+
+    def __init__(self, policy: PolicyModel, env: DistEnv, optim: OptimConfig, *, objective: str,
+                 objective_kwargs: dict | None = None, total_steps: int, max_tokens_per_microbatch: int,
+                 pad_token_id: int = 0):
+        self.policy, self.env, self.optim_cfg = policy, env, optim
+        self.loss_fn = resolve_objective(objective)
+        self.objective_name, self.objective_kwargs = objective, dict(objective_kwargs or {})
+        self.budget, self.pad_token_id = max_tokens_per_microbatch, pad_token_id
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                           eps=optim.eps, weight_decay=optim.weight_decay)
+        schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
+                        min_lr_ratio=optim.min_lr_ratio)
+        self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
+        self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
+        self.unit_field = "pair_id" if self.pairwise else "group_ids" if objective in WHOLE_GROUPS else None
+        self.steps_done = 0
+        self.skipped_steps = 0
+        _, self.flop_params = count_parameters(policy)
+
+    def plan(self, batch: list[Sequence]) -> list[MicroBatch]:
+        """This rank's packed micro-batches of the mini-batch (CPU tensors)."""
+        units = [s.fields[self.unit_field] for s in batch] if self.unit_field else None
+        return plan_rank(batch, self.budget, self.env, self.pad_token_id, units)
+
+    def step(self, batch: list[Sequence]) -> dict[str, float]:
+        """One optimizer step on a global mini-batch; returns metrics (same values on every rank)."""
+        self.check_batch(batch)
+        start = time.perf_counter()
+        if self.env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.env.device)
+        totals = batch_totals(batch)
+        num_tokens = totals["num_tokens"]
+        micro = self.plan(batch)
+        local_loss, weighted = torch.zeros((), dtype=torch.float64, device=self.env.device), {}
+        for mb in micro:
+            loss, metrics = self.micro_step(mb.to(self.env.device), totals)
+            local_loss += loss.detach().double()
+            share = float(mb.loss_mask.sum()) / num_tokens  # objective metrics are per-micro-batch token means
+            for k, v in metrics.items():
+                if k in ("tokens", "pairs"):  # counts, reported exactly below, not as means
+                    continue
+                weighted[k] = weighted.get(k, 0.0) + float(v) * share
+        packed_tokens = sum(mb.num_tokens for mb in micro)
+        totals = all_reduce_sum([float(local_loss), float(packed_tokens), *weighted.values()], self.env.device)
+        loss, packed_tokens = totals[0], totals[1]
+        lr = self.last_lr  # the rate this update uses; apply_gradients advances the schedule
+        grad_norm, applied = self.apply_gradients(loss)
+        elapsed = time.perf_counter() - start
+        return {"step": self.steps_done, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                "skipped": float(not applied), "tokens": packed_tokens, "loss_tokens": num_tokens,
+                "microbatches": float(len(micro)), "tokens_per_s": packed_tokens / elapsed, "step_time_s": elapsed,
+                **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}
+
+    def micro_step(self, mb: MicroBatch, totals: dict[str, float]):
+        logp = self.policy(mb.input_ids, mb.position_ids, mb.targets)
+        loss, metrics = self.call_objective(logp, mb, totals, validate=False)
+        loss.backward()
+        return loss, metrics
+
+    def call_objective(self, logp: torch.Tensor, mb: MicroBatch, totals: dict[str, float], validate: bool):
+        available = {"logp": logp, "mask": mb.loss_mask, "seq_index": mb.seq_index, "validate": validate,
+                     **totals, **mb.seq_fields, **mb.token_fields}
+        if self.pairwise:
+            available.update(pair_inputs(logp, mb))
+        params = inspect.signature(self.loss_fn).parameters
+        args = {k: available[k] for k in params if k in available and k not in self.objective_kwargs}
+        unset = [k for k, p in params.items()
+                 if p.default is inspect.Parameter.empty and k not in args and k not in self.objective_kwargs]
+        # a required-but-optional tensor (e.g. `old_logp: Tensor | None`) that the batch lacks means None
+        args.update({k: None for k in unset if "None" in str(params[k].annotation)})
+        missing = [k for k in unset if k not in args]
+        if missing:
+            have = sorted(set(mb.seq_fields) | set(mb.token_fields))
+            raise ValueError(f"objective {self.objective_name!r} needs {missing}, which the batch does not hold "
+                             f"(per-sequence/per-token fields present: {have})")
+        return self.loss_fn(**args, **self.objective_kwargs)
+
+    def check_batch(self, batch: list[Sequence]) -> None:
+        """Reject bad sequences by row id, then let the objective validate all its inputs once, on CPU
+        (off the device: no host sync on the hot path, where the loss runs with validate=False)."""
+        if len(batch) < 1:
+            raise ValueError("the mini-batch is empty")
+        fields, token_fields = set(batch[0].fields), set(batch[0].token_fields)
+        for seq in batch:
+            problem = check_sequence(seq, self.budget)
+            if problem is None and (set(seq.fields) != fields or set(seq.token_fields) != token_fields):
+                problem = f"fields {sorted(seq.fields)} differ from the first sequence's {sorted(fields)}"
+            if problem:
+                raise ValueError(f"sequence of row {seq.row_id!r}: {problem}")
+        if self.pairwise:
+            check_pairs(batch)
+        whole = collate(batch, list(range(len(batch))), self.pad_token_id)
+        self.call_objective(torch.zeros(whole.num_tokens), whole, batch_totals(batch), validate=True)
+
+    def apply_gradients(self, loss: float) -> tuple[float, bool]:
+        """Clip and step; on a non-finite loss or gradient norm skip the update (weights and optimizer state
+        untouched), count it and move on. The schedule still advances: the mini-batch was consumed."""
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        total = total.full_tensor() if isinstance(total, DTensor) else total
+        norm = float(total)
+        applied = math.isfinite(norm) and math.isfinite(loss)
+        if applied:
+            if self.optim_cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.optim_cfg.max_grad_norm, total, foreach=True)
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.steps_done += 1
+        return norm, applied
+
+    @property
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def memory_and_mfu(self, batch: list[Sequence], elapsed: float) -> dict[str, float]:
+        if self.env.device.type != "cuda":
+            return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+        out = {"peak_mem_gib": torch.cuda.max_memory_allocated(self.env.device) / 2**30}
+        name = torch.cuda.get_device_name(self.env.device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak is not None:
+            out["mfu"] = self.step_flops(batch) / (elapsed * peak * self.env.world_size)
+        return out
+
+    def step_flops(self, batch: list[Sequence]) -> float:
+        """Model FLOPs of forward+backward: 6 * matmul params * tokens + causal attention 6 * layers * d * sum L^2
+        (recomputation by activation checkpointing is not counted, as MFU conventions require)."""
+        cfg = self.policy.causal_lm.config
+        # Llama/Qwen3 configs carry head_dim; in Qwen2 it is hidden_size / heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        d_attn = cfg.num_attention_heads * head_dim
+        tokens = sum(s.packed_len for s in batch)
+        squares = sum(s.packed_len ** 2 for s in batch)
+        return 6.0 * self.flop_params * tokens + 6.0 * cfg.num_hidden_layers * d_attn * squares

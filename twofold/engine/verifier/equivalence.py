@@ -1,0 +1,242 @@
+"""Answer equivalence: normalise, parse into sympy objects, compare by kind.
+
+Scalars: equal if structurally equal after sympy's automatic canonicalisation. Otherwise both sides
+are evaluated to 50 digits (at three sample points per free symbol, one of them negative); a clear
+difference proves inequality. Equality is then decided exactly by `cancel` when the difference is a
+rational function with rational coefficients (integers, decimals, fractions, polynomials). With
+radicals, pi, e or functions, zero-testing is undecidable in general (Richardson), so agreement to
+`RTOL` (35 significant digits) at every sample point is accepted; `simplify` is used only when a
+value does not evaluate to a number.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from twofold.engine.verifier.normalize import normalize, text_key
+from twofold.engine.verifier.parser import Matrix, ParseError, Rel, Seq, parse, to_set
+
+MAX_ANSWER_CHARS = 1000
+PRECISION = 50  # digits for numeric comparison
+RTOL = sympy.Float(10) ** -35
+# Sample values per free symbol; symbol k adds k/13 so distinct symbols never coincide.
+_SAMPLES = (sympy.Rational(7, 11), sympy.Rational(-13, 7), sympy.Rational(23, 9))
+_SPECIAL = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
+_FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "=": "=", "!=": "!="}
+
+
+def is_equivalent(answer: str | None, gold: str) -> bool:
+    """True when `answer` names the same mathematical object as `gold` (gold decides tuple vs interval)."""
+    if not answer or not gold or max(len(answer), len(gold)) > MAX_ANSWER_CHARS:
+        return False
+    a, g = normalize(answer), normalize(gold)
+    if not a:
+        return False
+    if text_key(a) == text_key(g):
+        return True
+    try:
+        return same(parse_answer(a), parse_answer(g))
+    except ParseError:
+        return False
+    except Exception:  # noqa: BLE001  sympy raises many types on odd input; none of them means "equal"
+        return False
+
+
+def parse_answer(text: str):
+    """Parse a normalised answer; a single `\\pm` makes the two-element answer {a+b, a-b}."""
+    for sign in ("\\pm", "\\mp"):
+        if text.count(sign) == 1 and "," not in text:
+            return Seq((parse(text.replace(sign, "+")), parse(text.replace(sign, "-"))), "", "")
+    return parse(text)
+
+
+def same(answer, gold) -> bool:
+    answer, gold = _drop_label(answer, gold), _drop_label(gold, answer)
+    answer_set, gold_set = _as_set(answer, gold), _as_set(gold, answer)
+    if answer_set is not None and gold_set is not None:
+        return same_set(answer_set, gold_set)
+    if isinstance(answer, (Seq, Matrix)) or isinstance(gold, (Seq, Matrix)):
+        return same_sequence(answer, gold)
+    if isinstance(answer, Rel) and isinstance(gold, Rel):
+        return same_relation(answer, gold)
+    if isinstance(answer, sympy.Expr) and isinstance(gold, sympy.Expr):
+        return same_scalar(answer, gold)
+    return False
+
+
+def _drop_label(value, other):
+    """`x = 3` answers a question whose gold is `3`: drop `symbol =` unless the other side has equations too."""
+    if _has_equation(other):
+        return value
+    if isinstance(value, Seq):
+        return Seq(tuple(_drop_label(item, other) for item in value.items), value.open, value.close)
+    if isinstance(value, Rel) and value.ops == ("=",) and isinstance(value.exprs[0], sympy.Symbol):
+        return value.exprs[1]
+    return value
+
+
+def _has_equation(value) -> bool:
+    if isinstance(value, Seq):
+        return any(_has_equation(item) for item in value.items)
+    return isinstance(value, Rel) and "=" in value.ops
+
+
+def _as_set(value, other):
+    """The value as a sympy Set when it denotes one; `(a, b)` is an open interval only next to a set."""
+    if isinstance(value, sympy.Set):
+        return value
+    if isinstance(value, Rel):
+        return _inequality_set(value)
+    if _is_pair(value):
+        other_is_set = isinstance(other, sympy.Set) or (isinstance(other, Rel) and _inequality_set(other) is not None) \
+            or (_is_pair(other) and (other.open, other.close) != ("(", ")"))
+        if (value.open, value.close) != ("(", ")") or other_is_set:
+            try:
+                return to_set(value)
+            except ParseError:
+                return None
+    if isinstance(value, Seq) and value.open == "" and all(_as_set(item, None) is not None for item in value.items):
+        return sympy.Union(*(_as_set(item, None) for item in value.items))  # `x<-1, x>1`
+    return None
+
+
+def _is_pair(value) -> bool:
+    """Two items in round or square brackets: an interval, or (only with `(`...`)`) an ordered pair."""
+    return isinstance(value, Seq) and len(value.items) == 2 and value.open in ("(", "[")
+
+
+def _inequality_set(rel: Rel):
+    """`1 < x <= 2`, `x > 3`, `3 < x`: a chain of inequalities in one bare symbol, as an interval."""
+    symbols = [e for e in rel.exprs if e.free_symbols]
+    if "=" in rel.ops or "!=" in rel.ops or len(symbols) != 1 or not isinstance(symbols[0], sympy.Symbol):
+        return None
+    at = rel.exprs.index(symbols[0])
+    interval = sympy.Interval(-sympy.oo, sympy.oo)
+    for k, op in enumerate(rel.ops):
+        if k + 1 == at:  # constant op symbol: read it as symbol op' constant
+            op, bound = _FLIP[op], rel.exprs[k]
+        elif k == at:
+            bound = rel.exprs[k + 1]
+        else:
+            return None
+        lower = op in (">", ">=")
+        piece = sympy.Interval(bound if lower else -sympy.oo, sympy.oo if lower else bound,
+                               op == ">", op == "<")
+        interval = interval.intersect(piece)
+    return interval
+
+
+def same_set(a: sympy.Set, b: sympy.Set) -> bool:
+    if a == b:
+        return True
+    parts_a, parts_b = _set_parts(a), _set_parts(b)
+    if len(parts_a) != len(parts_b):
+        return False
+    return all(any(_same_interval(x, y) for y in parts_b) for x in parts_a)
+
+
+def _set_parts(s: sympy.Set) -> list:
+    return list(s.args) if isinstance(s, sympy.Union) else [s]
+
+
+def _same_interval(x, y) -> bool:
+    if not (isinstance(x, sympy.Interval) and isinstance(y, sympy.Interval)):
+        return x == y
+    return x.left_open == y.left_open and x.right_open == y.right_open \
+        and same_scalar(x.start, y.start) and same_scalar(x.end, y.end)
+
+
+def same_sequence(answer, gold) -> bool:
+    """Order matters when the gold is a tuple or a matrix; sets `{...}` and bare lists (all solutions) are unordered."""
+    if isinstance(answer, Matrix) and isinstance(gold, Matrix):
+        return len(answer.rows) == len(gold.rows) and all(
+            same_sequence(Seq(x, "(", ")"), Seq(y, "(", ")")) for x, y in zip(answer.rows, gold.rows))
+    items_a, items_b = _items(answer), _items(gold)
+    if items_a is None or items_b is None or len(items_a) != len(items_b):
+        return False
+    if isinstance(gold, Matrix) or (isinstance(gold, Seq) and gold.open in ("(", "[")):
+        return all(same(x, y) for x, y in zip(items_a, items_b))
+    return _match_unordered(items_a, items_b)
+
+
+def _items(value):
+    """Items of a list, or of a row / column vector; None for a proper matrix."""
+    if isinstance(value, Seq):
+        return list(value.items)
+    if isinstance(value, Matrix):
+        shape = (len(value.rows), len(value.rows[0]))
+        return [x for row in value.rows for x in row] if 1 in shape else None
+    return [value]
+
+
+def _match_unordered(items_a: list, items_b: list) -> bool:
+    unused = list(items_a)
+    for target in items_b:
+        hit = next((k for k, x in enumerate(unused) if same(x, target)), None)
+        if hit is None:
+            return False
+        unused.pop(hit)
+    return True
+
+
+def same_relation(a: Rel, b: Rel) -> bool:
+    """Equations match up to a nonzero factor, inequalities up to a positive one (after orienting)."""
+    if len(a.ops) != 1 or len(b.ops) != 1:
+        return a.ops == b.ops and all(same_scalar(x, y) for x, y in zip(a.exprs, b.exprs))
+    (op_a,), (op_b,) = a.ops, b.ops
+    diff_a, diff_b = a.exprs[0] - a.exprs[1], b.exprs[0] - b.exprs[1]
+    if op_a in ("=", "!=") or op_b in ("=", "!="):
+        return op_a == op_b and _proportional(diff_a, diff_b, positive=False)
+    if op_a in (">", ">="):
+        op_a, diff_a = _FLIP[op_a], -diff_a
+    if op_b in (">", ">="):
+        op_b, diff_b = _FLIP[op_b], -diff_b
+    return op_a == op_b and _proportional(diff_a, diff_b, positive=True)
+
+
+def _proportional(a: sympy.Expr, b: sympy.Expr, positive: bool) -> bool:
+    if same_scalar(a, b) or (not positive and same_scalar(a, -b)):
+        return True
+    if b == 0:
+        return False
+    quotient = a / b
+    ratio = sympy.cancel(quotient) if _rational_with_rational_coefficients(quotient) else sympy.simplify(quotient)
+    if ratio.free_symbols or ratio == 0 or ratio.has(*_SPECIAL):
+        return False
+    return bool(ratio.is_positive) if positive else True
+
+
+def same_scalar(a: sympy.Expr, b: sympy.Expr) -> bool:
+    if a == b:
+        return True
+    if a.has(*_SPECIAL) or b.has(*_SPECIAL):
+        return False  # infinities and undefined values only match structurally
+    agree = _numerically_agree(a, b)  # cheap, and a clear difference is a proof of inequality
+    if agree is False:
+        return False
+    difference = a - b
+    if _rational_with_rational_coefficients(difference):
+        return sympy.cancel(difference) == 0  # exact and decidable
+    if agree is None:  # some value would not evaluate to a number: fall back to simplify
+        return sympy.simplify(difference) == 0
+    return True
+
+
+def _rational_with_rational_coefficients(e: sympy.Expr) -> bool:
+    return bool(e.is_rational_function()) and not e.atoms(sympy.NumberSymbol) and not e.has(sympy.I) \
+        and all(p.exp.is_Integer for p in e.atoms(sympy.Pow))
+
+
+def _numerically_agree(a: sympy.Expr, b: sympy.Expr) -> bool | None:
+    """Agreement to RTOL at every sample point; None when a value is not a finite number."""
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    points = [{s: _SAMPLES[j] + sympy.Rational(k, 13) for k, s in enumerate(symbols)}
+              for j in range(len(_SAMPLES) if symbols else 1)]
+    for point in points:
+        va, vb = a.evalf(PRECISION, subs=point), b.evalf(PRECISION, subs=point)
+        gap, scale = abs(va - vb), sympy.Max(abs(va), abs(vb))
+        if not (gap.is_Float or gap == 0) or not (scale.is_Float or scale == 0):
+            return None
+        if gap > RTOL * scale + sympy.Float(10) ** -(PRECISION - 5):
+            return False
+    return True

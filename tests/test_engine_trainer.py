@@ -48,10 +48,28 @@ def _trainer(env, budget, objective="sft", **kwargs):
                    max_tokens_per_microbatch=budget)
 
 
+def _jepo_batch(n_groups=5, size=4, seed=0):
+    """JEPO sequences: prompt, CoT, answer; one badly formatted sample in two of the groups."""
+    out = []
+    for i, seq in enumerate(_batch(n_groups * size, seed)):
+        seq = Sequence(seq.tokens[:max(seq.prompt_len + 2, 14)], seq.prompt_len)  # a group fits a micro-batch
+        response = seq.response_len
+        answer = min(2, response - 1) if response > 1 else 1
+        cot = response - answer
+        bad = i in (1, 2 * size + 3)
+        out.append(Sequence(seq.tokens, seq.prompt_len, row_id=i,
+                            fields={"group_ids": i // size, "valid": float(not bad) if cot else 0.0,
+                                    "format_rewards": -10.0 if bad else 0.0},
+                            token_fields={"cot_mask": [1.0] * cot + [0.0] * answer,
+                                          "answer_mask": [0.0] * cot + [1.0] * answer}))
+    return out
+
+
 def _accumulated_grads(trainer, batch):
     micro = trainer.plan(batch)
+    totals = batch_totals(batch) | trainer.batch_statistics(micro)
     for mb in micro:
-        trainer.micro_step(mb, batch_totals(batch))
+        trainer.micro_step(mb, totals)
     grads = {n: p.grad.full_tensor().clone() for n, p in trainer.policy.named_parameters()}
     trainer.optimizer.zero_grad(set_to_none=True)
     return len(micro), grads
@@ -63,6 +81,8 @@ def _accumulated_grads(trainer, batch):
     ("grpo", {"agg": "seq_mean_token_mean", "beta": 0.0}, _batch),
     ("redi", {"alpha": 0.8}, _pair_batch),
     ("dpo", {"beta": 0.1}, _pair_batch),
+    ("jepo", {"beta_sup": 0.5, "entropy_coef": 0.01}, _jepo_batch),
+    ("gspo", {"entropy_coef": 0.01}, _batch),
 ])
 def test_accumulated_gradient_equals_the_one_microbatch_gradient(env, objective, kwargs, make_batch):
     batch = make_batch()

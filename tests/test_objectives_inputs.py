@@ -114,10 +114,12 @@ def test_every_loss_runs_in_float32_and_float64_with_finite_detached_metrics(dty
     calls = [
         lambda lp: O.sft_loss(lp, mask), lambda lp: O.rft_loss(lp, rewards, mask, old_logp=old),
         lambda lp: O.grpo_loss(lp, old, adv, mask, ref_logp=old), lambda lp: O.dapo_loss(lp, old, adv, mask),
-        lambda lp: O.drgrpo_loss(lp, old, adv, mask), lambda lp: O.nft_loss(lp, old, rewards, ids, mask),
+        lambda lp: O.drgrpo_loss(lp, old, adv, mask, constant=8.0), lambda lp: O.nft_loss(lp, old, rewards, ids, mask),
         lambda lp: O.oreal_loss(lp, rewards, adv, mask, ref_logp=old, token_scores=old),
         lambda lp: O.redi_loss(lp, old, mask, mask), lambda lp: O.dpo_loss(lp, old, mask, mask),
         lambda lp: O.simpo_loss(lp, old, mask, mask), lambda lp: O.jepo_loss(lp, mask & ~answer, answer, ids),
+        lambda lp: O.gspo_loss(lp, old, adv, mask), lambda lp: O.cispo_loss(lp, old, adv, mask),
+        lambda lp: O.grpo_loss(lp, old, adv, mask, entropy=-lp, entropy_coef=0.1),
     ]
     for call in calls:
         leaf = logp.clone().requires_grad_()

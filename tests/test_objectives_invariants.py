@@ -75,8 +75,9 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch_loss(batch, name
     """Engine contract: split rows into micro-batches, pass the full batch's num_tokens/num_seqs, add up."""
     loss_fn = getattr(O, f"{name}_loss")
     adv = O.group_advantages(batch["rewards"], batch["group_ids"])
-    totals = {"num_tokens": batch["mask"].sum(), "num_seqs": len(adv)}
-    full_grad, full, _ = _grad(lambda lp: loss_fn(lp, batch["old"], adv, batch["mask"], agg=agg), batch["logp"])
+    totals = {"num_tokens": batch["mask"].sum(), "num_seqs": len(adv), "constant": 9.0}
+    full_grad, full, _ = _grad(lambda lp: loss_fn(lp, batch["old"], adv, batch["mask"], agg=agg, constant=9.0),
+                               batch["logp"])
     half = len(adv) // 2
     parts = [slice(0, half), slice(half, None)]
     split = [_grad(lambda lp: loss_fn(lp, batch["old"][s], adv[s], batch["mask"][s], agg=agg, **totals),

@@ -192,8 +192,8 @@ def oreal_sequences(groups: list[Group]) -> list[Sequence]:
 
 def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
     """prompt + chain of thought (the sampled tokens up to `\\boxed{`) + gold answer + EOS. A sample without a
-    boxed answer fails the format check (valid 0, advantage -format_penalty); a group needs >= 2 valid samples for
-    the leave-one-out baseline, else none of it counts as valid."""
+    boxed answer fails the format check (valid 0, format reward -format_penalty, which the loss normalises like
+    the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is valid."""
     seqs = []
     for gid, g in enumerate(groups):
         parts = [jepo_parts(s, g.problem.answer, tokenizer) for s in g.samples]
@@ -203,7 +203,7 @@ def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[S
             prompt = list(g.problem.prompt_ids)
             seqs.append(Sequence(prompt + cot + answer, len(prompt), row_id=f"{g.problem.row_id}/{j}",
                                  fields={"group_ids": gid, "valid": float(ok),
-                                         "extra_advantages": 0.0 if valid else -cfg.format_penalty},
+                                         "format_rewards": 0.0 if valid else -cfg.format_penalty},
                                  token_fields={"cot_mask": [1.0] * len(cot) + [0.0] * len(answer),
                                                "answer_mask": [0.0] * len(cot) + [1.0] * len(answer)}))
     return seqs

@@ -11,6 +11,12 @@ Objectives are called by parameter name from what the packed batch holds: `logp`
 ([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config. Pair objectives (REDI, DPO, SimPO: a
 `chosen_logp` argument) get the pair view of the same tensors (`pair_inputs`); their sequences carry the fields
 `pair_id` and `chosen` (1/0), and both sides of a pair are packed into the same micro-batch.
+
+Statistics that depend on the current policy's log-probs of the whole mini-batch (JEPO's advantage stds,
+`objectives.BATCH_STATISTICS`) come from a no-grad pre-pass over this rank's micro-batches, summed over ranks,
+and reach every micro-batch loss like `num_tokens` (skipped when the mini-batch is one micro-batch on one rank,
+where the loss's own statistics are the mini-batch's). With `entropy_coef` the policy also returns the per-token
+entropy (with its gradient) for the loss's entropy bonus.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from twofold.engine.config import OptimConfig
 from twofold.engine.distributed import DistEnv, all_reduce_sum
 from twofold.engine.model import PolicyModel, count_parameters
 from twofold.engine.packing import MicroBatch, Sequence, check_sequence, collate, plan_microbatches
-from twofold.objectives import OBJECTIVES
+from twofold.objectives import BATCH_STATISTICS, OBJECTIVES
 from twofold.objectives.groups import group_index
 
 # Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets, without sparsity).
@@ -107,6 +113,47 @@ def plan_rank(batch: list[Sequence], budget: int, env: DistEnv, pad_token_id: in
     return [collate(batch, indices, pad_token_id) for indices in plan[env.rank]]
 
 
+def objective_args(fn: Callable, name: str, logp: torch.Tensor, mb: MicroBatch, totals: dict, validate: bool,
+                   kwargs: dict, entropy: torch.Tensor | None = None, strict: bool = True) -> dict:
+    """The keyword arguments of `fn` (a loss, or its batch statistics) from what the micro-batch holds, the
+    mini-batch totals and `objective.kwargs`; strict (the loss itself): every kwarg is passed, else only those
+    `fn` takes."""
+    available = {"logp": logp, "mask": mb.loss_mask, "seq_index": mb.seq_index, "validate": validate,
+                 **totals, **mb.seq_fields, **mb.token_fields}
+    if entropy is not None:
+        available["entropy"] = entropy
+    params = inspect.signature(fn).parameters
+    if "chosen_logp" in params:
+        available.update(pair_inputs(logp, mb))
+    args = {k: available[k] for k in params if k in available and k not in kwargs}
+    unset = [k for k, p in params.items()
+             if p.default is inspect.Parameter.empty and k not in args and k not in kwargs]
+    # a required-but-optional tensor (e.g. `old_logp: Tensor | None`) that the batch lacks means None
+    args.update({k: None for k in unset if "None" in str(params[k].annotation)})
+    missing = [k for k in unset if k not in args]
+    if missing:
+        have = sorted(set(mb.seq_fields) | set(mb.token_fields))
+        raise ValueError(f"objective {name!r} needs {missing}, which the batch does not hold "
+                         f"(per-sequence/per-token fields present: {have})")
+    return args | (kwargs if strict else {k: v for k, v in kwargs.items() if k in params})
+
+
+def sum_statistics(parts: list[dict[str, torch.Tensor]], env: DistEnv) -> dict[str, torch.Tensor]:
+    """Sum additive batch statistics over this rank's micro-batches, then over ranks (one collective, fp64)."""
+    sums: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            sums[k] = sums[k] + v.double() if k in sums else v.double()
+    names = sorted(sums)
+    if not names:
+        return {}
+    flat = torch.cat([sums[k].reshape(-1).to(env.device) for k in names])
+    if env.world_size > 1:
+        dist.all_reduce(flat)
+    pieces = flat.split([sums[k].numel() for k in names])
+    return {k: p.reshape(sums[k].shape) for k, p in zip(names, pieces)}
+
+
 @torch.no_grad()
 def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, budget: int,
                       pad_token_id: int = 0) -> list[list[float]]:
@@ -143,6 +190,8 @@ class Trainer:
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
         self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
+        self.statistics_fn = BATCH_STATISTICS.get(objective)
+        self.wants_entropy = float(self.objective_kwargs.get("entropy_coef", 0.0)) != 0
         self.unit_field = "pair_id" if self.pairwise else "group_ids" if objective in WHOLE_GROUPS else None
         self.steps_done = 0
         self.skipped_steps = 0
@@ -162,6 +211,7 @@ class Trainer:
         totals = batch_totals(batch)
         num_tokens = totals["num_tokens"]
         micro = self.plan(batch)
+        totals |= self.batch_statistics(micro)
         local_loss, weighted = torch.zeros((), dtype=torch.float64, device=self.env.device), {}
         for mb in micro:
             loss, metrics = self.micro_step(mb.to(self.env.device), totals)
@@ -182,29 +232,35 @@ class Trainer:
                 "microbatches": float(len(micro)), "tokens_per_s": packed_tokens / elapsed, "step_time_s": elapsed,
                 **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}
 
-    def micro_step(self, mb: MicroBatch, totals: dict[str, float]):
-        logp = self.policy(mb.input_ids, mb.position_ids, mb.targets)
-        loss, metrics = self.call_objective(logp, mb, totals, validate=False)
+    def micro_step(self, mb: MicroBatch, totals: dict):
+        entropy = None
+        if self.wants_entropy:
+            logp, entropy = self.policy(mb.input_ids, mb.position_ids, mb.targets, return_entropy=True)
+        else:
+            logp = self.policy(mb.input_ids, mb.position_ids, mb.targets)
+        loss, metrics = self.call_objective(logp, mb, totals, validate=False, entropy=entropy)
         loss.backward()
         return loss, metrics
 
-    def call_objective(self, logp: torch.Tensor, mb: MicroBatch, totals: dict[str, float], validate: bool):
-        available = {"logp": logp, "mask": mb.loss_mask, "seq_index": mb.seq_index, "validate": validate,
-                     **totals, **mb.seq_fields, **mb.token_fields}
-        if self.pairwise:
-            available.update(pair_inputs(logp, mb))
-        params = inspect.signature(self.loss_fn).parameters
-        args = {k: available[k] for k in params if k in available and k not in self.objective_kwargs}
-        unset = [k for k, p in params.items()
-                 if p.default is inspect.Parameter.empty and k not in args and k not in self.objective_kwargs]
-        # a required-but-optional tensor (e.g. `old_logp: Tensor | None`) that the batch lacks means None
-        args.update({k: None for k in unset if "None" in str(params[k].annotation)})
-        missing = [k for k in unset if k not in args]
-        if missing:
-            have = sorted(set(mb.seq_fields) | set(mb.token_fields))
-            raise ValueError(f"objective {self.objective_name!r} needs {missing}, which the batch does not hold "
-                             f"(per-sequence/per-token fields present: {have})")
-        return self.loss_fn(**args, **self.objective_kwargs)
+    @torch.no_grad()
+    def batch_statistics(self, micro: list[MicroBatch]) -> dict[str, torch.Tensor]:
+        """The objective's mini-batch statistics (sums over this rank's micro-batches, then over ranks), or {}
+        when the loss's own statistics already are the mini-batch's (one micro-batch on one rank)."""
+        if self.statistics_fn is None or (len(micro) == 1 and self.env.world_size == 1):
+            return {}
+        parts = []
+        for mb in micro:
+            dev = mb.to(self.env.device)
+            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets)
+            parts.append(self.call_objective(logp, dev, {}, validate=False, fn=self.statistics_fn))
+        return sum_statistics(parts, self.env)
+
+    def call_objective(self, logp: torch.Tensor, mb: MicroBatch, totals: dict, validate: bool,
+                       entropy: torch.Tensor | None = None, fn: Callable | None = None):
+        """Call the loss (or `fn`, e.g. its batch statistics) with the arguments its signature names."""
+        fn = fn or self.loss_fn
+        return fn(**objective_args(fn, self.objective_name, logp, mb, totals, validate, self.objective_kwargs,
+                                   entropy, strict=fn is self.loss_fn))
 
     def check_batch(self, batch: list[Sequence]) -> None:
         """Reject bad sequences by row id, then let the objective validate all its inputs once, on CPU
@@ -221,7 +277,9 @@ class Trainer:
         if self.pairwise:
             check_pairs(batch)
         whole = collate(batch, list(range(len(batch))), self.pad_token_id)
-        self.call_objective(torch.zeros(whole.num_tokens), whole, batch_totals(batch), validate=True)
+        zeros = torch.zeros(whole.num_tokens)
+        self.call_objective(zeros, whole, batch_totals(batch), validate=True,
+                            entropy=zeros if self.wants_entropy else None)
 
     def apply_gradients(self, loss: float) -> tuple[float, bool]:
         """Clip and step; on a non-finite loss or gradient norm skip the update (weights and optimizer state

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from twofold.objectives.token_local import with_entropy_bonus
+
 
 @dataclass(frozen=True)
 class Flat:
@@ -127,26 +129,30 @@ def binary(name: str, rewards: Tensor, dtype: torch.dtype, validate: bool) -> Te
 
 
 class _TokenLocal(torch.autograd.Function):
-    """A scalar with a given value whose gradient w.r.t. logp is a given [N] tensor."""
+    """A scalar with a given value whose gradients w.r.t. logp (and the per-token entropy) are given tensors."""
 
     @staticmethod
-    def forward(ctx, logp, value, grad):
-        ctx.save_for_backward(grad)
+    def forward(ctx, logp, entropy, value, grad, grad_entropy):
+        ctx.save_for_backward(grad, grad_entropy)
         return value
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad_out * grad, None, None
+        grad, grad_entropy = ctx.saved_tensors
+        return grad_out * grad, grad_out * grad_entropy if ctx.needs_input_grad[1] else None, None, None, None
 
 
-def with_grad(logp: Tensor, value: Tensor, grad: Tensor) -> Tensor:
-    """Attach an explicit gradient: returns `value` (scalar) with d value / d logp = grad.
+def with_grad(logp: Tensor, value: Tensor, grad: Tensor, entropy: Tensor | None = None,
+              grad_entropy: Tensor | None = None) -> Tensor:
+    """Attach an explicit gradient: returns `value` (scalar) with d value / d logp = grad (and
+    d value / d entropy = grad_entropy when the per-token entropy is an input).
 
     This is how every token-local loss reuses its `token_local` function (the one the fused kernel applies)
     instead of a second autograd copy of the formula.
     """
-    return _TokenLocal.apply(logp, value.detach(), grad.detach())
+    if entropy is None:
+        return _TokenLocal.apply(logp, None, value.detach(), grad.detach(), grad.new_zeros(0))
+    return _TokenLocal.apply(logp, entropy, value.detach(), grad.detach(), grad_entropy.detach())
 
 
 def masked_mean(x: Tensor, flat: Flat) -> Tensor:
@@ -155,8 +161,33 @@ def masked_mean(x: Tensor, flat: Flat) -> Tensor:
     return x.sum() / flat.mask.sum().clamp(min=1)
 
 
-def apply_token_local(logp: Tensor, fn, **inputs) -> tuple[Tensor, Tensor]:
-    """Run a `token_local` function on flat logp: (scalar loss carrying its explicit gradient, [N] losses)."""
+def entropy_inputs(flat: Flat, logp: Tensor, entropy: Tensor | None, entropy_coef: float, weight: Tensor,
+                   validate: bool) -> dict[str, Tensor]:
+    """The entropy bonus' inputs of a token-local function: {} when entropy_coef is 0, else the flat per-token
+    entropy (keeping its graph, 0 off the mask) and entropy_weight = entropy_coef * w_t."""
+    if entropy_coef == 0:
+        return {}
+    if entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef!r} needs the per-token entropy `entropy` (shaped like logp; "
+                         "the engine takes it from the same LM-head pass)")
+    check_shape("entropy", entropy, logp.shape)
+    check_float("entropy", entropy)
+    flat_entropy = entropy.reshape(-1)
+    if validate and not bool(torch.isfinite(flat_entropy.detach()[flat.mask]).all()):
+        raise ValueError("entropy has NaN or inf on tokens where mask is true")
+    zero = torch.zeros((), dtype=flat_entropy.dtype, device=flat_entropy.device)
+    return {"entropy": torch.where(flat.mask, flat_entropy, zero), "entropy_weight": entropy_coef * weight}
+
+
+def apply_token_local(logp: Tensor, fn, *, entropy: Tensor | None = None, entropy_weight: Tensor | None = None,
+                      **inputs) -> tuple[Tensor, Tensor]:
+    """Run a `token_local` function on flat logp: (scalar loss carrying its explicit gradient, [N] losses).
+    With `entropy` / `entropy_weight` (from `entropy_inputs`) the function carries the entropy bonus."""
+    if entropy is None:
+        with torch.no_grad():
+            loss_t, grad_t = fn(logp.detach(), **inputs)
+        return with_grad(logp, loss_t.sum(), grad_t), loss_t
     with torch.no_grad():
-        loss_t, grad_t = fn(logp.detach(), **inputs)
-    return with_grad(logp, loss_t.sum(), grad_t), loss_t
+        loss_t, grad_t, grad_h = with_entropy_bonus(fn)(logp.detach(), entropy=entropy.detach(),
+                                                        entropy_weight=entropy_weight, **inputs)
+    return with_grad(logp, loss_t.sum(), grad_t, entropy, grad_h), loss_t

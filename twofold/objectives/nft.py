@@ -13,7 +13,7 @@ from torch import Tensor
 
 from twofold.objectives.aggregate import token_weights
 from twofold.objectives.groups import r_hat
-from twofold.objectives.layout import apply_token_local, binary, flatten, masked_mean, per_seq
+from twofold.objectives.layout import apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq
 from twofold.objectives.token_local import nft_token
 
 PROMPT_WEIGHTS = {
@@ -28,7 +28,8 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
              correct_rate: Tensor | None = None, rate_bounds: tuple[float, float] | None = (0.02, 0.98),
              seq_index: Tensor | None = None, agg: str = "sum_const", constant: float | None = 1000.0,
              num_tokens: float | Tensor | None = None, num_seqs: float | Tensor | None = None,
-             max_log_ratio: float = 10.0, validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+             max_log_ratio: float = 10.0, entropy: Tensor | None = None, entropy_coef: float = 0.0,
+             validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """NFT loss. rewards/group_ids are per sequence; old_logp=None means on-policy (R = 1).
 
     correct_rate: per-sequence r_hat of the *whole* group; pass it when a micro-batch holds part of a group
@@ -53,7 +54,8 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
     correct_t, rate_t = flat.gather(correct), flat.gather(rate)
     loss, _ = apply_token_local(x["logp"], nft_token, weight=w, old_logp=old, correct=correct_t, r_hat=rate_t,
                                 prompt_weight=flat.gather(omega), eps=eps, neg_weight=neg_weight,
-                                max_log_ratio=max_log_ratio)
+                                max_log_ratio=max_log_ratio,
+                                **entropy_inputs(flat, logp, entropy, entropy_coef, w, validate))
     ratio = (x["logp"].detach() - old).clamp(max=max_log_ratio).exp()
     negative = flat.mask & (correct_t == 0)
     proxy_clipped = negative & ((1 - rate_t * ratio) / (1 - rate_t) < eps)

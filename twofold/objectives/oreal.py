@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twofold.objectives.aggregate import normaliser
-from twofold.objectives.layout import Flat, apply_token_local, binary, flatten, masked_mean, per_seq
+from twofold.objectives.layout import Flat, apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq
 from twofold.objectives.token_local import kl_token, oreal_token
 
 
@@ -27,6 +27,7 @@ def oreal_loss(logp: Tensor, rewards: Tensor, advantages: Tensor, mask: Tensor, 
                eta: float = 0.5, pos_factor: float = 1.0, pos_mult_adv: bool = True,
                seq_index: Tensor | None = None, num_pos_tokens: float | Tensor | None = None,
                num_neg_tokens: float | Tensor | None = None, num_tokens: float | Tensor | None = None,
+               entropy: Tensor | None = None, entropy_coef: float = 0.0,
                validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """OREAL policy loss on the kept sequences; rewards/advantages per sequence, token_scores like logp."""
     flat, x = flatten(logp, mask, seq_index, rewards.shape[0], validate, ref_logp=ref_logp,
@@ -35,13 +36,14 @@ def oreal_loss(logp: Tensor, rewards: Tensor, advantages: Tensor, mask: Tensor, 
     adv = flat.gather(per_seq("advantages", advantages, flat, validate, logp.dtype))
     omega_pos, omega_neg = (1.0, 1.0) if token_scores is None else oreal_token_weights(x["token_scores"], flat)
     counted = flat.mask.to(logp.dtype)
+    n_all = normaliser(num_tokens, counted.sum(), "num_tokens")  # the KL term's and the entropy bonus' mean
     n_pos = normaliser(num_pos_tokens, (counted * correct).sum(), "num_pos_tokens")
     n_neg = normaliser(num_neg_tokens, (counted * (1 - correct)).sum(), "num_neg_tokens")
     loss, _ = apply_token_local(x["logp"], oreal_token, weight=counted, correct=correct,
                                 adv=adv if pos_mult_adv else torch.where(correct > 0, 1.0, adv),
                                 omega_pos=omega_pos, omega_neg=omega_neg, pos_scale=pos_factor / n_pos,
-                                neg_scale=eta / n_neg, ref_logp=x["ref_logp"],
-                                kl_scale=beta / normaliser(num_tokens, counted.sum(), "num_tokens"))
+                                neg_scale=eta / n_neg, ref_logp=x["ref_logp"], kl_scale=beta / n_all,
+                                **entropy_inputs(flat, logp, entropy, entropy_coef, counted / n_all, validate))
     metrics = {"positive_frac": masked_mean(correct, flat), "tokens": flat.mask.sum()}
     if token_scores is not None:
         metrics |= {"omega_pos": masked_mean(omega_pos, flat), "omega_neg": masked_mean(omega_neg, flat)}
@@ -89,10 +91,9 @@ class TokenRewardHead(nn.Module):
 
     def __init__(self, hidden_size: int, zero_init: bool = True):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1)
+        self.proj = nn.Linear(hidden_size, 1, bias=False)  # as the authors' head (train_oreal.py)
         if zero_init:
             nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.proj(hidden).squeeze(-1)

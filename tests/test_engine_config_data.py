@@ -97,3 +97,48 @@ def test_preference_row_becomes_two_sequences_of_one_pair(tmp_path):
     assert chosen.fields == {"weight": 0.5, "pair_id": 1, "chosen": 1}
     assert rejected.fields == {"weight": 0.5, "pair_id": 1, "chosen": 0}
     assert chosen.tokens[:chosen.prompt_len] == rejected.tokens[:rejected.prompt_len]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.kwargs={foo: 1}"], r"objective.kwargs.foo is not a hyperparameter of 'sft' \(sft takes: agg, "),
+    (["objective.kwargs={agg: tokenmean}"], r"objective.kwargs.agg must be one of \['token_mean'"),
+    (["objective.kwargs={constant: big}"], "objective.kwargs.constant must be float"),
+    (["train.mode=online", "objective.name=grpo", "objective.kwargs={kl: k1}"], "k1.*expected gradient"),
+    (["train.mode=online", "objective.name=grpo", "objective.kwargs={prompt_weight: sqrt}"],
+     "prompt_weight is not a hyperparameter of 'grpo'"),
+    (["train.mode=online", "objective.name=nft", "objective.kwargs={rate_bounds: [0.1]}"],
+     "objective.kwargs.rate_bounds must be a list of 2 values"),
+    (["train.mode=online", "objective.name=gspo", "objective.kwargs={entropy_coef: true}"],
+     "objective.kwargs.entropy_coef must be float, got bool"),
+])
+def test_objective_kwargs_are_checked_at_load_naming_the_key(tmp_path, data_file, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_recipe(tmp_path, data_file), overrides)
+
+
+def test_objective_kwargs_are_coerced_to_the_loss_types(tmp_path, data_file):
+    config = load_config(_recipe(tmp_path, data_file), [
+        "train.mode=online", "objective.name=nft", "objective.kwargs={eps: 1, rate_bounds: [0, 1], agg: token_mean}"])
+    assert config.objective.kwargs == {"eps": 1.0, "rate_bounds": (0.0, 1.0), "agg": "token_mean"}
+
+
+def test_changing_the_objective_on_the_command_line_needs_its_kwargs(tmp_path, data_file):
+    recipe = _recipe(tmp_path, data_file, train="{mode: online}",
+                     objective="{name: nft, kwargs: {eps: 1.0, prompt_weight: '1-r'}}")
+    with pytest.raises(ValueError, match=r"objective.name=grpo on the command line replaces the file's objective "
+                                         r"'nft', but objective.kwargs .* were written for 'nft'"):
+        load_config(recipe, ["objective.name=grpo"])
+    assert load_config(recipe, ["objective.name=grpo", "objective.kwargs={}"]).objective.kwargs == {}
+    assert load_config(recipe, ["objective.name=nft"]).objective.kwargs["eps"] == 1.0  # same objective: fine
+
+
+def test_drgrpo_constant_defaults_to_the_generation_budget(tmp_path, data_file):
+    from twofold.engine.config import objective_kwargs
+    config = load_config(_recipe(tmp_path, data_file), ["train.mode=online", "objective.name=drgrpo",
+                                                        "rollout.max_new_tokens=12"])
+    assert objective_kwargs(config) == {"constant": 12.0}
+    config = load_config(_recipe(tmp_path, data_file), ["train.mode=online", "objective.name=drgrpo",
+                                                        "objective.kwargs={constant: 3000}"])
+    assert objective_kwargs(config) == {"constant": 3000.0}
+    nft = load_config(_recipe(tmp_path, data_file), ["train.mode=online", "objective.name=nft"])
+    assert objective_kwargs(nft) == {}  # NFT's own constant (1000) stays

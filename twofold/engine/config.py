@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import Any, Literal
 import yaml
 
 from twofold.engine.sampler import SamplerConfig
-from twofold.objectives import OBJECTIVES
+from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
+from twofold.objectives.token_local import check_kl_loss
 
-ONLINE_OBJECTIVES = ("nft", "rft", "grpo", "dapo", "drgrpo", "oreal", "jepo")
+ONLINE_OBJECTIVES = ("nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal", "jepo")
 OFFLINE_OBJECTIVES = ("sft", "rft", "redi", "dpo", "simpo")
 
 
@@ -85,7 +88,9 @@ class ObjectiveConfig:
     name: str = "sft"
     """A key of twofold.objectives.OBJECTIVES."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the loss (eps, beta, ...)."""
+    """Hyperparameters of the loss (eps, beta, agg, entropy_coef, ...): keyword arguments of
+    `twofold.objectives.OBJECTIVES[name]` that are not batch data. Checked at load: an unknown key or a wrong type
+    is an error naming it. Changing objective.name on the command line needs objective.kwargs there too."""
 
 
 @dataclass(kw_only=True)
@@ -146,7 +151,11 @@ class RolloutConfig:
     overlong_buffer: int = 0
     """DAPO soft overlong punishment: L_cache (L_max = max_new_tokens); 0 disables it."""
     format_penalty: float = 10.0
-    """JEPO: advantage penalty of a sample without a boxed answer."""
+    """JEPO: a sample without a boxed answer gets the format reward -format_penalty (paper: 10), whose
+    leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to [-1, 1])."""
+    mask_truncated: bool = False
+    """Truncated samples (no EOS within max_new_tokens) leave the loss and its normalisers after the group
+    statistics are computed (TRL mask_truncated_completions, DAPO overlong filtering)."""
     freeze_actor_steps: int = 0
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
@@ -198,11 +207,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         tree = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    file_objective = dict(tree.get("objective") or {}) if isinstance(tree.get("objective"), dict) else {}
     for item in overrides:
         _apply_override(tree, item)
+    _check_objective_override(file_objective, overrides)
     config = _build(Config, tree, prefix="")
     validate(config)
     return config
+
+
+def _check_objective_override(file_objective: dict, overrides: list[str]) -> None:
+    """objective.name=X on the command line over a file whose objective.kwargs were written for another objective:
+    those kwargs would be passed to X (or, worse, silently mean something else there, e.g. NFT's eps), so the
+    command line must say what X's kwargs are."""
+    pairs = [(key.strip(), value.strip()) for key, _, value in (item.partition("=") for item in overrides)]
+    keys = [key for key, _ in pairs]
+    names = [value for key, value in pairs if key == "objective.name"]
+    if not names or not file_objective.get("kwargs"):
+        return
+    before = file_objective.get("name", ObjectiveConfig.name)
+    if yaml.safe_load(names[-1]) != before and not any(k == "objective.kwargs" or k.startswith("objective.kwargs.")
+                                                       for k in keys):
+        raise ValueError(f"objective.name={names[-1]} on the command line replaces the file's objective {before!r}, "
+                         f"but objective.kwargs {file_objective['kwargs']} were written for {before!r}; pass "
+                         f"objective.kwargs=... (or objective.kwargs={{}}) on the command line too")
 
 
 def _apply_override(tree: dict, item: str) -> None:
@@ -283,6 +311,7 @@ def validate(config: Config) -> None:
     if config.objective.name not in allowed:
         raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
                          f"{train.mode} objectives: {', '.join(allowed)}")
+    config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
     if "{prompt}" not in data.prompt_template:
         raise ValueError(f"data.prompt_template must contain {{prompt}}, got {data.prompt_template!r}")
     validate_rollout(config)
@@ -357,3 +386,94 @@ def save_config(config: Config, run_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_yaml(config))
     return path
+
+
+# ---- objective kwargs ------------------------------------------------------------------------------------------
+
+# string hyperparameters with a closed set of values
+KWARG_CHOICES = {"agg": AGGREGATIONS, "kl": KL_LOSSES, "prompt_weight": tuple(PROMPT_WEIGHTS)}
+# supplied by the engine, never by objective.kwargs
+ENGINE_ARGUMENTS = ("validate",)
+
+
+def objective_hyperparameters(name: str) -> dict[str, Any]:
+    """{parameter: type hint} of the loss's hyperparameters: keyword arguments with a default whose type admits no
+    tensor (tensors are batch data, per-token or per-sequence, and the mini-batch totals)."""
+    fn = OBJECTIVES[name]
+    hints = typing.get_type_hints(fn)
+    return {k: hints[k] for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in ENGINE_ARGUMENTS
+            and "Tensor" not in str(hints.get(k, "Tensor"))}
+
+
+def check_objective_kwargs(name: str, kwargs: dict) -> dict:
+    """objective.kwargs checked against the loss `name` takes (unknown keys, types, closed value sets); returns
+    them with numbers coerced (an int where a float is expected, a list where a tuple is)."""
+    allowed = objective_hyperparameters(name)
+    out = {}
+    for key, value in kwargs.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"config objective.kwargs.{key} is not a hyperparameter of {name!r}{hint} "
+                             f"({name} takes: {', '.join(allowed)})")
+        out[key] = _kwarg_value(f"objective.kwargs.{key}", value, allowed[key])
+        if key == "kl":
+            try:
+                check_kl_loss(out[key])
+            except ValueError as err:
+                raise ValueError(f"config objective.kwargs.kl: {err}") from None
+        elif key in KWARG_CHOICES and out[key] not in KWARG_CHOICES[key]:
+            raise ValueError(f"config objective.kwargs.{key} must be one of {list(KWARG_CHOICES[key])}, "
+                             f"got {out[key]!r}")
+    return out
+
+
+def _kwarg_value(name: str, value, hint):
+    """`value` as the type `hint` (float, int, str, bool, X | None, tuple[float, float]) or a ValueError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        errors = []
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return _kwarg_value(name, value, arm)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"config {name} must be {_hint_name(hint)}, got "
+                         f"{type(value).__name__} {value!r}")
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ValueError(f"config {name} must be a list of {len(items)} values, got {value!r}")
+        return tuple(_kwarg_value(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, items)))
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 3e-4 as a string
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
+        raise ValueError(f"config {name} must be {_hint_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def objective_kwargs(config: Config) -> dict:
+    """The loss's kwargs as a run passes them: objective.kwargs plus what the engine derives from the config
+    (Dr. GRPO's constant, whose default is unset: the generation budget rollout.max_new_tokens, as the paper and
+    TRL)."""
+    kwargs = dict(config.objective.kwargs)
+    params = inspect.signature(OBJECTIVES[config.objective.name]).parameters
+    unset = "constant" in params and kwargs.get("constant", params["constant"].default) is None
+    if config.train.mode == "online" and unset:
+        kwargs["constant"] = float(config.rollout.max_new_tokens)
+    return kwargs

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from twofold.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
-from twofold.engine.config import Config, optimizer_steps, updates_per_step
+from twofold.engine.config import Config, objective_kwargs, optimizer_steps, updates_per_step
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
 from twofold.engine.eval import evaluate
@@ -79,7 +79,7 @@ class OnlineRun:
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
         self.policy = build_policy(config.model, env, seed=seed)
         self.trainer = Trainer(self.policy, env, config.optim, objective=config.objective.name,
-                               objective_kwargs=config.objective.kwargs, total_steps=optimizer_steps(config),
+                               objective_kwargs=objective_kwargs(config), total_steps=optimizer_steps(config),
                                max_tokens_per_microbatch=self.budget, pad_token_id=self.pad)
         self.ref = build_policy(config.model, env, seed=seed) if needs_ref_logp(config) else None
         self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)

@@ -11,6 +11,10 @@ Per objective (OBJECTIVES.md): NFT/RFT read 0/1 `rewards` (+ the group's `correc
 `advantages` from `objectives.group_advantages` (DAPO on +-1 rewards plus the overlong penalty); OREAL keeps one
 positive and one negative per prompt with RLOO advantages of the +-1 rewards of the whole group; JEPO appends the
 gold answer after each sampled chain of thought (`cot_mask`, `answer_mask`, `valid` = format check).
+
+rollout.mask_truncated: truncated samples are dropped from the step's sequences after the group statistics
+(advantages, r_hat) are computed from all samples, so they leave the loss and every normaliser (token and
+sequence counts); OREAL picks its pair among the untruncated samples, JEPO's groups are its untruncated samples.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from twofold.engine.verifier import VerifierPool, math_rewards
 from twofold.engine.verifier.extract import _BOX_RE, last_boxed
 from twofold.objectives import group_advantages
 
-ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "oreal": "rloo"}
+ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "gspo": "grpo", "cispo": "grpo", "oreal": "rloo"}
 MIXED_GROUPS_ONLY = ("oreal",)  # needs a positive and a negative in every group
 NO_FILTER = ("jepo",)  # learns from the gold answer's likelihood, not from rewards
 
@@ -143,7 +147,7 @@ def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tok
     if objective == "jepo":
         return jepo_sequences(groups, cfg, tokenizer)
     if objective == "oreal":
-        return oreal_sequences(groups)
+        return oreal_sequences(groups, cfg.mask_truncated)
     seqs, rewards = [], []
     for gid, g in enumerate(groups):
         for j, (sample, correct) in enumerate(zip(g.samples, g.correct)):
@@ -155,12 +159,20 @@ def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tok
             for s in seqs:
                 if s.fields["group_ids"] == gid:
                     s.fields["correct_rate"] = rate
-        return seqs
+        return untruncated(seqs, groups, cfg.mask_truncated)
     ids = torch.tensor([s.fields["group_ids"] for s in seqs], dtype=torch.long)  # int64 when empty too
     advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), ids, ADVANTAGE_KIND[objective])
     for s, a in zip(seqs, advantages.tolist()):
         s.fields = {"group_ids": s.fields["group_ids"], "advantages": a}
-    return seqs
+    return untruncated(seqs, groups, cfg.mask_truncated)
+
+
+def untruncated(seqs: list[Sequence], groups: list[Group], mask_truncated: bool) -> list[Sequence]:
+    """With mask_truncated, the sequences (one per sample, in group order) whose sample was not truncated."""
+    if not mask_truncated:
+        return seqs
+    truncated = [s.truncated for g in groups for s in g.samples]
+    return [seq for seq, cut in zip(seqs, truncated, strict=True) if not cut]
 
 
 def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfig) -> float:
@@ -177,14 +189,18 @@ def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) 
                     fields=dict(fields))
 
 
-def oreal_sequences(groups: list[Group]) -> list[Sequence]:
-    """One positive and one negative per (mixed) group; advantages are RLOO of the group's +-1 rewards."""
+def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[Sequence]:
+    """One positive and one negative per (mixed) group; advantages are RLOO of the group's +-1 rewards. With
+    mask_truncated the pair comes from the untruncated samples (a group without one on either side is dropped)."""
     seqs = []
     for gid, g in enumerate(groups):
         pm = torch.tensor([1.0 if c > 0 else -1.0 for c in g.correct], dtype=torch.float64)
         adv = group_advantages(pm, torch.zeros(len(pm), dtype=torch.long), "rloo").tolist()
-        for want in (1.0, -1.0):
-            j = next(i for i, r in enumerate(pm.tolist()) if r == want)
+        usable = [i for i, s in enumerate(g.samples) if not (mask_truncated and s.truncated)]
+        picks = [next((i for i in usable if pm[i] == want), None) for want in (1.0, -1.0)]
+        if None in picks:
+            continue
+        for want, j in zip((1.0, -1.0), picks):
             seqs.append(sample_sequence(g.problem, g.samples[j], j, {"group_ids": gid, "rewards": float(want > 0),
                                                                       "advantages": adv[j]}))
     return seqs
@@ -196,9 +212,10 @@ def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[S
     the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is valid."""
     seqs = []
     for gid, g in enumerate(groups):
-        parts = [jepo_parts(s, g.problem.answer, tokenizer) for s in g.samples]
-        enough = sum(valid for _, _, valid in parts) >= 2
-        for j, (cot, answer, valid) in enumerate(parts):
+        kept = [j for j, s in enumerate(g.samples) if not (cfg.mask_truncated and s.truncated)]
+        parts = {j: jepo_parts(g.samples[j], g.problem.answer, tokenizer) for j in kept}
+        enough = sum(valid for _, _, valid in parts.values()) >= 2
+        for j, (cot, answer, valid) in parts.items():
             ok = valid and enough
             prompt = list(g.problem.prompt_ids)
             seqs.append(Sequence(prompt + cot + answer, len(prompt), row_id=f"{g.problem.row_id}/{j}",

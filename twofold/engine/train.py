@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from twofold.engine.checkpoint import complete_checkpoints, export_hf, load_checkpoint, save_checkpoint
-from twofold.engine.config import Config, load_config, save_config, to_yaml
+from twofold.engine.config import Config, load_config, objective_kwargs, save_config, to_yaml
 from twofold.engine.data import BatchStream, Fields, load_sequences
 from twofold.engine.distributed import DistEnv, init_distributed, shutdown_distributed
 from twofold.engine.model import build_policy
@@ -84,7 +84,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
                                Fields.from_config(data), data.format)
     policy = build_policy(config.model, env, seed=config.train.seed)
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
-                      objective_kwargs=config.objective.kwargs, total_steps=config.train.steps,
+                      objective_kwargs=objective_kwargs(config), total_steps=config.train.steps,
                       max_tokens_per_microbatch=data.max_tokens_per_microbatch,
                       pad_token_id=tokenizer.pad_token_id or 0)
     # after the optimizer exists: a forward leaves the FSDP2 root unsharded, and the optimizer must hold the shards

@@ -57,8 +57,11 @@ def oreal_token_weights(scores: Tensor, flat: Flat) -> tuple[Tensor, Tensor]:
 
     Tokens of one sequence must be contiguous and in order in the flat view (true for padded rows and packing).
     """
-    scores = torch.where(flat.mask, scores.detach(), torch.zeros((), dtype=scores.dtype, device=scores.device))
-    counted = flat.mask.to(scores.dtype)
+    dtype = scores.dtype
+    # prefix sums as differences of one running sum over the whole buffer: in float64, so that a sequence's weights
+    # do not depend (in float32 rounding) on where packing put it
+    scores = torch.where(flat.mask, scores.detach(), torch.zeros((), dtype=dtype, device=scores.device)).double()
+    counted = flat.mask.double()
     total, count = scores.cumsum(0), counted.cumsum(0)
     positions = torch.arange(flat.seq.numel(), device=flat.seq.device)
     first = torch.full((flat.size,), flat.seq.numel(), device=positions.device).scatter_reduce(
@@ -66,7 +69,7 @@ def oreal_token_weights(scores: Tensor, flat: Flat) -> tuple[Tensor, Tensor]:
     prefix_sum = total - (total - scores)[first]
     prefix_len = (count - (count - counted)[first]).clamp(min=1)
     p = torch.sigmoid(prefix_sum / prefix_len)
-    return (2 * p - 1).clamp(0, 1) * counted, (1 - 2 * p).clamp(0, 1) * counted
+    return ((2 * p - 1).clamp(0, 1) * counted).to(dtype), ((1 - 2 * p).clamp(0, 1) * counted).to(dtype)
 
 
 def token_rm_loss(scores: Tensor, rewards: Tensor, mask: Tensor, *, seq_index: Tensor | None = None,

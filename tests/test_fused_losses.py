@@ -3,6 +3,7 @@
 The reference runs the same `twofold.objectives.token_local` function on float64 log-probs from full logits, through
 `twofold.objectives.layout.apply_token_local` (what the objectives' own losses do), then autograd. PyTorch backend in
 float64 (exact to rounding) for every token-local objective; Triton backend under TRITON_INTERPRET=1 in fp32/fp16.
+With `entropy_weight` (the entropy bonus) the reference also differentiates the float64 entropy of the full logits.
 """
 
 import pytest
@@ -16,7 +17,7 @@ from twofold.objectives.token_local import TOKEN_LOCAL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
-OBJECTIVES = ["sft", "rft", "grpo", "dapo", "drgrpo", "nft", "oreal", "redi", "jepo", "linear"]
+OBJECTIVES = ["sft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "nft", "oreal", "redi", "jepo", "linear"]
 
 
 def make_case(n, h, v, seed=0, ignore_frac=0.25):
@@ -48,6 +49,8 @@ def objective_inputs(name, logp, seed=1):
         "grpo": lambda: dict(old_logp=near(), adv=signed(), ref_logp=near(), beta=0.04),
         "dapo": lambda: dict(old_logp=near(), adv=signed()),
         "drgrpo": lambda: dict(old_logp=near(), adv=signed()),
+        "gspo": lambda: dict(seq_log_ratio=0.2 * signed(), adv=signed(), eps_low=0.1, eps_high=0.15),
+        "cispo": lambda: dict(old_logp=near(), adv=signed(), eps_high=0.2),
         "nft": lambda: dict(old_logp=near(), correct=binary(), r_hat=0.05 + 0.9 * rand(), prompt_weight=rand()),
         "oreal": lambda: dict(correct=binary(), adv=signed(), omega_pos=rand(), omega_neg=rand(), pos_scale=0.5,
                               neg_scale=0.3, ref_logp=near(), kl_scale=0.01),
@@ -59,11 +62,15 @@ def objective_inputs(name, logp, seed=1):
 
 
 def reference(hidden, weight, targets, name, inputs, temperature=1.0):
-    """(loss, d hidden, d weight) in float64 through full logits and apply_token_local on the valid tokens."""
+    """(loss, d hidden, d weight) in float64 through full logits and apply_token_local on the valid tokens
+    (with the float64 entropy of the full logits when the inputs carry the entropy bonus)."""
     h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     valid = targets != IGNORE
     logp = reference_logp(h, w, targets, temperature)[valid]
     local = {k: v[valid] if isinstance(v, torch.Tensor) and v.shape == targets.shape else v for k, v in inputs.items()}
+    if "entropy_weight" in local:
+        logsm = ((h @ w.t()) / temperature).log_softmax(-1)[valid]
+        local["entropy"] = -(logsm.exp() * logsm).sum(-1)
     loss, _ = apply_token_local(logp, TOKEN_LOCAL[name], **local)
     loss.backward()
     return loss.detach(), h.grad, w.grad
@@ -101,6 +108,46 @@ def test_triton_backend_fp32(name, temperature, chunk):
     ours = fused(hidden, weight, targets, name, inputs, torch.float32, temperature=temperature, backend="triton",
                  chunk_size=chunk)
     assert_matches(ours, reference(hidden, weight, targets, name, inputs, temperature), rtol=1e-4, atol=2e-5)
+
+
+def with_entropy_bonus_inputs(inputs, n, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return inputs | {"entropy_weight": 0.5 * torch.rand(n, generator=g, dtype=torch.float64).to(DEVICE)}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_torch_backend_entropy_bonus_every_objective_float64(name):
+    """The entropy gradient (-p (log p + H) dL/dH per token) against autograd through the float64 entropy."""
+    hidden, weight, targets, inputs = case_with_inputs(name, temperature=0.8, seed=12)
+    inputs = with_entropy_bonus_inputs(inputs, targets.numel())
+    ours = fused(hidden, weight, targets, name, inputs, temperature=0.8, backend="torch", chunk_size=8)
+    assert_matches(ours, reference(hidden, weight, targets, name, inputs, 0.8), rtol=1e-10, atol=1e-12)
+    plain = fused(hidden, weight, targets, name, {k: v for k, v in inputs.items() if k != "entropy_weight"},
+                  temperature=0.8, backend="torch", chunk_size=8)
+    assert (ours[1] - plain[1]).abs().max() > 1e-4  # the bonus moves the gradient
+
+
+@pytest.mark.parametrize("name,temperature,chunk", [("grpo", 1.0, 16), ("cispo", 0.7, None), ("gspo", 1.3, 7)])
+def test_triton_backend_entropy_bonus_fp32(name, temperature, chunk):
+    hidden, weight, targets, inputs = case_with_inputs(name, n=41, h=40, v=129, temperature=temperature, seed=13)
+    inputs = with_entropy_bonus_inputs(inputs, targets.numel())
+    ours = fused(hidden, weight, targets, name, inputs, torch.float32, temperature=temperature, backend="triton",
+                 chunk_size=chunk)
+    assert_matches(ours, reference(hidden, weight, targets, name, inputs, temperature), rtol=1e-4, atol=2e-5)
+
+
+def test_entropy_bonus_equals_linear_logprobs_entropy_through_autograd():
+    """Fused entropy bonus == the unfused path: linear_logprobs(return_entropy) + the loss's entropy term."""
+    hidden, weight, targets, inputs = case_with_inputs("dapo", seed=14)
+    inputs = with_entropy_bonus_inputs(inputs, targets.numel())
+    ours = fused(hidden, weight, targets, "dapo", inputs, backend="torch")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = linear_logprobs(h, w, targets, return_entropy=True, backend="torch")
+    valid = targets != IGNORE
+    local = {k: v[valid] if isinstance(v, torch.Tensor) and v.shape == targets.shape else v for k, v in inputs.items()}
+    loss, _ = apply_token_local(logp[valid], TOKEN_LOCAL["dapo"], entropy=ent[valid], **local)
+    loss.backward()
+    assert_matches(ours, (loss.detach(), h.grad, w.grad), rtol=1e-10, atol=1e-12)
 
 
 def test_triton_backend_fp16_within_half_precision():

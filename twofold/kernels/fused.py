@@ -8,6 +8,10 @@ The vocab passes live here (PyTorch on any device, Triton on CUDA); the per-toke
 
     out = fused_linear_loss(hidden, lm_head.weight, targets, "nft", inputs=dict(weight=w, old_logp=..., ...))
     out.loss.backward()   # grads reach hidden (and the model below it) and the head weight through autograd
+
+Entropy: a token-local function marked `uses_entropy` (or any objective given `entropy_weight` in its inputs,
+which wraps it in `token_local.with_entropy_bonus`: the `entropy_coef` bonus) gets the per-token entropy H_t of the
+same pass and returns dL/dH_t as well; the logits gradient then gains -p (log p + H) dL/dH, still per token.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from twofold.kernels.chunked import chunk_logits, weight_for_compute, compute_dtype, default_chunk_size
-from twofold.objectives.token_local import TOKEN_LOCAL
+from twofold.objectives.token_local import TOKEN_LOCAL, with_entropy_bonus
 
 # Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
 # and write), so bigger chunks amortise that traffic; `chunk_size` overrides.
@@ -48,12 +52,17 @@ class _AttachGrads(torch.autograd.Function):
         return None, dh, dw, None, None
 
 
-def _token_fn(objective) -> Callable:
+def _token_fn(objective, inputs: dict) -> Callable:
+    """The token-local function; with `entropy_weight` in the inputs, wrapped to carry the entropy bonus."""
     if callable(objective):
-        return objective
-    if objective not in TOKEN_LOCAL:
+        fn = objective
+    elif objective not in TOKEN_LOCAL:
         raise ValueError(f"objective must be one of {sorted(TOKEN_LOCAL)} or a callable, got {objective!r}")
-    return TOKEN_LOCAL[objective]
+    else:
+        fn = TOKEN_LOCAL[objective]
+    if "entropy_weight" in inputs and not getattr(fn, "uses_entropy", False):
+        fn = with_entropy_bonus(fn)
+    return fn
 
 
 def _split_inputs(inputs: dict, shape: torch.Size):
@@ -63,12 +72,16 @@ def _split_inputs(inputs: dict, shape: torch.Size):
     return per_token, shared
 
 
-def _token_step(fn, logp, per_token, shared, index):
-    """The objective's elementwise step on one chunk: (loss_t, g_t) for the tokens `index` (fp32 or fp64)."""
+def _token_step(fn, logp, per_token, shared, index, entropy=None):
+    """The objective's elementwise step on one chunk: (loss_t, g_t, dL/dH_t or None) for the tokens `index`
+    (fp32 or fp64); `entropy` is passed to (and only to) a function that uses it."""
     chunk = {k: v.index_select(0, index).to(logp.dtype) if v.is_floating_point() else v.index_select(0, index)
              for k, v in per_token.items()}
-    loss, grad = fn(logp, **chunk, **shared)
-    return loss, grad.to(logp.dtype)
+    if entropy is None:
+        loss, grad = fn(logp, **chunk, **shared)
+        return loss, grad.to(logp.dtype), None
+    loss, grad, grad_entropy = fn(logp, entropy=entropy, **chunk, **shared)
+    return loss, grad.to(logp.dtype), grad_entropy.to(logp.dtype)
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, objective, *,
@@ -92,8 +105,10 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     per_token, shared = _split_inputs(inputs, targets.shape)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     needs = (hidden.requires_grad, weight.requires_grad)  # a frozen head skips its dW GEMM entirely
-    args = (h2, weight, targets.reshape(-1).long(), _token_fn(objective), per_token, shared, float(temperature),
-            ignore_index, return_entropy, chunk_size, needs)
+    fn = _token_fn(objective, inputs)
+    entropy_mode = 2 if getattr(fn, "uses_entropy", False) else int(bool(return_entropy))  # 2: it has a gradient
+    args = (h2, weight, targets.reshape(-1).long(), fn, per_token, shared, float(temperature), ignore_index,
+            entropy_mode, chunk_size, needs)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     with torch.no_grad():  # gradients are formed here by hand; autograd only sees _AttachGrads
@@ -107,10 +122,11 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return FusedLoss(loss, logp.view(shape), entropy.view(shape) if return_entropy else None)
 
 
-def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, want_entropy,
+def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, entropy_mode,
                       chunk_size, needs):
     """PyTorch vocab pass: (loss, logp, entropy, grad_hidden, grad_weight), chunks of valid tokens only; a
-    gradient not in `needs` (hidden, weight) is an empty tensor and costs nothing.
+    gradient not in `needs` (hidden, weight) is an empty tensor and costs nothing. entropy_mode: 0 no entropy,
+    1 entropy returned, 2 entropy also an input of `fn`, which returns its gradient (one more [chunk, V] block).
 
     Finding the valid tokens is one host sync (`nonzero`), as on the chunked log-probs path.
     """
@@ -131,12 +147,17 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         z = chunk_logits(h, w, temperature, acc)
         lse = torch.logsumexp(z, dim=1)
         logp = (z.gather(1, y[:, None]).squeeze(1) - lse).clamp_(max=0.0)
-        loss, g = _token_step(fn, logp, per_token, shared, index)
-        total += loss.sum()
         log_p = z.sub_(lse[:, None])  # the logits block becomes log-softmax, then dz: no third [chunk, V] block
-        if want_entropy:
-            entropy_all[index] = -(log_p.exp() * log_p).sum(1)
-        dz = log_p.exp_().mul_(-g[:, None])
+        entropy = -(log_p.exp() * log_p).sum(1) if entropy_mode else None
+        loss, g, g_entropy = _token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
+        total += loss.sum()
+        if entropy_mode:
+            entropy_all[index] = entropy
+        if g_entropy is not None:  # dz = -p (g + g_H (log p + H)) + g 1[v = y]
+            p = log_p.exp()
+            dz = p.mul_(log_p.add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g[:, None])).neg_()
+        else:
+            dz = log_p.exp_().mul_(-g[:, None])
         dz[torch.arange(index.numel(), device=dz.device), y] += g
         if temperature != 1.0:
             dz.div_(temperature)

@@ -20,9 +20,10 @@ def _chunk_tokens(n: int, vocab: int, itemsize: int, chunk_size: int | None) -> 
     return max(1, min(n, max(128, TRITON_CHUNK_BYTES // (vocab * itemsize) // 128 * 128)))
 
 
-def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, want_entropy,
+def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperature, ignore_index, entropy_mode,
                       chunk_size, needs, tiles=None):
-    """(loss, logp, entropy, grad_hidden, grad_weight); same contract as `twofold.kernels.fused._torch_fused_pass`."""
+    """(loss, logp, entropy, grad_hidden, grad_weight); same contract as `twofold.kernels.fused._torch_fused_pass`
+    (entropy_mode 2: the entropy is an input of `fn`, and its gradient enters the dlogits kernel as g_H)."""
     if hidden.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests)")
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -39,14 +40,16 @@ def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     for row0 in range(0, n, size):
         rows = min(size, n - row0)
         logp, entropy, lse = vocab_stats(hidden, weight, targets, order, nvalid, row0, rows, temperature,
-                                         want_entropy, logits_out=ws, tiles=tiles)
+                                         entropy_mode > 0, logits_out=ws, tiles=tiles)
         index = order[row0:row0 + rows]
         ok = torch.arange(row0, row0 + rows, device=hidden.device) < nvalid
         logp, entropy = (torch.where(ok, t, torch.zeros_like(t)) for t in (logp, entropy))
-        loss, g = _token_step(fn, logp, per_token, shared, index)
+        loss, g, g_entropy = _token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
         total += torch.where(ok, loss, torch.zeros_like(loss)).sum()
         g = torch.where(ok, g, torch.zeros_like(g)).float()
-        dlogits(hidden, weight, order, nvalid, targets[index], lse, entropy, g, None, ws, row0, rows, 0,
+        if g_entropy is not None:
+            g_entropy = torch.where(ok, g_entropy, torch.zeros_like(g_entropy)).float()
+        dlogits(hidden, weight, order, nvalid, targets[index], lse, entropy, g, g_entropy, ws, row0, rows, 0,
                 temperature, False, tiles)
         if needs[0]:
             grad_hidden(ws, weight, order, nvalid, grad_h, grad_h, row0, rows, 0, vocab, False, True, tiles)

@@ -71,14 +71,38 @@ def _pair(name, **hyper):
     return ours, ref
 
 
-def _jepo(multi):
+def _jepo(multi, bad_format=False):
     def ours(b, t, kw):
+        extra = {"valid": b["valid"], "format_rewards": b["fmt"]} if bad_format else {}
         return O.jepo_loss(t(b["logp"]), t(b["cot"]), t(b["answer"]), b["group_ids"], ref_logp=t(b["ref"]),
-                           beta=0.1, beta_sup=0.7, multi_sample=multi, **kw)[0]
+                           beta=0.1, beta_sup=0.7, multi_sample=multi, **extra, **kw)[0]
 
     def ref(b):
-        return naive.jepo(b["logp"], b["cot"], b["answer"], b["group_ids"], b["ref"], 0.1, 0.7, multi)
+        extra = {"valid": b["valid"], "fmt": b["fmt"]} if bad_format else {}
+        return naive.jepo(b["logp"], b["cot"], b["answer"], b["group_ids"], b["ref"], 0.1, 0.7, multi, **extra)
     return ours, ref
+
+
+def _is_variant(name, eps_low, eps_high, entropy_coef=0.0):
+    """GSPO / CISPO against their papers' formulas; with entropy_coef, the entropy bonus (aggregated like the
+    loss) on a synthetic entropy that depends on logp, so its gradient reaches the leaf."""
+    agg = "seq_mean_token_mean" if name == "gspo" else "token_mean"
+
+    def ours(b, t, kw):
+        adv = O.group_advantages(b["rewards"], b["group_ids"])
+        bonus = {"entropy": t(_entropy(b)), "entropy_coef": entropy_coef} if entropy_coef else {}
+        return getattr(O, f"{name}_loss")(t(b["logp"]), t(b["old"]), adv, t(b["mask"]), eps_low=eps_low,
+                                          eps_high=eps_high, **bonus, **kw)[0]
+
+    def ref(b):
+        adv = naive.advantages(b["rewards"], b["group_ids"], "grpo")
+        loss = getattr(naive, name)(b["logp"], b["old"], adv, b["mask"], eps_low, eps_high)
+        return loss - entropy_coef * naive.aggregate(_entropy(b), b["mask"], agg)
+    return ours, ref
+
+
+def _entropy(b):
+    return 1.5 - 0.5 * b["logp"] + 0.1 * b["logp"] ** 2
 
 
 def _sft(agg, constant=None):
@@ -118,6 +142,13 @@ CASES = {
     "simpo": _pair("simpo", beta=2.0, gamma=1.0),
     "jepo_multi": _jepo(True),
     "jepo_single": _jepo(False),
+    "jepo_multi_bad_format": _jepo(True, bad_format=True),
+    "jepo_single_bad_format": _jepo(False, bad_format=True),
+    "gspo_paper_clip": _is_variant("gspo", 3e-4, 4e-4),
+    "gspo_wide_clip": _is_variant("gspo", 0.1, 0.15),
+    "gspo_entropy": _is_variant("gspo", 0.1, 0.15, entropy_coef=0.03),
+    "cispo": _is_variant("cispo", 1.0, 0.2),
+    "cispo_entropy": _is_variant("cispo", 0.1, 0.2, entropy_coef=0.03),
 }
 
 
@@ -134,6 +165,11 @@ def _batch(seed):
     b["answer"] = b["mask"] & (rank <= cut)
     b["cot"] = b["mask"] & ~b["answer"]
     b["packed2"] = naive.to_packed(b["logp2"], b["mask2"])
+    # JEPO format check: the last sample of every group of 3 or more fails it (2 valid samples remain)
+    ids = b["group_ids"].tolist()
+    last = [i for i in range(len(ids)) if (i + 1 == len(ids) or ids[i + 1] != ids[i]) and ids.count(ids[i]) >= 3]
+    b["valid"] = torch.tensor([i not in last for i in range(len(ids))])
+    b["fmt"] = torch.where(b["valid"], 0.0, -10.0).to(naive.DT)
     return b
 
 

@@ -436,3 +436,147 @@ def test_token_local_functions_with_aggregation_weights_reproduce_the_losses(bat
               "nft": lambda lp: O.nft_loss(lp, b["old"], b["rewards"], b["group_ids"], b["mask"]),
               "sft": lambda lp: O.sft_loss(lp, b["mask"])}[name]
         torch.testing.assert_close(torch.autograd.grad(fn(leaf)[0], leaf)[0].reshape(-1), grad_t)
+
+
+# ---- GSPO, CISPO, entropy bonus ---------------------------------------------------------------------------------
+def _equal_lengths(batch):
+    mask = torch.zeros_like(batch["mask"])
+    mask[:, 2:7] = True
+    return mask
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])
+def test_gspo_equals_grpo_at_ratio_one_on_equal_length_sequences(batch, agg):
+    """Where the definitions meet (|y_i| equal, R = s_i = 1) GSPO's gradient is GRPO's (beta = 0)."""
+    adv, mask = O.group_advantages(batch["rewards"], batch["group_ids"]), _equal_lengths(batch)
+    gspo = _grad(lambda lp: O.gspo_loss(lp, batch["logp"], adv, mask, agg=agg), batch["logp"])
+    grpo = _grad(lambda lp: O.grpo_loss(lp, batch["logp"], adv, mask, beta=0.0, agg=agg), batch["logp"])
+    torch.testing.assert_close(gspo[1], grpo[1], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(gspo[0], grpo[0], rtol=1e-14, atol=1e-15)
+
+
+def test_gspo_equals_grpo_when_every_token_of_a_sequence_has_the_sequence_ratio(batch):
+    """Token ratios all equal to s_i within each sequence: the same clipped surrogate, for any clip range."""
+    adv, mask = O.group_advantages(batch["rewards"], batch["group_ids"]), batch["mask"]
+    shift = 0.3 * torch.randn(len(adv), 1, dtype=DT, generator=batch["g"])
+    old = batch["logp"] - shift
+    for eps in (0.05, 0.2):
+        gspo = _grad(lambda lp: O.gspo_loss(lp, old, adv, mask, eps_low=eps, eps_high=eps), batch["logp"])
+        grpo = _grad(lambda lp: O.grpo_loss(lp, old, adv, mask, beta=0.0, eps=eps), batch["logp"])
+        torch.testing.assert_close(gspo[0], grpo[0], rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(gspo[2]["clip_frac"], grpo[2]["clip_frac"])
+        assert 0 < gspo[2]["clip_frac"] < 1 or eps == 0.2
+
+
+def test_cispo_keeps_every_token_gradient_scaled_by_the_clipped_weight(batch):
+    """CISPO: g = -clip(R) A w on every token (PPO zeroes the clipped ones); equal to PPO where PPO is unclipped."""
+    adv, mask = O.group_advantages(batch["rewards"], batch["group_ids"]), batch["mask"]
+    cispo, _, _ = _grad(lambda lp: O.cispo_loss(lp, batch["old"], adv, mask, eps_low=0.2, eps_high=0.2),
+                        batch["logp"])
+    dapo, _, _ = _grad(lambda lp: O.dapo_loss(lp, batch["old"], adv, mask, eps_low=0.2, eps_high=0.2), batch["logp"])
+    ratio = torch.exp(batch["logp"] - batch["old"])
+    n = mask.sum()
+    torch.testing.assert_close(cispo, -(ratio.clamp(0.8, 1.2) * adv[:, None]) * mask / n, rtol=1e-14, atol=0)
+    inside = mask & (ratio > 0.8) & (ratio < 1.2)
+    torch.testing.assert_close(cispo[inside], dapo[inside], rtol=1e-14, atol=0)
+    a = adv[:, None].expand_as(ratio)
+    dropped = mask & (((a > 0) & (ratio >= 1.2)) | ((a < 0) & (ratio <= 0.8)))  # PPO's clipped tokens
+    assert dropped.any() and bool((dapo[dropped] == 0).all()) and bool((cispo[dropped] != 0).all())
+
+
+def _entropy_cases(b):
+    adv = O.group_advantages(b["rewards"], b["group_ids"])
+    m = b["mask"]
+    answer = m & (m.flip(1).cumsum(1).flip(1) <= 1)
+    size = O.group_sizes(b["group_ids"]).to(DT)[:, None]
+    groups = len(b["group_ids"].unique())
+    lengths = m.sum(1, keepdim=True).to(DT)
+    mf, cot = m.to(DT), (m & ~answer).to(DT)
+    return {  # name: (loss(lp, **bonus), the aggregation weight w_t the bonus must use)
+        "grpo": (lambda lp, **k: O.grpo_loss(lp, b["old"], adv, m, ref_logp=b["ref"], **k), mf / (lengths * len(adv))),
+        "dapo": (lambda lp, **k: O.dapo_loss(lp, b["old"], adv, m, **k), mf / mf.sum()),
+        "drgrpo": (lambda lp, **k: O.drgrpo_loss(lp, b["old"], adv, m, constant=20.0, **k), mf / (20.0 * len(adv))),
+        "gspo": (lambda lp, **k: O.gspo_loss(lp, b["old"], adv, m, **k), mf / (lengths * len(adv))),
+        "cispo": (lambda lp, **k: O.cispo_loss(lp, b["old"], adv, m, **k), mf / mf.sum()),
+        "nft": (lambda lp, **k: O.nft_loss(lp, b["old"], b["rewards"], b["group_ids"], m, **k), mf / 1000.0),
+        "rft": (lambda lp, **k: O.rft_loss(lp, b["rewards"], m, old_logp=b["old"], **k), mf / 1000.0),
+        "oreal": (lambda lp, **k: O.oreal_loss(lp, b["rewards"], adv, m, ref_logp=b["ref"], **k), mf / mf.sum()),
+        "jepo": (lambda lp, **k: O.jepo_loss(lp, m & ~answer, answer, b["group_ids"], ref_logp=b["ref"], **k),
+                 cot / (size * groups)),
+    }
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "drgrpo", "gspo", "cispo", "nft", "rft", "oreal", "jepo"])
+def test_entropy_bonus_is_minus_coef_times_the_losss_own_aggregate_of_the_entropy(batch, name):
+    """Every online objective: L(coef) = L(0) - coef sum_t w_t H_t with its own aggregation weight w_t; the
+    log-prob gradient is unchanged and dL/dH_t = -coef w_t."""
+    fn, weight = _entropy_cases(batch)[name]
+    entropy = (0.5 + torch.rand(batch["logp"].shape, dtype=DT, generator=batch["g"])).requires_grad_()
+    logp = batch["logp"].clone().requires_grad_()
+    with_bonus, _ = fn(logp, entropy=entropy, entropy_coef=0.05)
+    d_logp, d_entropy = torch.autograd.grad(with_bonus, [logp, entropy])
+    plain = _grad(lambda lp: fn(lp), batch["logp"])
+    torch.testing.assert_close(with_bonus.detach(), plain[1] - 0.05 * (weight * entropy.detach()).sum(), rtol=1e-13,
+                               atol=1e-15)
+    torch.testing.assert_close(d_logp, plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(d_entropy, -0.05 * weight.to(DT), rtol=1e-14, atol=0)
+
+
+def test_entropy_coef_without_entropy_and_k1_as_a_loss_are_errors(batch):
+    adv = O.group_advantages(batch["rewards"], batch["group_ids"])
+    with pytest.raises(ValueError, match="entropy_coef=0.1 needs the per-token entropy"):
+        O.grpo_loss(batch["logp"], None, adv, batch["mask"], entropy_coef=0.1)
+    with pytest.raises(ValueError, match="k1.*expected gradient"):
+        O.grpo_loss(batch["logp"], None, adv, batch["mask"], ref_logp=batch["ref"], kl="k1")
+    with pytest.raises(ValueError, match="drgrpo needs constant"):
+        O.drgrpo_loss(batch["logp"], None, adv, batch["mask"])
+
+
+def test_k1_as_a_loss_has_zero_expected_gradient_and_k2_k3_give_the_two_kl_gradients():
+    """Why k1 is refused: E_{y~pi}[d k_t/d l * grad log pi(y)] over a tabular softmax, exactly."""
+    theta = torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    ref = torch.log_softmax(torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(4)), 0)
+    log_pi = torch.log_softmax(theta, 0)
+    pi = log_pi.exp().detach()
+    score = torch.eye(6, dtype=DT) - pi  # d log pi(y) / d theta, one row per y
+    expected = {kind: (pi[:, None] * O.kl_token(log_pi.detach(), ref, kind)[1][:, None] * score).sum(0)
+                for kind in ("k1", "k2", "k3")}
+    reverse = torch.autograd.grad((log_pi.exp() * (log_pi - ref)).sum(), theta, retain_graph=True)[0]
+    forward = torch.autograd.grad((ref.exp() * (ref - log_pi)).sum(), theta)[0]
+    torch.testing.assert_close(expected["k1"], torch.zeros(6, dtype=DT), rtol=0, atol=1e-15)
+    torch.testing.assert_close(expected["k2"], reverse, rtol=1e-12, atol=1e-15)  # grad KL(pi || ref)
+    torch.testing.assert_close(expected["k3"], forward, rtol=1e-12, atol=1e-15)  # grad KL(ref || pi)
+
+
+# ---- JEPO format penalty and mini-batch statistics --------------------------------------------------------------
+def test_jepo_format_penalty_is_normalised_like_the_advantage():
+    """n = 4, one badly formatted sample: its CoT coefficient is -clip(A_ref / std, -1, 1) / n, and the valid
+    samples get the positive share back (a raw -10 would give -10 / n and nothing to the others)."""
+    ids = torch.zeros(4, dtype=torch.long)
+    valid = torch.tensor([False, True, True, True])
+    fmt = torch.tensor([-10.0, 0.0, 0.0, 0.0], dtype=DT)
+    logp = -torch.rand(4, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    cot = torch.tensor([[1, 1, 0]] * 4, dtype=torch.bool)
+    answer = ~cot
+    grad = _grad(lambda lp: O.jepo_loss(lp, cot, answer, ids, valid=valid, format_rewards=fmt, beta_sup=0.0),
+                 logp)[0]
+    a_ref = torch.tensor([-10.0, 10 / 3, 10 / 3, 10 / 3], dtype=DT)  # leave-one-out advantage of the format reward
+    norm = (a_ref / a_ref.std(unbiased=False)).clamp(-1, 1)  # [-1, 0.577...]
+    adv = O.jepo_group_terms((logp * answer).sum(1), ids, valid)[1]
+    main = torch.where(valid, (adv / adv[valid].std(unbiased=False)).clamp(-1, 1), 0.0)
+    torch.testing.assert_close(grad[:, 0], -(main + norm) / 4, rtol=1e-12, atol=1e-15)
+    assert grad[0, 0] == 0.25 and bool((grad[1:, 0] - (-main[1:] / 4) < 0).all())
+
+
+def test_jepo_statistics_of_the_parts_add_up_to_the_whole_batch():
+    b = naive.random_batch(31)
+    answer = b["mask"] & (b["mask"].flip(1).cumsum(1).flip(1) <= 2)
+    cot = b["mask"] & ~answer
+    fmt = torch.zeros(len(b["group_ids"]), dtype=DT)
+    fmt[0] = -10.0
+    whole = O.jepo_statistics(b["logp"], cot, answer, b["group_ids"], format_rewards=fmt)
+    first = b["group_ids"] == b["group_ids"][0]
+    parts = [O.jepo_statistics(b["logp"][s], cot[s], answer[s], b["group_ids"][s], format_rewards=fmt[s])
+             for s in (first, ~first)]
+    for key in whole:
+        torch.testing.assert_close(parts[0][key] + parts[1][key], whole[key], rtol=1e-14, atol=1e-14)

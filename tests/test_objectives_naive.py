@@ -154,25 +154,55 @@ def simpo(lw, ll, mw, ml, beta, gamma):
     return -F.logsigmoid(beta * (sw / nw - sl / nl) - gamma).mean()
 
 
-def jepo(logp, cot, ans, ids, ref, beta, beta_sup, multi):
-    """Mean over groups of -(1/n) sum sg[A~] sum_cot l - beta_sup bound + (beta/n) sum k3, A~ = clip(A/std)."""
+def jepo(logp, cot, ans, ids, ref, beta, beta_sup, multi, valid=None, fmt=None):
+    """Mean over groups of -(1/n) sum sg[A~ + A~ref] sum_cot l - beta_sup bound + (beta/n) sum k3 (n = group size),
+    A~ = clip(A/std(A), -1, 1) over valid samples, A~ref the same for the leave-one-out format-reward advantage
+    over every sample (App. B.2); invalid samples leave the bound and the baselines."""
+    valid = torch.ones(len(ids), dtype=torch.bool) if valid is None else valid
+    fmt = torch.zeros(len(ids), dtype=DT) if fmt is None else fmt
     l_star = (logp * ans).sum(1)
-    adv = torch.zeros_like(l_star)
+    adv, fmt_adv = torch.zeros_like(l_star), torch.zeros_like(l_star)
     bounds = []
     for members in groups(ids):
-        ls = l_star[members]
-        n = len(members)
+        ok = [i for i in members if valid[i]]
+        ls = l_star[ok]
+        n = len(ok)
         bounds.append(torch.logsumexp(ls, 0) - math.log(n) if multi else ls.mean())
-        for k, i in enumerate(members):
+        for k, i in enumerate(ok):
             rest = torch.cat([ls[:k], ls[k + 1:]])
             base = torch.logsumexp(rest, 0) - math.log(n - 1) if multi else rest.mean()
             adv[i] = (bounds[-1] if multi else ls[k]) - base
+        for i in members:
+            fmt_adv[i] = fmt[i] - sum(fmt[j] for j in members if j != i) / (len(members) - 1)
     adv = adv.detach()
-    adv = (adv / adv.std(unbiased=False)).clamp(-1, 1)
+    a_valid = adv[valid]
+    adv = torch.where(valid, (adv / a_valid.std(unbiased=False)).clamp(-1, 1), 0.0)
+    f_std = fmt_adv.std(unbiased=False)
+    total_adv = adv + ((fmt_adv / f_std).clamp(-1, 1) if f_std > 0 else 0.0)
     total = 0
     for q, members in enumerate(groups(ids)):
         n = len(members)
-        pg = sum(adv[i] * (logp[i] * cot[i]).sum() for i in members) / n
+        pg = sum(total_adv[i] * (logp[i] * cot[i]).sum() for i in members) / n
         kl = sum((k3(logp[i], ref[i]) * cot[i]).sum() for i in members) / n
         total = total - pg - beta_sup * bounds[q] + beta * kl
     return total / len(groups(ids))
+
+
+def gspo(logp, old, adv, mask, eps_low, eps_high):
+    """GSPO (arXiv 2507.18071 eq. 5-7): -(1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i),
+    s_i = (pi / pi_old)(y_i)^(1/|y_i|), differentiated through s_i by autograd."""
+    terms = []
+    for i in range(len(adv)):
+        row = mask[i]
+        if not row.any():
+            continue
+        s = torch.exp((logp[i] - old[i])[row].mean())
+        terms.append(-torch.minimum(s * adv[i], s.clamp(1 - eps_low, 1 + eps_high) * adv[i]))
+    return torch.stack(terms).mean()
+
+
+def cispo(logp, old, adv, mask, eps_low, eps_high):
+    """CISPO (arXiv 2506.13585 eq. 4): -(1/sum|o_i|) sum_i sum_t sg[clip(r_t, 1-eps_low, 1+eps_high)] A_i log pi."""
+    m = mask.to(DT)
+    weight = torch.exp(logp - old).clamp(1 - eps_low, 1 + eps_high).detach()
+    return -(weight * adv[:, None] * logp * m).sum() / m.sum()

@@ -23,7 +23,7 @@ from twofold.engine.verifier import VerifierPool
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER = dict(dtype="float32", max_model_len=48, kv_cache_gib=1 / 32, sync_bucket_mb=8)
-ONLINE = ["nft", "rft", "grpo", "dapo", "drgrpo", "oreal", "jepo"]
+ONLINE = ["nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal", "jepo"]
 OFFLINE = {"sft": "rows", "redi": "pairs", "dpo": "pairs", "simpo": "pairs"}
 
 
@@ -103,6 +103,8 @@ def online_config(files, warm, objective: str, run_dir: Path, *extra: str):
 def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     extra = {"grpo": ["rollout.mini_batches=2"],  # two updates: old log-probs recomputed, ratios != 1
              "dapo": ["rollout.negative_reward=-1", "rollout.overlong_buffer=4"],
+             "gspo": ["rollout.mini_batches=2", "rollout.mask_truncated=true"],  # off-policy: s_i != 1
+             "cispo": ["objective.kwargs={entropy_coef: 0.01}"],
              "oreal": ["rollout.freeze_actor_steps=0"]}.get(objective, [])
     history = run(online_config(files, warm, objective, tmp_path, *extra), sampler=sampler, pool=pool)
     (step,) = history

@@ -189,8 +189,9 @@ def jepo(logp, cot, ans, ids, ref, beta, beta_sup, multi, valid=None, fmt=None):
 
 
 def gspo(logp, old, adv, mask, eps_low, eps_high):
-    """GSPO (arXiv 2507.18071 eq. 5-7): -(1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i),
-    s_i = (pi / pi_old)(y_i)^(1/|y_i|), differentiated through s_i by autograd."""
+    """GSPO (arXiv 2507.18071, the GSPO objective):
+    -(1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i), s_i = (pi / pi_old)(y_i)^(1/|y_i|),
+    differentiated through s_i by autograd."""
     terms = []
     for i in range(len(adv)):
         row = mask[i]

@@ -6,8 +6,9 @@ both). l*_i = SUM of the answer tokens' log-probs (no 1/|a*|). With n_q valid sa
     multi-sample:  bound_q = LSE_i(l*_i) - log n_q,  A_i = bound_q - (LSE_{j!=i}(l*_j) - log(n_q - 1))
     single-sample: bound_q = mean_i l*_i,            A_i = l*_i - mean_{j!=i} l*_j
     A~_i = clip(A_i / std(A), -1, 1)
-    format penalty (App. B.2, "the normalised advantage of the formatting penalty"): r_i = -p for a sample with
-    bad format, else 0; A^ref_i = r_i - mean_{j!=i} r_j over the whole group, A~^ref_i = clip(A^ref_i / std(A^ref), -1, 1)
+    format penalty (App. B.2, "the normalised advantage of the formatting penalty"): r_i = -p for a sample
+    with bad format, else 0; A^ref_i = r_i - mean_{j!=i} r_j over the whole group,
+    A~^ref_i = clip(A^ref_i / std(A^ref), -1, 1)
     L = (1/Q) sum_q [ -(1/G_q) sum_i sg[A~_i + A~^ref_i] sum_{t in c_i} l_t - beta_sup bound_q
                       + (beta/G_q) sum_i sum_{t in c_i} KL_t ]
 

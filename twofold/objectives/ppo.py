@@ -8,7 +8,7 @@
 | dapo_loss   | "grpo" advantages of R + overlong reward | 0.2 / 0.28   | token_mean (over the batch)    | none     |
 | drgrpo_loss | group_advantages(r, ids, "drgrpo")       | 0.2 / 0.2    | seq_mean_token_sum_norm, L_max | none     |
 | gspo_loss   | group_advantages(r, ids, "grpo")         | 3e-4 / 4e-4  | seq_mean_token_mean            | none     |
-| cispo_loss  | group_advantages(r, ids, "grpo")         | IS weight <= 5 | token_mean                   | none     |
+| cispo_loss  | group_advantages(r, ids, "grpo")         | 1.0 / 4.0    | token_mean (over the batch)    | none     |
 
 GSPO replaces R by the sequence ratio s_i = exp(mean_t (l - l_old)) (one per sequence, clipped per sequence);
 CISPO keeps every token's gradient and clips the stop-gradient IS weight instead: -sg[clip(R)] A l.
@@ -18,7 +18,6 @@ entropy_coef > 0 adds -entropy_coef * H_t with the loss's own aggregation weight
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from twofold.objectives.aggregate import token_weights
@@ -70,7 +69,7 @@ def gspo_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: T
               constant: float | None = None, num_tokens: float | Tensor | None = None,
               num_seqs: float | Tensor | None = None, max_log_ratio: float = 20.0, entropy: Tensor | None = None,
               entropy_coef: float = 0.0, validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-    """GSPO (arXiv 2507.18071 eqs. 5-7): the clipped surrogate on the length-normalised sequence ratio
+    """GSPO (arXiv 2507.18071, the GSPO objective): the clipped surrogate on the length-normalised sequence ratio
     s_i = exp((1/|y_i|) sum_t (l_t - l_old_t)); clip range 3e-4 / 4e-4 (its section 5.1), mean over sequences.
 
     With equal-length sequences at ratio 1 its gradient is GRPO's (beta = 0, same aggregation); on-policy

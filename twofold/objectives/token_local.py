@@ -111,11 +111,11 @@ def ppo_clip_token(logp: Tensor, weight: Tensor, old_logp: Tensor, adv: Tensor, 
 def gspo_token(logp: Tensor, weight: Tensor, seq_log_ratio: Tensor, adv: Tensor, eps_low: float = 3e-4,
                eps_high: float = 4e-4, ref_logp: Tensor | None = None, beta: float = 0.0, kl: str = "k3",
                max_log_ratio: float = 20.0) -> tuple[Tensor, Tensor]:
-    """GSPO-token (arXiv 2507.18071 eqs. 7 and 13-14) after its no-grad pre-pass, which gives every token its
-    sequence's log s_i = (1/|y_i|) sum_t (l_t - l_old_t).
+    """GSPO-token (arXiv 2507.18071, its token-level variant) after its no-grad pre-pass, which gives every
+    token its sequence's log s_i = (1/|y_i|) sum_t (l_t - l_old_t).
 
     loss_t = w_t * -min(s_i A_i, clip(s_i) A_i): with w_t = 1/(G |y_i|) the tokens of sequence i add up to
-    GSPO's per-sequence term / G. d s_i / d l_t = s_i / |y_i|, so g_t = w_t * |y_i| * dterm/ds * s_i / |y_i|
+    GSPO's per-sequence term / G. d s_i / d l_t = s_i / |y_i|, so g_t = (1/G) (d term_i / d s_i) s_i / |y_i|
     = w_t * (-A_i s_i) where the unclipped branch is active: the clipped surrogate with the sequence ratio.
     """
     loss, grad = clip_surrogate(seq_log_ratio, adv, eps_low, eps_high, max_log_ratio)

@@ -96,7 +96,7 @@ def test_recipes_load(recipe, tmp_path):
     assert loaded.objective.name
 
 
-@pytest.mark.parametrize("objective", ["nft", "rft", "grpo", "dapo", "drgrpo", "oreal"])
+@pytest.mark.parametrize("objective", ["nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal"])
 def test_a_rollout_with_no_informative_group_builds_an_empty_batch(objective):
     """Dynamic sampling can drop every group (all samples right, or all wrong): the batch is empty, not an error."""
     from twofold.engine.config import RolloutConfig

@@ -4,15 +4,18 @@
     python -m bench.anchors --device cuda --shapes S3 S6
     python -m bench.anchors --device cpu --quick            # plumbing smoke test on a tiny shape (no anchors)
 
-Cases (bf16, contiguous inputs, identical per shape): `gemm3` the bare logits/dX/dW GEMMs (the 1.6x bar),
-`eager` materialised logits + log_softmax (+ entropy) through autograd, `ours_fwd` no-grad log-probs + entropy
-(2NHV), `ours` log-probs + entropy with random upstream gradients on both (8NHV), `ours_ce` mean cross-entropy,
-`ours_fused_dapo` the fused token-local DAPO loss (6NHV); anchors when importable: `torch_native`
-(F.linear_cross_entropy with chunking options), `liger_flce` (LigerFusedLinearCrossEntropyLoss, accum fp32),
+Cases (bf16, contiguous inputs, identical per shape): `gemm1` the bare logits GEMM (the forward's roofline at
+this shape), `gemm3` the bare logits/dX/dW GEMMs (the 1.6x bar), `eager_fwd` no-grad materialised logits +
+log_softmax (+ entropy), `eager` the same through autograd, `ours_fwd` no-grad log-probs + entropy (2NHV), `ours`
+log-probs + entropy with random upstream gradients on both (8NHV), `ours_ce` mean cross-entropy, `ours_fused_dapo`
+the fused token-local DAPO loss (6NHV); anchors when importable: `torch_native` (F.linear_cross_entropy with
+chunking options; `torch_native_fwd` without grad), `liger_flce` (LigerFusedLinearCrossEntropyLoss, accum fp32),
 `liger_grpo` (LigerFusedLinearGRPOLoss, dapo, no reference model), `cce_exact` (Cut Cross-Entropy). A case that
-is missing or runs out of memory is recorded as such. Time: CUDA-event median over interleaved repeats after
-warm-up (hot L2); TFLOP/s on each case's own FLOP count, and as a fraction of the bf16 matmul peak measured in the
-same run. Memory: peak allocated minus inputs.
+is missing, fails or runs out of memory is recorded with its error and the others go on. Time: CUDA-event median
+over interleaved repeats after warm-up (hot L2); TFLOP/s on each case's own FLOP count, and as a fraction of the
+bf16 matmul peak measured in the same run. Memory: peak allocated minus inputs (`peak_extra_mib`), and the size
+of what the call returns (`output_mib`: gradients or outputs), so the workspace beyond inputs and outputs is
+their difference. The JSON is rewritten after each shape, so a run stopped part-way keeps the shapes it finished.
 """
 from __future__ import annotations
 
@@ -56,17 +59,30 @@ def _leaf(x):
     return x.detach().requires_grad_()
 
 
+def case_gemm1(x):
+    return x["hidden"] @ x["weight"].t()
+
+
 def case_gemm3(x):
     logits = x["hidden"] @ x["weight"].t()
     return logits @ x["weight"], logits.t() @ x["hidden"]
 
 
+def _eager_logp_entropy(h, w, targets):
+    logsm = (h @ w.t()).float().log_softmax(-1)
+    valid = targets != -100
+    logp = logsm.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) * valid
+    return logp, -(logsm.exp() * logsm).sum(-1) * valid
+
+
+def case_eager_fwd(x):
+    with torch.no_grad():
+        return _eager_logp_entropy(x["hidden"], x["weight"], x["targets"])
+
+
 def case_eager(x):
     h, w = _leaf(x["hidden"]), _leaf(x["weight"])
-    logsm = (h @ w.t()).float().log_softmax(-1)
-    valid = x["targets"] != -100
-    logp = logsm.gather(1, x["targets"].clamp(min=0)[:, None]).squeeze(1) * valid
-    entropy = -(logsm.exp() * logsm).sum(-1) * valid
+    logp, entropy = _eager_logp_entropy(h, w, x["targets"])
     return _grads((logp * x["up"][0]).sum() + (entropy * x["up"][1]).sum(), h, w)
 
 
@@ -104,6 +120,12 @@ def case_torch_native(x):
     return _grads(loss, h, w)
 
 
+def case_torch_native_fwd(x):
+    with torch.no_grad():
+        return F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100, reduction="none",
+                                      options=torch.nn.LinearCrossEntropyOptions())
+
+
 def case_liger_flce(x):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     h, w = _leaf(x["hidden"]), _leaf(x["weight"])
@@ -131,11 +153,13 @@ def case_cce_exact(x):
     return _grads(cce(h, w, x["targets"], impl="cce_exact"), h, w)
 
 
-CASES = {"gemm3": (case_gemm3, 6), "eager": (case_eager, 6), "ours_fwd": (case_ours_fwd, 2), "ours": (case_ours, 8),
+CASES = {"gemm1": (case_gemm1, 2), "gemm3": (case_gemm3, 6), "eager_fwd": (case_eager_fwd, 2),
+         "eager": (case_eager, 6), "ours_fwd": (case_ours_fwd, 2), "ours": (case_ours, 8),
          "ours_ce": (case_ours_ce, 8), "ours_fused_dapo": (case_ours_fused_dapo, 6),
-         "torch_native": (case_torch_native, 6), "liger_flce": (case_liger_flce, 6),
-         "liger_grpo": (case_liger_grpo, 8), "cce_exact": (case_cce_exact, 8)}  # name -> (fn, FLOPs / NHV)
-CPU_CASES = ("gemm3", "eager", "ours_fwd", "ours", "ours_ce", "ours_fused_dapo")
+         "torch_native_fwd": (case_torch_native_fwd, 2), "torch_native": (case_torch_native, 6),
+         "liger_flce": (case_liger_flce, 6), "liger_grpo": (case_liger_grpo, 8),
+         "cce_exact": (case_cce_exact, 8)}  # name -> (fn, FLOPs / NHV)
+CPU_CASES = ("gemm1", "gemm3", "eager_fwd", "eager", "ours_fwd", "ours", "ours_ce", "ours_fused_dapo")
 
 
 def matmul_peak_tflops(device, size=8192, repeats=10):
@@ -147,26 +171,32 @@ def matmul_peak_tflops(device, size=8192, repeats=10):
     return 2 * size**3 / seconds / 1e12
 
 
+def output_bytes(result):
+    """Bytes of the tensors a case returns (its gradients or outputs)."""
+    tensors = result if isinstance(result, (tuple, list)) else (result,)
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def try_case(name, x):
-    """(runner, error): a case that cannot be imported or run at this shape is reported, not raised."""
+    """(runner, output bytes, error): a case that cannot be imported or run at this shape is reported, not raised
+    (an anchor's own bug must not cost the other cases of the run)."""
     fn = CASES[name][0]
     try:
-        fn(x)
-        return (lambda: fn(x)), None
+        return (lambda: fn(x)), output_bytes(fn(x)), None
     except ImportError as e:
-        return None, f"unavailable: {e}"
-    except (torch.cuda.OutOfMemoryError, AttributeError, RuntimeError) as e:
+        return None, None, f"unavailable: {e}"
+    except Exception as e:  # noqa: BLE001 - recorded in the results, with its type
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return None, None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def bench_shape(name, shape, cases, device, peak, warmup, repeats):
     n, h, v, ignored = shape
     x = make_inputs(n, h, v, ignored, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-    runners, rows = {}, {}
+    runners, outputs, rows = {}, {}, {}
     for case in cases:
-        runners[case], err = try_case(case, x)
+        runners[case], outputs[case], err = try_case(case, x)
         if err:
             rows[case] = {"error": err}
     times = median_times({c: run for c, run in runners.items() if run}, device, warmup, repeats)
@@ -174,8 +204,9 @@ def bench_shape(name, shape, cases, device, peak, warmup, repeats):
     for case, seconds in times.items():
         ms = seconds * 1e3
         tflops = CASES[case][1] * nhv / ms / 1e9
+        extra = peak_extra_memory(runners[case], device) / 2**20 if device.type == "cuda" else None
         rows[case] = {"time_ms": ms, "tflops": tflops, "frac_of_peak": tflops / peak if peak else None,
-                      "peak_extra_mib": peak_extra_memory(runners[case], device) / 2**20 if device.type == "cuda" else None}
+                      "peak_extra_mib": extra, "output_mib": outputs[case] / 2**20}
     logits_mib = n * v * 2 / 2**20
     print_shape(name, shape, rows, logits_mib)
     return {"N": n, "H": h, "V": v, "ignored": ignored, "bf16_logits_mib": logits_mib, "cases": rows}
@@ -214,18 +245,25 @@ def main(argv=None):
     if peak:
         print(f"{name}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
-    results = {s: bench_shape(s, shape, cases, device, peak, warmup, repeats) for s, shape in shapes.items()}
     report = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "bf16_matmul_peak_tflops": peak, "warmup": warmup, "repeats": repeats,
               "timing": "CUDA events, median, interleaved, hot L2" if peak else "perf_counter median",
-              "shapes": results}
+              "shapes": {}}
     out = args.out or (None if device.type != "cuda" else
                        f"bench/results/{name.replace(' ', '-')}-{report['date']}.json")
+    for s, shape in shapes.items():
+        report["shapes"][s] = bench_shape(s, shape, cases, device, peak, warmup, repeats)
+        if out:  # after every shape: a run stopped part-way keeps what it measured
+            write_json(report, out)
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
         print(f"wrote {out}")
+
+
+def write_json(report, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m bench.step                     # CPU: cpu-bench-qwen2 (V=32000), fused head vs eager logits
     python -m bench.step --device cuda       # GPU: Qwen2.5-1.5B-shaped random model, bf16, MFU of both heads
+    python -m bench.step --device cuda --attn sdpa   # pin the attention kernel (default auto: flash-attn if there)
     python -m bench.step --heads fused --steps 2 --batch-tokens 1024 --out step.json
 
 Heads: `fused` is the engine (kernels.linear_logprobs on the final hidden states, never [N,V] logits); `eager`
@@ -59,7 +60,8 @@ def synthetic_batch(batch_tokens: int, min_len: int, max_len: int, vocab: int, s
 def run_head(args, head: str) -> dict:
     env = init_distributed()
     try:
-        cfg = ModelConfig(preset=args.preset, dtype=args.dtype, activation_checkpointing=not args.no_ac)
+        cfg = ModelConfig(preset=args.preset, dtype=args.dtype, activation_checkpointing=not args.no_ac,
+                          attn_implementation=args.attn)
         policy = build_policy(cfg, env, policy_cls=EagerLogitsPolicy if head == "eager" else PolicyModel)
         trainer = Trainer(policy, env, OptimConfig(lr=1e-5), objective="sft", total_steps=args.warmup + args.steps,
                           max_tokens_per_microbatch=args.budget)
@@ -76,6 +78,7 @@ def run_head(args, head: str) -> dict:
         keys = ("tokens_per_s", "step_time_s", "peak_mem_gib", "mfu")
         summary = {k: statistics.median(r[k] for r in rows) for k in keys if k in rows[0]}
         return {"head": head, "preset": args.preset, "dtype": args.dtype, "device": str(env.device),
+                "attn": policy.causal_lm.config._attn_implementation,
                 "tokens": rows[0]["tokens"], "microbatches": rows[0]["microbatches"], **summary}
     finally:
         shutdown_distributed()
@@ -94,6 +97,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-ac", action="store_true", help="turn activation checkpointing off")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "flash_attention_2", "flex_attention", "eager"),
+                   help="model.attn_implementation (auto: flash_attention_2 on CUDA when flash-attn is installed, "
+                        "else sdpa)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--_one", choices=HEADS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -121,14 +127,14 @@ def main(argv=None):
         if done.returncode != 0:
             sys.exit(f"head {head} failed:\n{done.stderr[-4000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if args.out:  # after every head: a run stopped part-way keeps the heads it finished
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     print(f"{'head':8} {'tokens/s':>10} {'step s':>8} {'peak GiB':>9} {'MFU':>6}  ({args.preset}, {args.dtype}, "
           f"{results[0]['tokens']:.0f} tokens, {results[0]['microbatches']:.0f} micro-batches)")
     for r in results:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         print(f"{r['head']:8} {r['tokens_per_s']:10.0f} {r['step_time_s']:8.3f} {r['peak_mem_gib']:9.3f} {mfu:>6}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
     print(json.dumps(results))
 
 

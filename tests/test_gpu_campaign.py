@@ -13,7 +13,7 @@ import pytest
 from bench import gpu_campaign
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["tests", "triton-suite", "kernels", "fused-nft", "fused-grpo", "step"]
+STAGES = ["tests", "kernels", "fused-nft", "fused-grpo", "step", "triton-suite"]
 
 
 def campaign(out, *args, timeout=900):

@@ -13,7 +13,7 @@
 #
 #   bash bench/gpu_campaign.sh                        # on the GPU machine: writes into $OUT
 #   bash bench/gpu_campaign.sh --out DIR              # elsewhere
-#   bash bench/gpu_campaign.sh --dry-run --out DIR    # CPU, tiny shapes, about a minute: every stage's command
+#   bash bench/gpu_campaign.sh --dry-run --out DIR    # CPU, tiny shapes, about a minute of CPU: every command line
 #   bash bench/gpu_campaign.sh --only kernels,step    # a rerun of some stages
 #   bash bench/gpu_campaign.sh --budget 300           # seconds for the whole campaign (default 470; dry: 1800)
 #

@@ -18,7 +18,7 @@
 #   bash bench/gpu_campaign.sh --budget 300           # seconds for the whole campaign (default 470; dry: 1800)
 #
 # Liger is not installed on the GPU machine: its wheel travels in .whl/ (bench/README.md says how) and is
-# installed here into a temporary folder when present. Writes at most 7 files (the device returns 8).
+# installed here into a temporary folder when present. Writes 6 files, flat (the device returns at most 8).
 set -u -o pipefail
 
 usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }

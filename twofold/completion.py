@@ -9,7 +9,8 @@ marks the tokens to score: either [B, T] (aligned with input_ids) or [B, Tc] for
 `completion_mask` with `input_ids = cat(prompt_ids, completion_ids)`, verl's `response_mask` with
 `cat(prompts, responses)`). The result is shaped like `completion_mask`: entry t is log p(token t | tokens < t), 0
 where the mask is false. The model runs its decoder (`get_decoder()`); the head (`get_output_embeddings()`, bias
-included) goes through `twofold.linear_logprobs`, so no [B, T, V] tensor exists.
+included) goes through `twofold.linear_logprobs`, so no [B, T, V] tensor exists. The decoder runs under the
+caller's autocast, if any; the head never does (see `no_autocast`).
 """
 from __future__ import annotations
 
@@ -84,5 +85,12 @@ def completion_logprobs(model, input_ids: Tensor, attention_mask: Tensor, comple
     the decoder (e.g. position_ids).
     """
     c = completion_hidden(model, input_ids, attention_mask, completion_mask, **model_kwargs)
-    return linear_logprobs(c.hidden, c.weight, c.targets, bias=c.bias, temperature=temperature / c.logit_scale,
-                           return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+    with no_autocast(c.hidden.device):
+        return linear_logprobs(c.hidden, c.weight, c.targets, bias=c.bias, temperature=temperature / c.logit_scale,
+                               return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+
+
+def no_autocast(device: torch.device):
+    """The head runs in its inputs' dtype with fp32 accumulation, as its contract says. Under an autocast region
+    (HF Trainer's bf16=True) the forward GEMMs would run in bf16 while the backward recomputes them in fp32."""
+    return torch.autocast(device.type, enabled=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from twofold.completion import no_autocast
 from twofold.kernels import linear_logprobs
 from twofold.objectives.nft import nft_loss
 from twofold.objectives.ppo import ppo_loss
@@ -118,8 +119,9 @@ class FusedLinearPolicyLoss(nn.Module):
 
     def logprobs(self, hidden: Tensor, weight: Tensor, token_ids: Tensor, mask: Tensor, bias: Tensor | None):
         targets = token_ids.masked_fill(~mask, -100)
-        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
-                               chunk_size=self.chunk_size, backend=self.backend)
+        with no_autocast(hidden.device):
+            return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
+                                   chunk_size=self.chunk_size, backend=self.backend)
 
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
                 advantages: Tensor | None = None, bias: Tensor | None = None, ref_per_token_logps: Tensor | None = None,

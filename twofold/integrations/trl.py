@@ -19,7 +19,9 @@ TRL's.
   splits the batch, replace the advantages. `args.loss_type` still picks the aggregation (TRL's default "dapo" is
   the token mean over the batch). `objective_kwargs` go to the objective (NFT: eps, prompt_weight, ...).
 
-Not supported (a ValueError names the setting): importance_sampling_level="sequence", delta, top_entropy_quantile
+Not supported (a ValueError names the setting): use_bias_correction_kl=True with beta != 0 (TRL's default for
+it is True: set it to False to use a KL term; the KL is then TRL's plain k3), importance_sampling_level="sequence",
+delta, top_entropy_quantile
 < 1, off_policy_mask_threshold, the entropy bonus, vLLM importance-sampling correction and MoE aux losses (TRL's
 own loss handles those); loss types other than the four above. The decoder is called on the unwrapped model,
 as TRL's Liger path did: fine on one process and under FSDP, not under DDP's wrapper.
@@ -51,6 +53,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             "loss_type": self.loss_type not in LOSS_TYPES,
             "importance_sampling_level": self.importance_sampling_level != "token",
             "delta": a.delta is not None,
+            "use_bias_correction_kl (with beta != 0)": self.beta != 0 and a.use_bias_correction_kl,
             "top_entropy_quantile": self.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "entropy_coef": self._entropy_bonus_enabled,

@@ -155,8 +155,8 @@ POLICY_LOSSES = {"twofold_grpo": grpo_policy_loss, "twofold_nft": nft_policy_los
 ADVANTAGE_ESTIMATORS = {"twofold_nft": nft_advantage}
 
 
-def register() -> list[str]:
-    """Register the losses and the NFT advantage estimator with verl (imports verl); returns the names."""
+def register() -> dict[str, list[str]]:
+    """Register the losses and the NFT advantage estimator with verl (imports verl); returns what it registered."""
     from verl.trainer.ppo import core_algos
 
     for name, fn in POLICY_LOSSES.items():
@@ -164,4 +164,4 @@ def register() -> list[str]:
     for name, fn in ADVANTAGE_ESTIMATORS.items():
         if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not fn:
             core_algos.register_adv_est(name)(fn)
-    return [*POLICY_LOSSES, *ADVANTAGE_ESTIMATORS]
+    return {"policy_loss": list(POLICY_LOSSES), "adv_estimator": list(ADVANTAGE_ESTIMATORS)}

@@ -7,7 +7,7 @@ losses, and compares "twofold_grpo" with verl's "vanilla" PPO loss for every los
 """
 import pytest
 
-from tests.pip_target import ROOT, pip_target, run_python
+from tests.pip_target import build_wheel, pip_target, run_python
 
 # verl 0.9.1 and what `verl.trainer.ppo.core_algos` imports that the project environment lacks (all with --no-deps:
 # verl's own requirements would replace transformers)
@@ -24,6 +24,10 @@ from verl.trainer.ppo import core_algos
 import twofold
 import twofold.integrations.verl as tv
 
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+# `import verl` loaded twofold's "verl.plugins" entry point, which registered the losses before any call here
+assert {"twofold_grpo", "twofold_nft", "twofold_rft"} <= set(POLICY_LOSS_REGISTRY), sorted(POLICY_LOSS_REGISTRY)
+assert "twofold_nft" in ADV_ESTIMATOR_REGISTRY
 assert tv.register() == {"policy_loss": ["twofold_grpo", "twofold_nft", "twofold_rft"],
                          "adv_estimator": ["twofold_nft"]}
 tv.register()  # registering twice is harmless
@@ -80,17 +84,21 @@ assert "actor/twofold_r_hat" in metrics
 loss, _ = core_algos.get_policy_loss_fn("twofold_rft")(old, log_prob, adv, nft_mask, "token-mean", config, None)
 expected, _ = twofold.rft_loss(log_prob, correct, nft_mask, old_logp=old, agg="token_mean", num_tokens=40.0)
 assert abs((loss - expected).item()) <= 1e-12
-print("verl", core_algos.__file__)
+print(core_algos.__file__)
+print(twofold.__file__)
 '''
 
 
 @pytest.fixture(scope="module")
-def verl_path(tmp_path_factory):
-    return pip_target(tmp_path_factory.mktemp("verl"), *VERL)
+def verl_site(tmp_path_factory):
+    """verl and twofold's wheel installed side by side, as a user's environment would have them."""
+    wheel = build_wheel(tmp_path_factory.mktemp("wheel"))
+    return pip_target(tmp_path_factory.mktemp("site-packages"), *VERL, str(wheel))
 
 
 @pytest.mark.slow
-def test_twofold_losses_register_in_verl_and_match_its_vanilla_loss(verl_path, tmp_path):
-    run = run_python(CHECK, [verl_path, ROOT], cwd=tmp_path)
+def test_twofold_losses_register_in_verl_and_match_its_vanilla_loss(verl_site, tmp_path):
+    run = run_python(CHECK, [verl_site], cwd=tmp_path)  # only what was installed; not the clone
     assert run.returncode == 0, run.stdout + run.stderr
-    assert str(verl_path) in run.stdout  # the verl that was imported is the one installed here
+    verl_file, twofold_file = run.stdout.split()  # both imported from the folder installed here
+    assert verl_file.startswith(str(verl_site / "verl")) and twofold_file.startswith(str(verl_site / "twofold"))

@@ -1,24 +1,19 @@
 """The built wheel holds only the `twofold` package, and it installs beside Hugging Face's `kernels` package (the one
 transformers uses for hub kernels) in one site-packages folder: both import in one process, each its own."""
-import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
 
-from tests.pip_target import ROOT, pip_target, run_python
+from tests.pip_target import build_wheel, pip_target, run_python
 
 HF_KERNELS = "kernels==0.17.2"  # its requirements (huggingface_hub, packaging, pyyaml) come with transformers
 
 CHECK = r'''
-import sys
 import torch
 import kernels
 import twofold
 from twofold.kernels import linear_logprobs
 
-target = sys.argv[1] if len(sys.argv) > 1 else None
 assert hasattr(kernels, "get_kernel") and hasattr(kernels, "kernelize"), "not Hugging Face's kernels package"
 hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
 logp = twofold.linear_logprobs(hidden, weight, torch.arange(5))
@@ -33,17 +28,7 @@ print(twofold.__file__)
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    """`pip wheel --no-deps` of a copy of the clone (building in place would leave build/ and egg-info behind)."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    source = tmp / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
-                                                                 "__pycache__", ".pytest_cache"))
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp),
-           str(source)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    (path,) = tmp.glob("twofold-*.whl")
-    return path
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_wheel_holds_only_the_twofold_package(wheel):

@@ -237,3 +237,23 @@ def test_modules_name_what_is_missing_or_wrong():
         FusedLinearGRPOLoss(loss_type="dr_grpo")
     with pytest.raises(ValueError, match="attention_mask must be"):
         FusedLinearGRPOLoss(beta=0.0)(hidden, weight, ids, mask[:, :3], adv)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_fused_pass_equals_logprobs_then_autograd(loss_type, on_policy):
+    hidden, weight, bias, ids, mask, old, ref, _, g = module_inputs(seed=3)
+    adv = torch.randn(mask.shape, generator=g)  # per token
+    old[mask == 0], ref[mask == 0] = float("nan"), float("inf")  # padding may hold anything
+    results = []
+    for fused in (True, False):
+        module = FusedLinearGRPOLoss(loss_type=loss_type, beta=0.04, epsilon_high=0.28, max_completion_length=6,
+                                     fused=fused)
+        loss, metrics = module(hidden, weight, ids, mask, adv, bias, ref, None if on_policy else old)
+        results.append((loss, torch.autograd.grad(loss, (hidden, weight, bias)), metrics))
+    (fused_loss, fused_grads, fused_metrics), (loss, grads, metrics) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(fused_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert fused_metrics.keys() == metrics.keys()
+    torch.testing.assert_close(fused_metrics["clip_frac"], metrics["clip_frac"])

@@ -28,21 +28,62 @@ from torch import Tensor, nn
 
 from twofold.completion import no_autocast
 from twofold.kernels import linear_logprobs
+from twofold.kernels.fused import fused_linear_loss
+from twofold.objectives.aggregate import token_weights
+from twofold.objectives.layout import Flat, per_seq_or_token
 from twofold.objectives.nft import nft_loss
 from twofold.objectives.ppo import ppo_loss
 from twofold.objectives.sft import rft_loss
+from twofold.objectives.token_local import ppo_clip_token
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _ppo_options(m, agg: dict) -> dict:
+    # ppo_loss is the shared body of grpo/dapo/drgrpo_loss and has no defaults; these are grpo_loss's
+    return {**dict(constant=None, num_tokens=None, num_seqs=None, max_log_ratio=20.0, kl="k3"), **agg,
+            **m.objective_kwargs}
 
 
 def _ppo(m, logp, old, mask, advantages, ref_logp, agg, **inputs):
     if advantages is None:
         raise ValueError("advantages is required for the PPO-clip objectives ([B] or [B,T])")
-    # ppo_loss is the shared body of grpo/dapo/drgrpo_loss and has no defaults; these are grpo_loss's
-    options = {**dict(constant=None, num_tokens=None, num_seqs=None, max_log_ratio=20.0), **agg}
-    options.update(m.objective_kwargs)
     return ppo_loss(logp, old, advantages, mask, eps_low=m.epsilon_low, eps_high=m.epsilon_high, ref_logp=ref_logp,
-                    beta=m.beta, **options, **inputs, validate=m.validate)
+                    beta=m.beta, **_ppo_options(m, agg), **inputs, validate=m.validate)
+
+
+def _on_policy_ppo_token(logp, **inputs):
+    """PPO-clip per token with l_old = sg[l] (no old log-probs given: R = 1)."""
+    return ppo_clip_token(logp, old_logp=logp, **inputs)
+
+
+def fused_ppo(m, hidden, weight, bias, targets, mask, advantages, old, ref_logp, agg):
+    """PPO-clip in one fused vocab pass (6NHV: `twofold.fused_linear_loss` with `ppo_clip_token`), the per-token
+    inputs laid out as `ppo_loss` lays them out; metrics are ppo_loss's own, on the pass's detached log-probs."""
+    if advantages is None:
+        raise ValueError("advantages is required for the PPO-clip objectives ([B] or [B,T])")
+    b, t = mask.shape
+    options = _ppo_options(m, agg)
+    flat = Flat(mask.reshape(-1), torch.arange(b, device=mask.device).repeat_interleave(t), b)
+    like = torch.zeros(b, t, dtype=torch.float32, device=mask.device)
+    w = token_weights(flat, options["agg"], like.dtype, constant=options["constant"],
+                      num_tokens=options["num_tokens"], num_seqs=options["num_seqs"])
+    counted = lambda x: torch.where(mask, x.detach().to(like.dtype), like)  # padding may hold anything
+    inputs = dict(weight=w.view(b, t), adv=per_seq_or_token("advantages", advantages, flat, like, False).view(b, t),
+                  eps_low=m.epsilon_low, eps_high=m.epsilon_high, beta=m.beta, kl=options["kl"],
+                  max_log_ratio=options["max_log_ratio"])
+    if old is not None:
+        inputs["old_logp"] = counted(old)
+    if ref_logp is not None and m.beta != 0:
+        inputs["ref_logp"] = counted(ref_logp)
+    with no_autocast(hidden.device):
+        out = fused_linear_loss(hidden, weight, targets.masked_fill(~mask, -100),
+                                ppo_clip_token if old is not None else _on_policy_ppo_token, inputs=inputs,
+                                temperature=m.temperature, chunk_size=m.chunk_size, backend=m.backend, bias=bias)
+    with torch.no_grad():
+        _, metrics = ppo_loss(out.logp, old, advantages, mask, eps_low=m.epsilon_low, eps_high=m.epsilon_high,
+                              ref_logp=ref_logp, beta=m.beta, **options, validate=m.validate)
+    return out.loss, metrics
 
 
 def _nft(m, logp, old, mask, advantages, ref_logp, agg, rewards=None, group_ids=None, **inputs):
@@ -75,13 +116,15 @@ class FusedLinearPolicyLoss(nn.Module):
         max_completion_length: dr_grpo's constant L.
         chunk_size, backend: passed to `twofold.linear_logprobs`.
         validate: the objectives' value checks (one host sync); turn off on a hot path with trusted inputs.
+        fused: PPO-clip only: forward and backward in one vocab pass (`twofold.fused_linear_loss`, 6NHV FLOPs)
+            instead of log-probs and then autograd through them (8NHV). Same values; False for the latter.
         objective_kwargs: the objective's own keyword arguments (NFT: eps, prompt_weight, ...; PPO: kl=...).
     """
 
     def __init__(self, objective: str = "grpo", *, loss_type: str = "dapo", beta: float = 0.04,
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, temperature: float = 1.0,
                  max_completion_length: int | None = None, chunk_size: int | None = None, backend: str = "auto",
-                 validate: bool = True, **objective_kwargs):
+                 validate: bool = True, fused: bool = True, **objective_kwargs):
         super().__init__()
         if objective not in POLICY_OBJECTIVES:
             raise ValueError(f"objective must be one of {tuple(POLICY_OBJECTIVES)}, got {objective!r}")
@@ -94,7 +137,7 @@ class FusedLinearPolicyLoss(nn.Module):
         self.objective, self.loss_type, self.beta = objective, loss_type, beta
         self.epsilon_low, self.epsilon_high, self.temperature = epsilon_low, epsilon_high, temperature
         self.max_completion_length, self.chunk_size, self.backend = max_completion_length, chunk_size, backend
-        self.validate, self.objective_kwargs = validate, objective_kwargs
+        self.validate, self.fused, self.objective_kwargs = validate, fused, objective_kwargs
 
     def extra_repr(self) -> str:
         return f"objective={self.objective!r}, loss_type={self.loss_type!r}, beta={self.beta}"
@@ -135,7 +178,6 @@ class FusedLinearPolicyLoss(nn.Module):
             raise ValueError(f"attention_mask must be [B,T]={tuple(selected_token_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
         mask = attention_mask.bool()
-        logp = self.logprobs(_input, lin_weight, selected_token_ids, mask, bias)
         ref_logp = None
         if self.beta != 0:
             if ref_per_token_logps is not None:
@@ -145,8 +187,11 @@ class FusedLinearPolicyLoss(nn.Module):
                     ref_logp = self.logprobs(ref_input, ref_weight, selected_token_ids, mask, ref_bias)
             else:
                 raise ValueError("beta != 0 needs ref_per_token_logps, or ref_input with ref_weight")
-        old = None if old_per_token_logps is None else old_per_token_logps
+        old = old_per_token_logps
         agg = self.aggregation(mask, num_items_in_batch)
+        if self.fused and self.objective == "grpo" and not inputs:
+            return fused_ppo(self, _input, lin_weight, bias, selected_token_ids, mask, advantages, old, ref_logp, agg)
+        logp = self.logprobs(_input, lin_weight, selected_token_ids, mask, bias)
         return POLICY_OBJECTIVES[self.objective](self, logp, old, mask, advantages, ref_logp, agg, **inputs)
 
 

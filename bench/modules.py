@@ -6,7 +6,8 @@
 
 Both modules get the same hidden states, head weight and bias, token ids, mask, advantages and old (and
 reference) log-probs, with the same settings (loss_type, beta, epsilon, temperature 1); each call is forward and
-backward into hidden, weight and bias. Liger runs its default chunked path (`compiled=True`; `--liger-eager` turns
+backward into hidden, weight and bias. `twofold` is the module's default single fused vocab pass (6NHV),
+`twofold_unfused` its `fused=False` path (log-probs, then autograd: 8NHV). Liger runs its default chunked path (`compiled=True`; `--liger-eager` turns
 torch.compile off). Cases are interleaved within each repeat; we report the median and [min-max] over repeats of
 each case's time and of the per-repeat ratio, and the largest difference of loss and gradients between the two.
 """
@@ -43,8 +44,9 @@ def build_cases(args):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     common = dict(beta=args.beta, loss_type=args.loss_type, epsilon_low=0.2, epsilon_high=0.28)
     ours = FusedLinearGRPOLoss(**common, validate=False)
+    unfused = FusedLinearGRPOLoss(**common, validate=False, fused=False)
     liger = LigerFusedLinearGRPOLoss(**common, compiled=not args.liger_eager, use_ref_model=args.beta != 0)
-    return {"twofold": ours, "liger": liger}
+    return {"twofold": ours, "twofold_unfused": unfused, "liger": liger}
 
 
 def run_case(module, x):
@@ -85,6 +87,7 @@ def main(argv=None):
             if r >= args.warmup:
                 times[name].append(seconds)
     ratios = [lg / tw for lg, tw in zip(times["liger"], times["twofold"])]
+    ratios_unfused = [lg / tw for lg, tw in zip(times["liger"], times["twofold_unfused"])]
     report = dict(
         command=" ".join(["python -m bench.modules", *(sys.argv[1:] if argv is None else argv)]), device=device_name(device),
         machine=platform.processor() or platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
@@ -93,6 +96,8 @@ def main(argv=None):
         date=time.strftime("%Y-%m-%d"),
         seconds={k: dict(median=statistics.median(v), min=min(v), max=max(v)) for k, v in times.items()},
         liger_over_twofold=dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios)),
+        liger_over_twofold_unfused=dict(median=statistics.median(ratios_unfused), min=min(ratios_unfused),
+                                        max=max(ratios_unfused)),
         max_abs_diff=dict(loss=diff[0], d_hidden=diff[1], d_weight=diff[2], d_bias=diff[3]))
     print(f"{report['device']}, {args.dtype}, B={args.batch} T={args.seq} ({report['shape']['tokens']} tokens) "
           f"H={args.h} V={args.v}, loss_type={args.loss_type} beta={args.beta}, {args.repeats} repeats")
@@ -100,6 +105,8 @@ def main(argv=None):
         print(f"  {name:8s} fwd+bwd {s['median']:.3f} s [{s['min']:.3f}-{s['max']:.3f}]")
     r = report["liger_over_twofold"]
     print(f"  liger / twofold: {r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]")
+    r = report["liger_over_twofold_unfused"]
+    print(f"  liger / twofold_unfused: {r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]")
     print("  max |twofold - liger|: " + ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items()))
     if args.out:
         with open(args.out, "w") as f:

@@ -43,7 +43,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         super().__init__(*args, **kwargs)
         self._check_supported()
         self.twofold_loss = FusedLinearPolicyLoss(
-            objective, loss_type=self.loss_type, beta=self.beta if objective == "grpo" else 0.0,
+            objective, loss_type=self.loss_type, beta=self.beta,  # beta != 0 with NFT/RFT: an error, not ignored
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, temperature=self.temperature,
             max_completion_length=self.max_completion_length, **(objective_kwargs or {}))
 

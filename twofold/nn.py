@@ -9,8 +9,9 @@ old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None, num_it
 tokens `selected_token_ids` [B,T], `attention_mask` [B,T] marks the ones that count, `advantages` is [B] or [B,T].
 Objectives that need more per-sequence inputs take them by keyword (NFT: `rewards=`, `group_ids=`, optionally
 `correct_rate=`). It returns `(loss, metrics)`; metrics is the objective's dict of detached tensors (Liger returns a
-tuple). Log-probs come from `twofold.linear_logprobs` (never [B,T,V] logits), the loss from the objective's own
-function in `twofold.objectives`: one copy of the math.
+tuple). No [B,T,V] logits exist: PPO-clip runs in one fused vocab pass (`twofold.fused_linear_loss` with
+`ppo_clip_token`, the token-local function `ppo_loss` itself runs); NFT, RFT and `fused=False` take log-probs from
+`twofold.linear_logprobs` and call the objective's own loss. One copy of the math either way.
 
 `loss_type` picks the aggregation with TRL's names and normalisers:
 
@@ -37,6 +38,7 @@ from twofold.objectives.sft import rft_loss
 from twofold.objectives.token_local import ppo_clip_token
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+FUSED_OPTIONS = {"kl", "max_log_ratio"}  # ppo_loss options the fused pass applies; any other goes through ppo_loss
 
 
 def _ppo_options(m, agg: dict) -> dict:
@@ -68,7 +70,10 @@ def fused_ppo(m, hidden, weight, bias, targets, mask, advantages, old, ref_logp,
     like = torch.zeros(b, t, dtype=torch.float32, device=mask.device)
     w = token_weights(flat, options["agg"], like.dtype, constant=options["constant"],
                       num_tokens=options["num_tokens"], num_seqs=options["num_seqs"])
-    counted = lambda x: torch.where(mask, x.detach().to(like.dtype), like)  # padding may hold anything
+
+    def counted(x):  # padding may hold anything (NaN, inf): zero it before any math
+        return torch.where(mask, x.detach().to(like.dtype), like)
+
     inputs = dict(weight=w.view(b, t), adv=per_seq_or_token("advantages", advantages, flat, like, False).view(b, t),
                   eps_low=m.epsilon_low, eps_high=m.epsilon_high, beta=m.beta, kl=options["kl"],
                   max_log_ratio=options["max_log_ratio"])
@@ -189,7 +194,7 @@ class FusedLinearPolicyLoss(nn.Module):
                 raise ValueError("beta != 0 needs ref_per_token_logps, or ref_input with ref_weight")
         old = old_per_token_logps
         agg = self.aggregation(mask, num_items_in_batch)
-        if self.fused and self.objective == "grpo" and not inputs:
+        if self.fused and self.objective == "grpo" and not inputs and set(self.objective_kwargs) <= FUSED_OPTIONS:
             return fused_ppo(self, _input, lin_weight, bias, selected_token_ids, mask, advantages, old, ref_logp, agg)
         logp = self.logprobs(_input, lin_weight, selected_token_ids, mask, bias)
         return POLICY_OBJECTIVES[self.objective](self, logp, old, mask, advantages, ref_logp, agg, **inputs)

@@ -7,9 +7,11 @@ id) and chosen (1/0). Numbers become per-sequence fields that the objective read
 Bad rows: a malformed row stops the run with its id (data.on_bad_row=error) or is logged and skipped (skip);
 an empty response or a sequence over the micro-batch budget is always logged and skipped.
 
-Order: epoch e visits the sequences in a permutation seeded by (seed, e). The position is the number of sequences
-consumed since the start, so resuming (at any world size) continues with exactly the next sequence, across epoch
-boundaries too. The dataset's fingerprint is saved with the position: resuming on a different dataset fails loudly
+Order: epoch e visits the rows in a permutation seeded by (seed, e); the epochs' permutations, one after another,
+are the stream. A mini-batch takes the next rows of the stream, passing over a row it already holds (near an epoch
+boundary the next permutation may bring back a row of the previous one's tail), so every mini-batch holds distinct
+rows. The position is the number of stream slots consumed since the start, so resuming (at any world size)
+continues with exactly the next row, across epoch boundaries too. The dataset's fingerprint is saved with the position: resuming on a different dataset fails loudly
 instead of silently skipping rows.
 """
 from __future__ import annotations
@@ -177,6 +179,9 @@ class BatchStream:
                 self.rows[-1].append(seq)
             else:
                 self.rows.append([seq])
+        if not 1 <= batch_size <= len(self.rows):
+            raise ValueError(f"a mini-batch of {batch_size} distinct rows needs at least that many rows; the dataset "
+                             f"has {len(self.rows)}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.consumed = 0
         self.fingerprint = fingerprint(sequences)
@@ -189,13 +194,13 @@ class BatchStream:
 
     def next_batch(self) -> list[Sequence]:
         n = len(self.rows)
-        batch, orders = [], {}
-        for position in range(self.consumed, self.consumed + self.batch_size):
-            epoch = position // n
-            order = orders.setdefault(epoch, self._order(epoch))
-            batch.extend(self.rows[order[position % n]])
-        self.consumed += self.batch_size
-        return batch
+        picked, orders = {}, {}  # row index -> its sequences, in stream order
+        while len(picked) < self.batch_size:  # a batch spans at most two epochs, as batch_size <= n
+            epoch, slot = divmod(self.consumed, n)
+            row = orders.setdefault(epoch, self._order(epoch))[slot]
+            picked.setdefault(row, self.rows[row])  # a row the batch already holds is passed over
+            self.consumed += 1
+        return [seq for seqs in picked.values() for seq in seqs]
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "fingerprint": self.fingerprint}

@@ -17,10 +17,11 @@ import inspect
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from twofold.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from twofold.engine.checkpoint import export_hf, save_checkpoint
 from twofold.engine.config import Config, objective_kwargs, optimizer_steps, updates_per_step
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
@@ -94,10 +95,15 @@ class OnlineRun:
 
     def save(self) -> None:
         state = {"prompts": self.stream.state_dict(), "rollout_steps": self.rollout_steps}
-        save_checkpoint(self.config.run_dir, self.trainer, state, self.config.checkpoint.keep_last, self.extras())
+        save_checkpoint(self.config.run_dir, self.trainer, state, self.config.checkpoint.keep_last, self.extras(),
+                        step=self.rollout_steps)
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.trainer, self.extras())
+    def load(self, resume: Callable[[dict], tuple[Path, dict] | None]) -> None:
+        """`resume(extras)` loads the newest intact checkpoint into the trainer and extras (train.resume)."""
+        resumed = resume(self.extras())
+        if resumed is None:
+            return
+        path, state = resumed
         self.stream.load_state_dict(state["prompts"])
         self.rollout_steps = state["rollout_steps"]
         log.info("resumed from %s at rollout step %d", path, self.rollout_steps)
@@ -106,7 +112,7 @@ class OnlineRun:
     def step(self) -> dict[str, float]:
         start = time.perf_counter()
         groups, stats = self.collector.collect(self.stream)
-        metrics = {"step": self.rollout_steps, **stats.metrics()}
+        metrics = {"step": self.rollout_steps + 1, **stats.metrics()}  # 1..N, as offline
         batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer)
         if self.token_rm is not None and batch:
             metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
@@ -154,7 +160,7 @@ class OnlineRun:
         return out
 
     # ---- the run ---------------------------------------------------------------------------------------------------
-    def run(self, resume: Path | None) -> list[dict]:
+    def run(self, resume: Callable[[dict], tuple[Path, dict] | None] | None = None) -> list[dict]:
         if resume is not None:
             self.load(resume)
         sync_weights(self.policy, self.sampler)

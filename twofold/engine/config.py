@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,7 +205,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Config from a YAML file (optional) and `section.key=value` overrides (values parsed as YAML), validated."""
     tree: dict = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = _read_yaml(Path(path))
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
     file_objective = dict(tree.get("objective") or {}) if isinstance(tree.get("objective"), dict) else {}
@@ -233,6 +234,23 @@ def _check_objective_override(file_objective: dict, overrides: list[str]) -> Non
                          f"objective.kwargs=... (or objective.kwargs={{}}) on the command line too")
 
 
+def _read_yaml(path: Path):
+    if not path.is_file():
+        raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
+
+
 def _apply_override(tree: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
@@ -243,7 +261,10 @@ def _apply_override(tree: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
 
 
 def _build(cls, tree: dict, prefix: str):
@@ -271,13 +292,8 @@ def _check_type(name: str, value, hint):
         if value not in typing.get_args(hint):
             raise ValueError(f"config {name} must be one of {list(typing.get_args(hint))}, got {value!r}")
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        return _check_float(name, value)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -286,10 +302,45 @@ def _check_type(name: str, value, hint):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config {name} must be a mapping, got {value!r}")
-        return value
+        return {k: _check_float(f"{name}.{k}", v) if isinstance(v, float) else v for k, v in value.items()}
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"config {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_float(name: str, value) -> float:
+    """A finite float; YAML 1.1 reads 3e-4 (no dot) as a string, and .inf / .nan as floats."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(f"config {name} must be float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"config {name} must be a finite number, got {value!r}")
+    return float(number)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def validate_paths(config: Config) -> None:
+    """Files and directories the run reads, checked before anything loads."""
+    model, data = config.model, config.data
+    if model.path and Path(model.path).is_dir():
+        directory = Path(model.path)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"model.path {model.path!r} has no config.json: not a Hugging Face model directory")
+        if not model.tokenizer and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"model.path {model.path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                             "set model.tokenizer to a tokenizer directory")
+    if model.tokenizer and not Path(model.tokenizer).is_dir():
+        raise ValueError(f"model.tokenizer {model.tokenizer!r} is not a directory")
+    for key, path in (("data.path", data.path), ("eval.path", config.eval.path)):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{key} {path!r} is a directory, not a JSONL or Parquet file")
 
 
 def validate(config: Config) -> None:
@@ -303,7 +354,7 @@ def validate(config: Config) -> None:
     if not data.path:
         raise ValueError("data.path is required (a JSONL or Parquet file of rows)")
     for key, path in (("data.path", data.path), ("eval.path", config.eval.path)):
-        if path and not Path(path).is_file():
+        if path and not Path(path).exists():
             raise ValueError(f"{key} {path!r} does not exist")
     if config.objective.name not in OBJECTIVES:
         raise ValueError(f"objective.name {config.objective.name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
@@ -315,10 +366,13 @@ def validate(config: Config) -> None:
     if "{prompt}" not in data.prompt_template:
         raise ValueError(f"data.prompt_template must contain {{prompt}}, got {data.prompt_template!r}")
     validate_rollout(config)
+    validate_paths(config)
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
     _require(data.max_tokens_per_microbatch >= 2, "data.max_tokens_per_microbatch", ">= 2",
              data.max_tokens_per_microbatch)
     _require(optim.lr > 0, "optim.lr", "> 0", optim.lr)
+    _require(optim.weight_decay >= 0, "optim.weight_decay", ">= 0", optim.weight_decay)
+    _require(optim.eps > 0, "optim.eps", "> 0", optim.eps)
     _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)",
              optim.betas)
     updates = optimizer_steps(config)
@@ -361,6 +415,11 @@ def validate_rollout(config: Config) -> None:
     _require(0 <= r.freeze_actor_steps < config.train.steps, "rollout.freeze_actor_steps",
              f"in [0, train.steps={config.train.steps})", r.freeze_actor_steps)
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
+    _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
+    sampler = config.sampler
+    _require(sampler.kv_cache_gib > 0, "sampler.kv_cache_gib", "> 0", sampler.kv_cache_gib)
+    _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
+             sampler.gpu_memory_utilization)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
     if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):

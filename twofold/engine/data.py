@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +62,17 @@ def read_rows(path: str | Path, file_format: str = "auto") -> Iterator[tuple[int
     if file_format == "parquet" or (file_format == "auto" and path.suffix == ".parquet"):
         yield from _parquet_rows(path)
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # decoded line by line: a bad byte is that row's error, not the file's
         for row_id, line in enumerate(f, start=1):
             if line.strip():
                 yield row_id, _json_row(line)
 
 
-def _json_row(line: str) -> dict | str:
+def _json_row(raw: bytes) -> dict | str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
@@ -129,14 +134,24 @@ def parse_row(row: dict | str, fields: Fields = DEFAULT_FIELDS, row_id: int = 0
     for key, value in row.items():
         if key in fields.text:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"field {key!r} must be a number, got {value!r}")
-        values[key] = value
+        values[key] = require_number(row, key)
     prompt = row[fields.prompt]
     if not pair:
         return prompt, [(row[fields.response], values)]
     return prompt, [(row[side], {**values, "pair_id": row_id, "chosen": int(side == fields.chosen)})
                     for side in sides]
+
+
+def require_number(row: dict, key: str) -> float | int:
+    """A finite number (JSON's NaN / Infinity tokens, and Parquet's NaN, would poison the loss steps later)."""
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"field {key!r} must be a number, got {value!r}")
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        raise ValueError(f"field {key!r} is out of range for a 64-bit integer: {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"field {key!r} must be a finite number, got {value!r}")
+    return value
 
 
 def require_text(row: dict, key: str) -> str:

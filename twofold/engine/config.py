@@ -101,6 +101,10 @@ class TrainConfig:
     stop_after_steps: int = 0
     """End this invocation after this many steps (job time slots); 0 = run to `steps`. Resume continues."""
     seed: int = 0
+    collective_timeout_s: float = 600.0
+    """Multi-rank runs: a collective that waits longer than this ends the job with a message naming the rank that
+    stopped answering (gloo's own default is 30 minutes). Long enough for the slowest step, checkpoint save and
+    weight sync."""
     mode: Literal["offline", "online"] = "offline"
     """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
     (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
@@ -382,6 +386,7 @@ def validate(config: Config) -> None:
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
     _require(train.steps >= 1, "train.steps", ">= 1", train.steps)
     _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)
+    _require(train.collective_timeout_s > 0, "train.collective_timeout_s", "> 0", train.collective_timeout_s)
     _require(ckpt.every >= 0, "checkpoint.every", ">= 0", ckpt.every)
     _require(ckpt.keep_last >= 1, "checkpoint.keep_last", ">= 1", ckpt.keep_last)
     if ckpt.resume not in ("auto", "never") and not Path(ckpt.resume).is_dir():

@@ -25,7 +25,7 @@ from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, 
                                        resume_newest, save_checkpoint)
 from twofold.engine.config import Config, load_config, objective_kwargs, save_config, to_yaml
 from twofold.engine.data import BatchStream, Fields, load_sequences
-from twofold.engine.distributed import DistEnv, init_distributed, shutdown_distributed
+from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
 from twofold.engine.model import build_policy
 from twofold.engine.online import OnlineRun
 from twofold.engine.packing import Sequence
@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except ValueError as err:
         sys.exit(f"config error: {err}")
-    run(config)
+    try:
+        run(config)
+    except (CollectiveTimeout, CheckpointDamaged) as err:  # the message says all; a traceback would bury it
+        sys.exit(f"error: {err}")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A rank of a multi-rank run stopped answering: the message names it."""
 
 
 def load_tokenizer(config: Config):
@@ -60,9 +67,15 @@ def load_tokenizer(config: Config):
 def run(config: Config, **online_kwargs) -> list[dict]:
     """Train (or continue) the run described by `config`; returns this invocation's metrics (one dict per step).
     Online runs accept a ready `sampler` and verifier `pool` (tests share one engine between runs)."""
-    env = init_distributed()
+    env = init_distributed(config.train.collective_timeout_s)
     try:
         return _run(config, env, **online_kwargs)
+    except RuntimeError as err:
+        if env.world_size > 1 and is_timeout(err):
+            message = describe_hang(config.train.collective_timeout_s)
+            log.error("%s", message)
+            raise CollectiveTimeout(message) from err
+        raise
     finally:
         shutdown_distributed()
 

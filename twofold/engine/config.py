@@ -185,7 +185,11 @@ class EvalConfig:
 class VerifierConfig:
     workers: int = 2
     timeout: float = 5.0
-    """Wall-clock limit of one answer check (seconds); an overrun scores 0 and is counted."""
+    """Wall-clock limit of one answer check (seconds); an overrun scores 0 and is counted. Gold answers are parsed
+    under the same limit at load; one that takes longer is skipped and counted."""
+    numeric_tolerance: float = 0.0
+    """0: a decimal is the exact number it spells (3.14159 is not pi). > 0: a decimal also equals any value it
+    matches to this relative tolerance (1e-6 accepts 3.141593 for pi)."""
 
 
 @dataclass(kw_only=True)
@@ -422,7 +426,8 @@ def validate_rollout(config: Config) -> None:
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
     _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
     sampler = config.sampler
-    _require(sampler.kv_cache_gib > 0, "sampler.kv_cache_gib", "> 0", sampler.kv_cache_gib)
+    _require(sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib", ">= 0 (0: gpu_memory_utilization decides)",
+             sampler.kv_cache_gib)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
@@ -434,6 +439,8 @@ def validate_rollout(config: Config) -> None:
         _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
     _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
     _require(config.verifier.timeout > 0, "verifier.timeout", "> 0", config.verifier.timeout)
+    _require(0 <= config.verifier.numeric_tolerance < 1, "verifier.numeric_tolerance", "in [0, 1)",
+             config.verifier.numeric_tolerance)
 
 
 def _require(ok: bool, name: str, expected: str, actual) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from twofold.engine.checkpoint import export_hf, save_checkpoint
 from twofold.engine.config import Config, objective_kwargs, optimizer_steps, updates_per_step
@@ -70,12 +71,16 @@ class OnlineRun:
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
+        tolerance = config.verifier.numeric_tolerance
         self.pool = pool if pool is not None or not env.is_main else VerifierPool(
-            config.verifier.workers, config.verifier.timeout)
+            config.verifier.workers, config.verifier.timeout,
+            check_kwargs={"numeric_tolerance": tolerance} if tolerance else None)
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
-        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format)
+        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format,
+                                      check_golds=self.check_golds)
         self.eval_problems = (load_problems(config.eval.path, tokenizer, fields, max_prompt, data.format,
-                                            config.eval.max_prompts).problems if config.eval.path else [])
+                                            config.eval.max_prompts, self.check_golds).problems
+                              if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
         self.policy = build_policy(config.model, env, seed=seed)
@@ -88,6 +93,14 @@ class OnlineRun:
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
                                           config.verifier.timeout, seed)
         self.rollout_steps = 0
+
+    def check_golds(self, golds: list[str]) -> list[str | None]:
+        """Rank 0's verifier workers parse the gold answers (under its timeout); every rank gets the same verdicts,
+        so that all ranks keep the same prompts."""
+        verdicts = [self.pool.check_golds(golds) if self.env.is_main else None]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(verdicts, src=0)
+        return verdicts[0]
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def extras(self) -> dict:

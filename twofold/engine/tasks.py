@@ -2,8 +2,9 @@
 
 A prompt row holds the prompt text and its gold answer (`data.prompt_field`, `data.answer_field`; a number is
 taken as its decimal text; a `\\boxed{...}` gold is unwrapped). Rows whose gold answer the verifier cannot parse
-would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are prompts too long for the
-sampler. A row without the prompt or answer field is an error naming the field and the row.
+would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are gold answers that take
+longer than the verifier's timeout to parse (they are parsed in its worker processes, never in the trainer) and
+prompts too long for the sampler. A row without the prompt or answer field is an error naming the field and row.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from twofold.engine.data import Fields, read_rows, require_text
-from twofold.engine.verifier.equivalence import parse_answer
 from twofold.engine.verifier.extract import last_boxed
-from twofold.engine.verifier.normalize import normalize
-from twofold.engine.verifier.parser import ParseError
+from twofold.engine.verifier.pool import VerifierPool
 
 log = logging.getLogger("twofold.tasks")
 
@@ -47,22 +47,18 @@ def gold_text(row: dict, key: str) -> str:
     return last_boxed(text) or text
 
 
-def parseable(answer: str) -> bool:
-    """Whether the verifier can compare anything with this gold answer."""
-    text = normalize(answer)
-    if not text:
-        return False
-    try:
-        parse_answer(text)
-    except ParseError:
-        return False
-    return True
+def check_golds_in_workers(golds: list[str]) -> list[str | None]:
+    """Gold answers checked by a short-lived verifier pool (callers with a pool pass its `check_golds`)."""
+    with VerifierPool(num_workers=1) as pool:
+        return pool.check_golds(golds)
 
 
 def load_problems(path: str | Path, tokenizer, fields: Fields, max_prompt_tokens: int,
-                  file_format: str = "auto", limit: int = 0) -> ProblemSet:
-    """Tokenized problems of a prompt file; bad gold answers and overlong prompts are skipped and counted."""
-    out = ProblemSet([])
+                  file_format: str = "auto", limit: int = 0,
+                  check_golds: Callable[[list[str]], list[str | None]] = check_golds_in_workers) -> ProblemSet:
+    """Tokenized problems of a prompt file; bad gold answers and overlong prompts are skipped and counted.
+    `check_golds` says why each gold answer is unusable (None: usable), e.g. `VerifierPool.check_golds`."""
+    out, rows = ProblemSet([]), []
     for row_id, row in read_rows(path, file_format):
         try:
             if isinstance(row, str):
@@ -70,12 +66,12 @@ def load_problems(path: str | Path, tokenizer, fields: Fields, max_prompt_tokens
             prompt, answer = require_text(row, fields.prompt), gold_text(row, fields.answer)
         except ValueError as err:
             raise ValueError(f"{path} row {row_id}: {err}") from None
-        reason = None if parseable(answer) else "unparseable gold answer"
-        ids = tuple(tokenizer(fields.template.format(prompt=prompt)).input_ids)
+        rows.append((row_id, tuple(tokenizer(fields.template.format(prompt=prompt)).input_ids), answer))
+    for (row_id, ids, answer), reason in zip(rows, check_golds([answer for _, _, answer in rows])):
         if reason is None and not 0 < len(ids) < max_prompt_tokens:
             reason = "prompt too long for sampler.max_model_len"
         if reason:
-            log.warning("skipping %s row %d: %s (%r)", path, row_id, reason, answer)
+            log.warning("skipping %s row %d: %s (%r)", path, row_id, reason, answer[:200])
             out.skipped[reason] = out.skipped.get(reason, 0) + 1
             continue
         out.problems.append(Problem(row_id, ids, answer))

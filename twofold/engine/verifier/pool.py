@@ -54,17 +54,18 @@ class VerifierStats:
 
 
 class _Worker:
-    def __init__(self, check: str, memory_mb: int):
+    def __init__(self, check: str, memory_mb: int, check_kwargs: dict):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb)],
+            [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb), json.dumps(check_kwargs)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.fd = self.proc.stdout.fileno()
         self.born, self.ready, self.buffer = time.monotonic(), False, b""
         self.job, self.job_started = None, 0.0
 
-    def send(self, job_id: int, answer: str, gold: str) -> None:
-        self.proc.stdin.write(json.dumps({"id": job_id, "answer": answer, "gold": gold}).encode() + b"\n")
+    def send(self, job_id: int, answer: str, gold: str, kind: str = "check") -> None:
+        job = {"id": job_id, "answer": answer, "gold": gold, "kind": kind}
+        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
         self.proc.stdin.flush()
         self.job, self.job_started = job_id, time.monotonic()
 
@@ -86,20 +87,24 @@ class _Worker:
 class VerifierPool:
     """A persistent pool of verifier workers; use one per process (it is not fork-safe).
 
-    `check` names the function `(answer, gold) -> bool | float` the workers run;
-    `memory_mb` caps each worker's address space (0: no cap).
+    `check` names the function `(answer, gold, **check_kwargs) -> bool | float` the workers run (e.g.
+    `check_kwargs={"numeric_tolerance": 1e-6}` for the default check); `memory_mb` caps each worker's address
+    space (0: no cap).
     """
 
     def __init__(self, num_workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024,
-                 check: str = DEFAULT_CHECK, extract: ExtractConfig = DEFAULT_EXTRACT, cache_size: int = 100_000):
+                 check: str = DEFAULT_CHECK, extract: ExtractConfig = DEFAULT_EXTRACT, cache_size: int = 100_000,
+                 check_kwargs: dict | None = None):
         if num_workers < 1 or timeout <= 0:
             raise ValueError(f"num_workers must be >= 1 and timeout > 0, got {num_workers} and {timeout}")
         self.timeout, self.memory_mb, self.check = timeout, memory_mb, check
+        self.check_kwargs = dict(check_kwargs or {})
+        self._timed_out: set[int] = set()
         self.extract, self.cache_size = extract, cache_size
         self.stats, self.pid = VerifierStats(), os.getpid()
         self._cache: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._workers = [_Worker(check, memory_mb) for _ in range(num_workers)]
+        self._workers = [_Worker(check, memory_mb, self.check_kwargs) for _ in range(num_workers)]
 
     def __enter__(self):
         return self
@@ -127,6 +132,17 @@ class VerifierPool:
         finally:
             self._lock.release()
 
+    def check_golds(self, golds: list[str]) -> list[str | None]:
+        """Why each gold answer is unusable, or None when the verifier can parse it. Parsed in the workers under
+        the pool's timeout, so that no gold answer can stall the trainer process."""
+        unique = list(dict.fromkeys(golds))
+        with self._lock:
+            scores = self._run([("", gold, "gold") for gold in unique], self.timeout, None)
+            slow = set(self._timed_out)
+        reasons = {gold: None if score == 1.0 else "gold answer too slow to parse (verifier.timeout)" if k in slow
+                   else "unparseable gold answer" for k, (gold, score) in enumerate(zip(unique, scores))}
+        return [reasons[gold] for gold in golds]
+
     def _verify(self, responses, golds, timeout, deadline) -> list[float]:
         keys = [self._key(response, gold) for response, gold in zip(responses, golds)]
         todo = list(dict.fromkeys(k for k in keys if k is not None and k not in self._cache))
@@ -148,8 +164,10 @@ class VerifierPool:
             return None
         return answer, str(gold)
 
-    def _run(self, jobs: list[tuple[str, str]], timeout: float, deadline: float | None) -> list[float | None]:
+    def _run(self, jobs: list[tuple], timeout: float, deadline: float | None) -> list[float | None]:
+        """Scores of (answer, gold[, kind]) jobs; the ids of those that timed out are left in `_timed_out`."""
         scores: list[float | None] = [None] * len(jobs)
+        self._timed_out = set()
         queue = deque(range(len(jobs)))
         while queue or any(w.job is not None for w in self._workers):
             if deadline is not None and time.monotonic() >= deadline:
@@ -176,6 +194,7 @@ class VerifierPool:
         for k, worker in enumerate(self._workers):
             if worker.job is not None and now - worker.job_started >= timeout:
                 scores[worker.job] = 0.0
+                self._timed_out.add(worker.job)
                 self.stats.timeouts += 1
                 self._replace(k)
             elif not worker.ready and now - worker.born > _STARTUP_SECONDS:
@@ -204,7 +223,7 @@ class VerifierPool:
 
     def _replace(self, k: int) -> None:
         self._workers[k].kill()
-        self._workers[k] = _Worker(self.check, self.memory_mb)
+        self._workers[k] = _Worker(self.check, self.memory_mb, self.check_kwargs)
         self.stats.restarts += 1
 
     def _abandon(self, queue: deque, scores: list) -> None:

@@ -1,6 +1,7 @@
 """A verifier worker process: JSON-line jobs on stdin, JSON-line verdicts on a private copy of stdout.
 
-Started by `VerifierPool` as `python -m twofold.engine.verifier.worker <module:function> <memory_mb>`. Only JSON
+Started by `VerifierPool` as `python -m twofold.engine.verifier.worker <module:function> <memory_mb> [<kwargs JSON>]`;
+a job with `"kind": "gold"` asks whether a gold answer parses instead (`equivalence.gold_parses`). Only JSON
 crosses the pipe (no pickles), the address space is capped with RLIMIT_AS so a runaway sympy
 computation raises MemoryError here instead of swapping the machine, and the wall-clock limit is
 enforced from outside by killing the process, so nothing here relies on signals.
@@ -8,6 +9,7 @@ enforced from outside by killing the process, so nothing here relies on signals.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -22,6 +24,9 @@ def load_check(path: str):
 
 
 def run_check(check, job: dict) -> dict:
+    if job.get("kind") == "gold":
+        from twofold.engine.verifier.equivalence import gold_parses
+        check = gold_parses
     try:
         return {"id": job["id"], "score": float(check(job["answer"], job["gold"]))}
     except Exception as error:  # noqa: BLE001  any failure of one check is a 0 for that check only
@@ -30,9 +35,10 @@ def run_check(check, job: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     check_path, memory_mb = argv[1], int(argv[2])
+    kwargs = json.loads(argv[3]) if len(argv) > 3 else {}
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints (library warnings) must not corrupt the protocol
-    check = load_check(check_path)
+    check = functools.partial(load_check(check_path), **kwargs)
     if memory_mb > 0:
         limit = memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

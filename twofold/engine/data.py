@@ -199,20 +199,26 @@ class BatchStream:
                              f"has {len(self.rows)}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.consumed = 0
+        self._orders: dict[int, list[int]] = {}
         self.fingerprint = fingerprint(sequences)
 
     def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.rows)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.rows), generator=generator).tolist()
+        """Epoch `epoch`'s permutation of the rows, kept while the stream is in it (a batch spans two at most)."""
+        if epoch not in self._orders:
+            if not self.shuffle:
+                order = list(range(len(self.rows)))
+            else:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(self.rows), generator=generator).tolist()
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1} | {epoch: order}
+        return self._orders[epoch]
 
     def next_batch(self) -> list[Sequence]:
         n = len(self.rows)
-        picked, orders = {}, {}  # row index -> its sequences, in stream order
+        picked = {}  # row index -> its sequences, in stream order
         while len(picked) < self.batch_size:  # a batch spans at most two epochs, as batch_size <= n
             epoch, slot = divmod(self.consumed, n)
-            row = orders.setdefault(epoch, self._order(epoch))[slot]
+            row = self._order(epoch)[slot]
             picked.setdefault(row, self.rows[row])  # a row the batch already holds is passed over
             self.consumed += 1
         return [seq for seqs in picked.values() for seq in seqs]

@@ -93,13 +93,14 @@ class Supervisor(threading.Thread):
         self.store = _store_client(max(10.0, timeout_s))
 
     def run(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me, beats = {"pid": os.getpid(), "host": socket.gethostname()}, 0
         while True:
             if os.getppid() != self.launcher:
                 log.error("rank %d: its launcher (pid %d) has exited; ending this rank", self.rank, self.launcher)
                 os._exit(1)  # the main thread may be blocked in a collective: no clean shutdown is possible
+            beats += 1
             try:
-                self.store.set(self.key, json.dumps({**me, "time": time.time()}))
+                self.store.set(self.key, json.dumps({**me, "beats": beats}))
             except Exception:  # noqa: BLE001  the store lives in the launcher: gone means the launcher is dying
                 pass
             time.sleep(self.interval)
@@ -110,21 +111,23 @@ def is_timeout(err: BaseException) -> bool:
 
 
 def describe_hang(timeout_s: float) -> str:
-    """Which ranks stopped publishing heartbeats (read from the store), for the message of a timed-out collective."""
+    """Which ranks stopped publishing heartbeats, for the message of a timed-out collective: the store is read twice,
+    three heartbeat intervals apart (beat counters, not clocks, so hosts' clock skew does not matter)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     head = f"rank {rank}: a collective timed out after {timeout_s:g} s (train.collective_timeout_s)"
+    wait = 3 * heartbeat_interval(timeout_s)
     try:
         store = _store_client(min(10.0, timeout_s))
         keys = {r: HEARTBEAT_KEY.format(rank=r) for r in range(world) if r != rank}
-        beats = {r: json.loads(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
+        before = {r: json.loads(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
+        time.sleep(wait)
+        after = {r: json.loads(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
     except Exception as err:  # noqa: BLE001
         return f"{head}; the rendezvous store does not answer either ({type(err).__name__}): the launcher or " \
                f"the store's host is gone"
-    stale = heartbeat_interval(timeout_s) * 3
-    now = time.time()
-    silent = [f"rank {r} never answered" if b is None else
-              f"rank {r} (pid {b['pid']} on {b['host']}) last answered {now - b['time']:.0f} s ago"
-              for r, b in sorted(beats.items()) if b is None or now - b["time"] > stale]
+    silent = [f"rank {r} never answered" if after[r] is None else
+              f"rank {r} (pid {after[r]['pid']} on {after[r]['host']}) did not answer for {wait:g} s"
+              for r in sorted(keys) if after[r] is None or after[r] == before[r]]
     if not silent:
         return f"{head}; every rank is alive, so one is stuck in its own work or in a different collective"
     return f"{head}; {', '.join(silent)}: stopped, hung or dead. Ending the job."

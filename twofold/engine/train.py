@@ -72,9 +72,7 @@ def run(config: Config, **online_kwargs) -> list[dict]:
         return _run(config, env, **online_kwargs)
     except RuntimeError as err:
         if env.world_size > 1 and is_timeout(err):
-            message = describe_hang(config.train.collective_timeout_s)
-            log.error("%s", message)
-            raise CollectiveTimeout(message) from err
+            raise CollectiveTimeout(describe_hang(config.train.collective_timeout_s)) from err
         raise
     finally:
         shutdown_distributed()

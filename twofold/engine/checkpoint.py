@@ -310,8 +310,11 @@ def export_hf(policy: PolicyModel, tokenizer, out_dir: str | Path, dtype: str = 
         model.config.use_cache = True  # training turned the KV cache off; generation wants it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        old = out_dir.with_name(OLD_PREFIX + out_dir.name)
+        if out_dir.exists():  # the previous export stays until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            FILES.rename(out_dir, old)
+        FILES.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return out_dir

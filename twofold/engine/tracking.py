@@ -29,8 +29,10 @@ class Tracker:
         self.jsonl = self.bar = self.tb = self.wandb = None
         if not enabled:
             return
-        for name in ("metrics.jsonl", "eval.jsonl"):  # a resumed run repeats the steps after its checkpoint
-            drop_rows_after(self.run_dir / name, start_step)
+        # A resumed run repeats the steps after its checkpoint; a fresh start (step 0) repeats everything, the
+        # evaluation before training included.
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            drop_rows_after(self.run_dir / name, start_step if start_step else -1)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.eval_jsonl = open(self.run_dir / "eval.jsonl", "a", encoding="utf-8")
         if config.log.progress_bar:

@@ -11,8 +11,8 @@ Order: epoch e visits the rows in a permutation seeded by (seed, e); the epochs'
 are the stream. A mini-batch takes the next rows of the stream, passing over a row it already holds (near an epoch
 boundary the next permutation may bring back a row of the previous one's tail), so every mini-batch holds distinct
 rows. The position is the number of stream slots consumed since the start, so resuming (at any world size)
-continues with exactly the next row, across epoch boundaries too. The dataset's fingerprint is saved with the position: resuming on a different dataset fails loudly
-instead of silently skipping rows.
+continues with exactly the next row, across epoch boundaries too. The dataset's fingerprint is saved with the
+position: resuming on a different dataset fails loudly instead of silently skipping rows.
 """
 from __future__ import annotations
 

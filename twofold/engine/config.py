@@ -522,13 +522,8 @@ def _kwarg_value(name: str, value, hint):
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ValueError(f"config {name} must be a list of {len(items)} values, got {value!r}")
         return tuple(_kwarg_value(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, items)))
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 3e-4 as a string
-        except ValueError:
-            pass
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _check_float(name, value)  # finite; YAML 1.1 reads 3e-4 as a string
     if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
         raise ValueError(f"config {name} must be {_hint_name(hint)}, got {type(value).__name__} {value!r}")
     return value

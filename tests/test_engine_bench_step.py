@@ -21,10 +21,11 @@ def _bench(*args):
 
 def test_step_benchmark_reports_tokens_per_second_and_peak_memory_on_cpu():
     results = _bench("--preset", "tiny-qwen2", "--batch-tokens", "256", "--max-len", "64", "--budget", "128",
-                     "--steps", "1", "--warmup", "1")
-    assert [r["head"] for r in results] == ["fused", "eager"]
+                     "--steps", "1", "--warmup", "1", "--head-repeats", "1", "--objective", "nft")
+    assert [r["head"] for r in results] == ["fused", "logprobs", "eager"]
     for r in results:
         assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] >= 0 and r["microbatches"] >= 2 and "mfu" not in r
+        assert 0 < r["head_s_min"] <= r["head_s"] <= r["head_s_max"] and 0 < r["head_share"]
 
 
 @pytest.mark.gpu

@@ -200,3 +200,106 @@ def test_two_ranks_nft_and_redi(files, warm, tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         (step,) = read_metrics(Path(config.run_dir) / "metrics.jsonl")
         assert step["skipped"] == 0 and step["grad_norm"] > 0
+
+
+# ---- sampler / trainer agreement, corrections, the weight-sync canary -----------------------------------------------
+
+def online_run(config, sampler, pool):
+    """An OnlineRun built as `run` builds it, to call its step and sync by hand."""
+    from twofold.engine.distributed import init_distributed
+    from twofold.engine.online import OnlineRun
+    from twofold.engine.train import load_tokenizer
+
+    return OnlineRun(config, init_distributed(), load_tokenizer(config), sampler=sampler, pool=pool)
+
+
+@pytest.fixture
+def hf_sampler(files, warm, request):
+    s = build_sampler(SamplerConfig(**{**SAMPLER, "backend": "transformers", "dtype": request.param}), files["model"])
+    yield s
+    s.close()
+
+
+def one_step(config, sampler, pool, trainer_temperature=None):
+    from twofold.engine.distributed import shutdown_distributed
+
+    online = online_run(config, sampler, pool)
+    try:
+        if trainer_temperature is not None:
+            online.trainer.temperature = trainer_temperature  # the bug class: scoring at another temperature
+        online.sync()
+        return online.step()
+    finally:
+        shutdown_distributed()
+
+
+# every group trains (a full batch); the initial (random) model, whose next-token distributions are broad: the
+# warm policy is so sure of its tokens that the temperature barely moves their log-probs
+AGREEMENT = ["rollout.temperature=0.7", "rollout.dynamic_sampling=false"]
+
+
+def broad(files):
+    return f"model.path={files['model']}"
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_at_temperature_07_the_trainer_scores_what_either_sampler_sampled(backend, files, warm, sampler, pool,
+                                                                           tmp_path):
+    engine = sampler if backend == "vllm" else build_sampler(
+        SamplerConfig(**{**SAMPLER, "backend": "transformers"}), files["model"])
+    try:
+        step = one_step(online_config(files, warm, "grpo", tmp_path, *AGREEMENT, broad(files)), engine, pool)
+    finally:
+        if engine is not sampler:
+            engine.close()
+    print(f"\n{backend} fp32 T=0.7:", {k: v for k, v in step.items() if k.startswith(("mismatch/", "canary/"))})
+    assert step["mismatch/k3_kl"] < 1e-6 and step["mismatch/max_abs_logp_diff"] < 1e-3
+    assert step["mismatch/masked_frac"] == 0 and step["canary/max_abs_logp_diff"] < 1e-3
+
+
+def test_a_trainer_that_ignores_the_temperature_fails_the_agreement_check(files, warm, sampler, pool, tmp_path):
+    step = one_step(online_config(files, warm, "grpo", tmp_path, *AGREEMENT, broad(files)), sampler, pool,
+                    trainer_temperature=1.0)
+    print("\nT=0.7 sampled, scored at T=1:", step["mismatch/k3_kl"])
+    assert step["mismatch/k3_kl"] > 1e-3
+
+
+@pytest.mark.parametrize("hf_sampler", ["bfloat16"], indirect=True)
+def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(files, warm, hf_sampler, pool,
+                                                                                  tmp_path):
+    # NFT: a gradient even from all-wrong groups (the random model's); trainer and sampler both in bf16
+    bf16 = [*AGREEMENT[1:], broad(files), "model.dtype=bfloat16", "sampler.dtype=bfloat16"]
+    plain = one_step(online_config(files, warm, "nft", tmp_path / "none", *bf16), hf_sampler, pool)
+    corrected = one_step(online_config(files, warm, "nft", tmp_path / "tis", *bf16, "rollout.correction=token_tis"),
+                         hf_sampler, pool)
+    print("\nbf16:", {k: (plain[k], corrected[k]) for k in plain if k.startswith(("mismatch/", "canary/"))},
+          "grad_norm", plain["grad_norm"], corrected["grad_norm"])
+    assert plain["mismatch/k3_kl"] > 0 and plain["mismatch/max_abs_logp_diff"] > 1e-3
+    assert corrected["mismatch/k3_kl"] == pytest.approx(plain["mismatch/k3_kl"], rel=1e-6)  # same rollouts
+    assert plain["rollout/accuracy"] == corrected["rollout/accuracy"]
+    assert abs(corrected["grad_norm"] - plain["grad_norm"]) > 1e-4 * plain["grad_norm"]
+
+
+def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler, pool, tmp_path, monkeypatch):
+    """The sampler holds random weights in layer 1 (as a dummy load leaves them); the next sync skips that layer."""
+    from twofold.engine.distributed import shutdown_distributed
+    from twofold.engine.online import CanaryError
+
+    online = online_run(online_config(files, warm, "grpo", tmp_path), sampler, pool)
+    try:
+        online.sync()  # a healthy sync passes the canary
+        layer = [(n.removeprefix("causal_lm."), p.shape) for n, p in online.policy.named_parameters()
+                 if ".layers.1." in n]
+        sampler.load_weights([[(n, torch.randn(shape) * 0.2) for n, shape in layer]])
+        real = sampler.load_weights
+
+        def skipping_layer_1(buckets):
+            kept = ([(n, t) for n, t in bucket if ".layers.1." not in n] for bucket in buckets)
+            real(bucket for bucket in kept if bucket)
+
+        monkeypatch.setattr(sampler, "load_weights", skipping_layer_1)
+        with pytest.raises(CanaryError, match=r"weight-sync canary after sync 2: .* not running the trainer's") as err:
+            online.sync()
+        print("\n", err.value)
+    finally:
+        shutdown_distributed()

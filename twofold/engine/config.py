@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from twofold.engine.correction import bounds as correction_bounds
 from twofold.engine.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
 from twofold.objectives.token_local import check_kl_loss
@@ -108,6 +109,11 @@ class TrainConfig:
     mode: Literal["offline", "online"] = "offline"
     """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
     (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
+    head: Literal["fused", "logprobs"] = "fused"
+    """LM head of the training step. fused: token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL)
+    form loss and gradient in one `fused_linear_loss` pass (6NHV); DPO, SimPO, REDI and JEPO take log-probs
+    forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the objective
+    through autograd (8NHV), the reference path. Both give the same gradient."""
 
 
 @dataclass(kw_only=True)
@@ -165,6 +171,20 @@ class RolloutConfig:
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
     """OREAL: learning rate of the token reward model (its own AdamW)."""
+    correction: Literal["none", "token_tis", "seq_mask", "geo_mask", "icepop"] = "none"
+    """Rollout correction of the sampler/trainer mismatch, from r_t = log p_trainer - log p_sampler of each
+    sampled token (trainer log-probs under the weights that sampled; this adds that no-grad pass when the step
+    would not compute old log-probs anyway). A per-token weight c_t scales the token's loss term; c_t = 0 drops
+    the token from the loss and from every normaliser.
+    token_tis: c_t = min(e^r_t, c_high) (truncated importance sampling).
+    seq_mask: c = 1 if c_low <= e^(sum_t r_t) <= c_high else 0, for the whole sequence.
+    geo_mask: the same on the geometric mean ratio e^(mean_t r_t).
+    icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token."""
+    correction_c_high: float = 0.0
+    """Upper bound of the correction; 0 takes the mode's default (token_tis 2, seq_mask 3, geo_mask 1.01,
+    icepop 5)."""
+    correction_c_low: float = 0.0
+    """Lower bound (masks only); 0 takes the mode's default (seq_mask 1/3, geo_mask 0.99, icepop 0.5)."""
 
 
 @dataclass(kw_only=True)
@@ -430,6 +450,17 @@ def validate_rollout(config: Config) -> None:
              sampler.kv_cache_gib)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)
+    _require(r.correction_c_low >= 0, "rollout.correction_c_low", ">= 0", r.correction_c_low)
+    _require(r.correction_c_high >= 0, "rollout.correction_c_high", ">= 0", r.correction_c_high)
+    if r.correction != "none":
+        low, high = correction_bounds(r.correction, r.correction_c_low, r.correction_c_high)
+        _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {r.correction}", low)
+    s = config.sampler
+    for name in ("canary_every", "canary_prompts", "canary_tokens"):
+        _require(getattr(s, name) >= (0 if name == "canary_every" else 1), f"sampler.{name}",
+                 ">= 0" if name == "canary_every" else ">= 1", getattr(s, name))
+    _require(0 < s.canary_warn <= s.canary_stop, "sampler.canary_warn", f"in (0, sampler.canary_stop={s.canary_stop}]",
+             s.canary_warn)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
     if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):

@@ -1,10 +1,11 @@
 """Model loading and FSDP2: any local HF causal LM (or a preset) as a `PolicyModel` sharded per decoder layer.
 
-`PolicyModel` is the FSDP2 root: its forward runs the transformer trunk to the final hidden states and then
-`kernels.linear_logprobs` with the LM-head weight. Because that happens inside the root's forward, FSDP2 has
-already all-gathered the root's own parameters (embeddings, final norm, LM head; tied or not), so the kernel sees
-the full weight in the compute dtype and its gradient is reduce-scattered like any other. The model's own logits
-are never computed.
+`PolicyModel` is the FSDP2 root: its forward runs the transformer trunk to the final hidden states and then the
+head: `kernels.linear_logprobs` with the LM-head weight (scoring: old / reference log-probs), or a training
+`loss_head` from `engine.heads` (the fused loss, or log-probs + objective). Because that happens inside the root's
+forward, FSDP2 has already all-gathered the root's own parameters (embeddings, final norm, LM head; tied or not),
+so the kernel sees the full weight in the compute dtype and its gradient is reduce-scattered like any other. The
+model's own logits are never computed.
 
 Precision: parameters, gradients and optimizer state are fp32 shards (the master copy); FSDP2 casts to
 `model.dtype` for compute and reduces gradients in fp32. Loading at scale: every rank builds the model on the meta
@@ -38,12 +39,15 @@ class PolicyModel(nn.Module):
         self.causal_lm = causal_lm
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, targets: Tensor, *, temperature: float = 1.0,
-                return_entropy: bool = False):
-        """input_ids, position_ids, targets [N] (one packed row) -> fp32 log-probs [N] (0 at ignored targets)."""
+                return_entropy: bool = False, loss_head=None):
+        """input_ids, position_ids, targets [N] (one packed row) -> fp32 log-probs [N] (0 at ignored targets) at
+        `temperature`; with `loss_head` (an `engine.heads` head), its `HeadOutput` (loss, log-probs, metrics)."""
         trunk = self.causal_lm.get_decoder()
         # use_cache=False: with a cache transformers stops reading packed position_ids as sequence boundaries
         hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
         head = self.causal_lm.get_output_embeddings().weight
+        if loss_head is not None:
+            return loss_head(hidden[0], head, targets, temperature)
         out = self.head_logprobs(hidden[0], head, targets, temperature, return_entropy)
         # the kernel returns views; FSDP2 warns that in-place ops on a root output's view would skip its hooks
         return tuple(t.clone() for t in out) if return_entropy else out.clone()

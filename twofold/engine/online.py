@@ -1,13 +1,17 @@
 """The online loop (NFT, RFT, GRPO, DAPO, Dr. GRPO, OREAL, JEPO): one rollout step =
 
     sample n per prompt (in-process sampler) -> verify -> dynamic sampling -> training sequences
-    -> old log-probs (trainer weights, only when a rollout feeds more than one update)
+    -> old log-probs (trainer weights, when a rollout feeds more than one update or a correction needs them)
     -> reference log-probs (frozen initial policy, only when the objective's KL coefficient is > 0)
     -> [OREAL: one token-RM update on the batch, then its token scores]
-    -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler
+    -> mismatch metrics and the rollout correction (sampler vs trainer log-probs, `engine.correction`)
+    -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler -> canary
 
+All trainer log-probs (policy, old, reference) are at `rollout.temperature`, the distribution that was sampled.
 `train.steps` counts rollout steps. Every step logs the time split (generate / verify / old_logp / train / sync),
-training and generation tokens/s, and MFU on GPU. Checkpoints hold the policy, optimizer, schedule, the prompt
+training and generation tokens/s, the mismatch metrics, and MFU on GPU. The weight-sync canary (every
+`sampler.canary_every` syncs) samples a few fixed prompts and scores them with the trainer: a large gap means the
+sampler runs other weights than the trainer (a stale or half-finished sync), and the run stops. Checkpoints hold the policy, optimizer, schedule, the prompt
 stream position, the rollout step and the token RM; with seeds tied to stream positions, a resumed run repeats the
 uninterrupted one.
 """
@@ -24,17 +28,18 @@ import torch.distributed as dist
 
 from twofold.engine.checkpoint import export_hf, save_checkpoint
 from twofold.engine.config import Config, objective_kwargs, optimizer_steps, updates_per_step
+from twofold.engine.correction import correction_weights, log_ratios, mismatch_metrics
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
 from twofold.engine.eval import evaluate
 from twofold.engine.model import build_policy, load_hf_config
 from twofold.engine.packing import Sequence
 from twofold.engine.rollout import RolloutCollector, build_sequences
-from twofold.engine.sampler import Sampler, build_sampler, write_model_dir
+from twofold.engine.sampler import GenerationParams, Sampler, build_sampler, sample_distributed, write_model_dir
 from twofold.engine.tasks import load_problems
 from twofold.engine.token_rm import TokenRewardModel
 from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import Trainer, sequence_logprobs
+from twofold.engine.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
 from twofold.engine.verifier import VerifierPool
 from twofold.engine.weight_sync import sync_weights
 from twofold.objectives import OBJECTIVES
@@ -43,9 +48,15 @@ log = logging.getLogger("twofold")
 
 
 def needs_old_logp(config: Config) -> bool:
-    """Ratios differ from 1 only when one rollout feeds several updates; otherwise old = sg[current] exactly."""
-    params = inspect.signature(OBJECTIVES[config.objective.name]).parameters
-    return "old_logp" in params and updates_per_step(config) > 1
+    """The trainer's log-probs under the sampling weights, before any update: the ratios' old log-probs when one
+    rollout feeds several updates (otherwise old = sg[current] exactly, and the mismatch metrics come from the
+    update's own forward), and the input of a rollout correction."""
+    return updates_per_step(config) > 1 or config.rollout.correction != "none"
+
+
+class CanaryError(RuntimeError):
+    """The sampler's log-probs of the canary prompts are far from the trainer's: its weights are not the
+    trainer's."""
 
 
 def needs_ref_logp(config: Config) -> bool:
@@ -84,15 +95,18 @@ class OnlineRun:
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
         self.policy = build_policy(config.model, env, seed=seed)
+        self.temperature = config.rollout.temperature
         self.trainer = Trainer(self.policy, env, config.optim, objective=config.objective.name,
                                objective_kwargs=objective_kwargs(config), total_steps=optimizer_steps(config),
-                               max_tokens_per_microbatch=self.budget, pad_token_id=self.pad)
+                               max_tokens_per_microbatch=self.budget, pad_token_id=self.pad,
+                               head=config.train.head, temperature=self.temperature)
         self.ref = build_policy(config.model, env, seed=seed) if needs_ref_logp(config) else None
         self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
                          if config.objective.name == "oreal" else None)
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
                                           config.verifier.timeout, seed)
         self.rollout_steps = 0
+        self.syncs = 0
 
     def check_golds(self, golds: list[str]) -> list[str | None]:
         """Rank 0's verifier workers parse the gold answers (under its timeout); every rank gets the same verdicts,
@@ -131,13 +145,18 @@ class OnlineRun:
             metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
         t = time.perf_counter()
         self.add_token_fields(batch)
+        if batch and "old_logp" in batch[0].token_fields:
+            metrics |= self.correct(batch, [s.token_fields["old_logp"] for s in batch])
         metrics["time/old_logp_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        on_policy = bool(batch) and "old_logp" not in batch[0].token_fields
+        self.trainer.keep_logp = on_policy  # the first (only) update's forward scores the sampling weights
         metrics |= self.train(batch)
+        if on_policy and len(self.trainer.step_logp) == len(batch) and "skipped" in metrics:
+            metrics |= mismatch_metrics(self.ratios(batch, self.trainer.step_logp))
+        self.trainer.keep_logp, self.trainer.step_logp = False, []
         metrics["time/train_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        sync = sync_weights(self.policy, self.sampler)
-        metrics |= {"time/sync_s": time.perf_counter() - t, "sync/bytes": sync.bytes}
+        metrics |= self.sync()
         metrics["step_time_s"] = time.perf_counter() - start
         self.rollout_steps += 1
         return metrics
@@ -149,15 +168,75 @@ class OnlineRun:
         sources = {"old_logp": self.policy if needs_old_logp(self.config) else None, "ref_logp": self.ref}
         for name, model in sources.items():
             if model is not None:
-                for seq, values in zip(batch, sequence_logprobs(model, batch, self.env, self.budget, self.pad)):
+                scored = sequence_logprobs(model, batch, self.env, self.budget, self.pad, self.temperature)
+                for seq, values in zip(batch, scored):
                     seq.token_fields[name] = values
         if self.token_rm is not None:
             for seq, values in zip(batch, self.token_rm.scores(batch)):
                 seq.token_fields["token_scores"] = values
 
+    # ---- sampler / trainer mismatch ------------------------------------------------------------------------------
+    @staticmethod
+    def ratios(batch: list[Sequence], trainer_logp: list[list[float]]):
+        sampled = [s.token_fields["sampled"] for s in batch] if "sampled" in batch[0].token_fields else None
+        return log_ratios(trainer_logp, [s.token_fields["behavior_logp"] for s in batch], sampled)
+
+    def correct(self, batch: list[Sequence], trainer_logp: list[list[float]]) -> dict[str, float]:
+        """Mismatch metrics from the trainer's log-probs under the sampling weights; with a correction, each
+        sequence's `correction_weight` (1 on tokens that were not sampled)."""
+        r = self.config.rollout
+        ratios = self.ratios(batch, trainer_logp)
+        if r.correction == "none":
+            return mismatch_metrics(ratios)
+        weights = correction_weights(r.correction, ratios, r.correction_c_low, r.correction_c_high)
+        for seq, w in zip(batch, weights):
+            full = torch.ones(seq.response_len, dtype=torch.float64)
+            sampled = seq.token_fields.get("sampled")
+            full[torch.tensor(sampled) > 0 if sampled is not None else slice(None)] = w
+            seq.token_fields[CORRECTION] = full.tolist()
+        return mismatch_metrics(ratios, weights)
+
+    # ---- weight sync and its canary --------------------------------------------------------------------------------
+    def sync(self) -> dict[str, float]:
+        t = time.perf_counter()
+        stats = sync_weights(self.policy, self.sampler)
+        self.syncs += 1
+        out = {"time/sync_s": time.perf_counter() - t, "sync/bytes": stats.bytes}
+        every = self.config.sampler.canary_every
+        if every and (self.syncs - 1) % every == 0:
+            t = time.perf_counter()
+            out |= self.canary()
+            out["time/canary_s"] = time.perf_counter() - t
+        return out
+
+    def canary(self) -> dict[str, float]:
+        """Sample the first `canary_prompts` training prompts (fixed seed) and score the tokens with the trainer;
+        warn above `sampler.canary_warn`, stop above `sampler.canary_stop` (largest per-token |r|)."""
+        cfg = self.config.sampler
+        problems = self.problems.problems[:cfg.canary_prompts]
+        params = GenerationParams(n=1, temperature=self.temperature, top_p=self.config.rollout.top_p,
+                                  max_new_tokens=cfg.canary_tokens, seed=self.config.train.seed, logprobs=True)
+        samples = [g[0] for g in sample_distributed(self.sampler, [list(p.prompt_ids) for p in problems], params)]
+        seqs = [Sequence(list(p.prompt_ids) + list(s.token_ids), len(p.prompt_ids), row_id=f"canary/{p.row_id}",
+                         token_fields={"behavior_logp": list(s.logprobs)}) for p, s in zip(problems, samples)]
+        scored = sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad, self.temperature)
+        gap = mismatch_metrics(self.ratios(seqs, scored))
+        worst = gap["mismatch/max_abs_logp_diff"]
+        if worst > cfg.canary_stop:
+            raise CanaryError(
+                f"weight-sync canary after sync {self.syncs}: the sampler's log-probs differ from the trainer's by "
+                f"up to {worst:.3g} per token (sampler.canary_stop={cfg.canary_stop}); the sampler is not running "
+                "the trainer's weights (stale or partly loaded sync). Stopping before it generates a rollout.")
+        if worst > cfg.canary_warn:
+            log.warning("weight-sync canary after sync %d: sampler/trainer log-probs differ by up to %.3g per token "
+                        "(sampler.canary_warn=%g)", self.syncs, worst, cfg.canary_warn)
+        return {"canary/max_abs_logp_diff": worst, "canary/k3_kl": gap["mismatch/k3_kl"]}
+
     def train(self, batch: list[Sequence]) -> dict[str, float]:
-        """ppo_epochs x mini_batches optimizer steps over whole groups; metrics averaged over the updates."""
+        """ppo_epochs x mini_batches optimizer steps over whole groups; metrics averaged over the updates.
+        Sequences a correction dropped entirely leave the batch."""
         out: dict[str, float] = {}
+        batch = [s for s in batch if counted_len(s) > 0]
         frozen = self.rollout_steps < self.config.rollout.freeze_actor_steps
         if not batch or frozen:
             return out | {"loss": 0.0, "grad_norm": 0.0, "lr": self.trainer.last_lr, "tokens": 0.0,
@@ -176,7 +255,7 @@ class OnlineRun:
     def run(self, resume: Callable[[dict], tuple[Path, dict] | None] | None = None) -> list[dict]:
         if resume is not None:
             self.load(resume)
-        sync_weights(self.policy, self.sampler)
+        self.sync()
         cfg, history = self.config, []
         end = cfg.train.steps if not cfg.train.stop_after_steps else min(
             cfg.train.steps, self.rollout_steps + cfg.train.stop_after_steps)

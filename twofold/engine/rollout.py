@@ -15,6 +15,11 @@ gold answer after each sampled chain of thought (`cot_mask`, `answer_mask`, `val
 rollout.mask_truncated: truncated samples are dropped from the step's sequences after the group statistics
 (advantages, r_hat) are computed from all samples, so they leave the loss and every normaliser (token and
 sequence counts); OREAL picks its pair among the untruncated samples, JEPO's groups are its untruncated samples.
+
+Every sequence keeps the sampler's log-prob of each sampled token as the per-token field `behavior_logp` (both
+backends return them: log-softmax at the sampling temperature); JEPO's appended answer was not sampled, so its
+sequences also carry `sampled` (1 on the chain of thought, 0 on the answer) and 0 as the answer's behaviour
+log-prob.
 """
 from __future__ import annotations
 
@@ -109,7 +114,8 @@ class RolloutCollector:
         # prompt i of this batch gets seed + i * n: unique per stream position, identical after a resume
         base = self.seed * 1_000_003 + position * self.cfg.samples_per_prompt
         return GenerationParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, seed=base)
+                                top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, seed=base,
+                                logprobs=True)
 
     def collect(self, stream: BatchStream) -> tuple[list[Group], RolloutStats]:
         stats, kept = RolloutStats(), []
@@ -186,7 +192,14 @@ def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfi
 def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) -> Sequence:
     prompt = list(problem.prompt_ids)
     return Sequence(prompt + list(sample.token_ids), len(prompt), row_id=f"{problem.row_id}/{index}",
-                    fields=dict(fields))
+                    fields=dict(fields), token_fields={"behavior_logp": behavior_logp(sample)})
+
+
+def behavior_logp(sample: Sample) -> list[float]:
+    if sample.logprobs is None or len(sample.logprobs) != len(sample.token_ids):
+        raise ValueError(f"sample of prompt {sample.prompt_index} has no sampler log-prob per token "
+                         "(generate with logprobs=True)")
+    return list(sample.logprobs)
 
 
 def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[Sequence]:
@@ -218,11 +231,13 @@ def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[S
         for j, (cot, answer, valid) in parts.items():
             ok = valid and enough
             prompt = list(g.problem.prompt_ids)
+            sampled = [1.0] * len(cot) + [0.0] * len(answer)
+            behavior = behavior_logp(g.samples[j])[:len(cot)] + [0.0] * len(answer)
             seqs.append(Sequence(prompt + cot + answer, len(prompt), row_id=f"{g.problem.row_id}/{j}",
                                  fields={"group_ids": gid, "valid": float(ok),
                                          "format_rewards": 0.0 if valid else -cfg.format_penalty},
-                                 token_fields={"cot_mask": [1.0] * len(cot) + [0.0] * len(answer),
-                                               "answer_mask": [0.0] * len(cot) + [1.0] * len(answer)}))
+                                 token_fields={"cot_mask": sampled, "answer_mask": [1 - x for x in sampled],
+                                               "behavior_logp": behavior, "sampled": sampled}))
     return seqs
 
 

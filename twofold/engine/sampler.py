@@ -64,6 +64,15 @@ class SamplerConfig:
     stop: list[str] = field(default_factory=list)
     """Stop strings for every call, in addition to GenerationParams.stop."""
     seed: int = 0
+    canary_every: int = 1
+    """Online runs: every N weight syncs (and after the first), the sampler and the trainer score a few fixed
+    prompts (the first `canary_prompts` training prompts, `canary_tokens` sampled tokens each); 0 disables."""
+    canary_prompts: int = 2
+    canary_tokens: int = 16
+    canary_warn: float = 0.2
+    """Warn when the canary's largest per-token |log p_sampler - log p_trainer| exceeds this."""
+    canary_stop: float = 1.0
+    """Stop the run above this: the sampler's weights are stale or half loaded."""
 
 
 @dataclass(frozen=True, kw_only=True)

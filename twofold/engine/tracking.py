@@ -19,7 +19,8 @@ from twofold.engine.config import Config
 
 log = logging.getLogger("twofold")
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s")
-ONLINE_PLOTTED = ("rollout/accuracy", "rollout/informative_groups", "grad_norm", "tokens_per_s")  # NFT at R = 1: loss 0
+# NFT at R = 1: loss 0
+ONLINE_PLOTTED = ("rollout/accuracy", "rollout/informative_groups", "grad_norm", "tokens_per_s", "mismatch/k3_kl")
 
 
 class Tracker:

@@ -98,7 +98,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
                       objective_kwargs=objective_kwargs(config), total_steps=config.train.steps,
                       max_tokens_per_microbatch=data.max_tokens_per_microbatch,
-                      pad_token_id=tokenizer.pad_token_id or 0)
+                      pad_token_id=tokenizer.pad_token_id or 0, head=config.train.head)
     # after the optimizer exists: a forward leaves the FSDP2 root unsharded, and the optimizer must hold the shards
     if config.objective.name == "dpo" and data.precompute_ref_logp:
         add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)

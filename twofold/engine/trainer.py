@@ -15,11 +15,17 @@ Objectives are called by parameter name from what the packed batch holds: `logp`
 Statistics that depend on the current policy's log-probs of the whole mini-batch (JEPO's advantage stds,
 `objectives.BATCH_STATISTICS`) come from a no-grad pre-pass over this rank's micro-batches, summed over ranks,
 and reach every micro-batch loss like `num_tokens` (skipped when the mini-batch is one micro-batch on one rank,
-where the loss's own statistics are the mini-batch's). With `entropy_coef` the policy also returns the per-token
+where the loss's own statistics are the mini-batch's). With `entropy_coef` the head also computes the per-token
 entropy (with its gradient) for the loss's entropy bonus.
+
+The head (`train.head`, `engine.heads`) runs inside the FSDP2 root's forward: the fused loss (default) or
+log-probs + the objective through autograd; log-probs are at `temperature` (the sampling temperature online). A
+per-token field `correction_weight` (the rollout correction, `engine.correction`) scales each token's term; tokens
+it sets to 0 leave the loss and every normaliser, as if they were not in the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import resource
@@ -33,8 +39,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from twofold.engine.config import OptimConfig
 from twofold.engine.distributed import DistEnv, all_reduce_sum
+from twofold.engine.heads import make_head
 from twofold.engine.model import PolicyModel, count_parameters
-from twofold.engine.packing import MicroBatch, Sequence, check_sequence, collate, plan_microbatches
+from twofold.engine.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
 from twofold.objectives import BATCH_STATISTICS, OBJECTIVES
 from twofold.objectives.groups import group_index
 
@@ -60,19 +67,28 @@ def resolve_objective(name: str) -> Callable:
 
 # objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
 WHOLE_GROUPS = ("jepo",)
+# per-token rollout correction weight; 0 drops the token from the loss and the normalisers
+CORRECTION = "correction_weight"
+
+
+def counted_len(seq: Sequence) -> int:
+    """Response tokens that count: all of them, less those a rollout correction dropped."""
+    weights = seq.token_fields.get(CORRECTION)
+    return seq.response_len if weights is None else sum(w > 0 for w in weights)
 
 
 def batch_totals(batch: list[Sequence]) -> dict[str, float]:
     """The mini-batch normalisers every micro-batch loss divides by (counted tokens, sequences, pairs, prompts,
     positive / negative tokens); an objective reads those its signature names."""
-    totals = {"num_tokens": float(sum(s.response_len for s in batch)), "num_seqs": float(len(batch))}
+    lengths = [counted_len(s) for s in batch]
+    totals = {"num_tokens": float(sum(lengths)), "num_seqs": float(sum(n > 0 for n in lengths))}
     fields = batch[0].fields if batch else {}
     if "pair_id" in fields:
         totals["num_pairs"] = float(len({s.fields["pair_id"] for s in batch}))
     if "group_ids" in fields:
         totals["num_prompts"] = float(len({s.fields["group_ids"] for s in batch}))
     if "rewards" in fields:
-        totals["num_pos_tokens"] = float(sum(s.response_len for s in batch if s.fields["rewards"] > 0))
+        totals["num_pos_tokens"] = float(sum(n for s, n in zip(batch, lengths) if s.fields["rewards"] > 0))
         totals["num_neg_tokens"] = totals["num_tokens"] - totals["num_pos_tokens"]
     return totals
 
@@ -110,7 +126,17 @@ def plan_rank(batch: list[Sequence], budget: int, env: DistEnv, pad_token_id: in
               units: list | None = None) -> list[MicroBatch]:
     """This rank's packed micro-batches of a global batch (every rank gets the same number)."""
     plan = plan_microbatches([s.packed_len for s in batch], budget, env.world_size, units)
-    return [collate(batch, indices, pad_token_id) for indices in plan[env.rank]]
+    return [drop_corrected(collate(batch, indices, pad_token_id)) for indices in plan[env.rank]]
+
+
+def drop_corrected(mb: MicroBatch) -> MicroBatch:
+    """Tokens whose correction weight is 0 stop being loss positions (and leave the objective's own masks)."""
+    weights = mb.token_fields.get(CORRECTION)
+    if weights is None:
+        return mb
+    keep = weights > 0
+    fields = {k: v * keep if k.endswith("_mask") else v for k, v in mb.token_fields.items()}
+    return dataclasses.replace(mb, targets=torch.where(keep, mb.targets, IGNORE_INDEX), token_fields=fields)
 
 
 def objective_args(fn: Callable, name: str, logp: torch.Tensor, mb: MicroBatch, totals: dict, validate: bool,
@@ -156,22 +182,35 @@ def sum_statistics(parts: list[dict[str, torch.Tensor]], env: DistEnv) -> dict[s
 
 @torch.no_grad()
 def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, budget: int,
-                      pad_token_id: int = 0) -> list[list[float]]:
-    """Per response token log-probs of every sequence under `model` (no grad; old / reference log-probs).
-    Each rank scores its micro-batches; the result is gathered, so every rank returns the whole batch."""
+                      pad_token_id: int = 0, temperature: float = 1.0) -> list[list[float]]:
+    """Per response token log-probs at `temperature` of every sequence under `model` (no grad; old / reference
+    log-probs). Each rank scores its micro-batches; the result is gathered, so every rank returns the whole
+    batch."""
     local: dict[int, list[float]] = {}
-    for mb in plan_rank(batch, budget, env, pad_token_id):
+    plan = [collate(batch, indices, pad_token_id) for indices in plan_microbatches(
+        [s.packed_len for s in batch], budget, env.world_size)[env.rank]]  # every response token, corrected or not
+    for mb in plan:
         dev = mb.to(env.device)
-        logp = model(dev.input_ids, dev.position_ids, dev.targets).float().cpu()
-        for s, index in enumerate(mb.sequence_ids):
-            picked = (mb.seq_index == s) & mb.loss_mask
-            local[index] = logp[picked].tolist()
+        logp = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature).float().cpu()
+        local.update(split_by_sequence(logp, mb))
+    return gather_sequences(local, len(batch), env)
+
+
+def split_by_sequence(logp: torch.Tensor, mb: MicroBatch) -> dict[int, list[float]]:
+    """[N] per-token values of a micro-batch -> {sequence index in the mini-batch: its loss-position values}."""
+    out = {}
+    for s, index in enumerate(mb.sequence_ids):
+        out[index] = logp[(mb.seq_index == s) & (mb.targets != IGNORE_INDEX)].tolist()
+    return out
+
+
+def gather_sequences(local: dict[int, list[float]], size: int, env: DistEnv) -> list[list[float]]:
     parts: list = [local]
     if env.world_size > 1:
         parts = [None] * env.world_size
         dist.all_gather_object(parts, local)
     merged = {k: v for part in parts for k, v in part.items()}
-    return [merged[i] for i in range(len(batch))]
+    return [merged[i] for i in range(size)]
 
 
 class Trainer:
@@ -179,8 +218,12 @@ class Trainer:
 
     def __init__(self, policy: PolicyModel, env: DistEnv, optim: OptimConfig, *, objective: str,
                  objective_kwargs: dict | None = None, total_steps: int, max_tokens_per_microbatch: int,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, head: str = "fused", temperature: float = 1.0):
         self.policy, self.env, self.optim_cfg = policy, env, optim
+        self.head, self.temperature = head, float(temperature)
+        self.head_factory = make_head  # (head, objective, call, correction, entropy) -> head; bench swaps it
+        self.keep_logp = False  # set to gather the step's per-sequence log-probs into `step_logp`
+        self.step_logp: list[list[float]] = []
         self.loss_fn = resolve_objective(objective)
         self.objective_name, self.objective_kwargs = objective, dict(objective_kwargs or {})
         self.budget, self.pad_token_id = max_tokens_per_microbatch, pad_token_id
@@ -213,8 +256,11 @@ class Trainer:
         micro = self.plan(batch)
         totals |= self.batch_statistics(micro)
         local_loss, weighted = torch.zeros((), dtype=torch.float64, device=self.env.device), {}
+        local_logp: dict[int, list[float]] = {}
         for mb in micro:
             loss, metrics = self.micro_step(mb.to(self.env.device), totals)
+            if self.keep_logp:
+                local_logp.update(split_by_sequence(self.last_logp.cpu(), mb))
             local_loss += loss.detach().double()
             share = float(mb.loss_mask.sum()) / num_tokens  # objective metrics are per-micro-batch token means
             for k, v in metrics.items():
@@ -226,6 +272,8 @@ class Trainer:
         loss, packed_tokens = totals[0], totals[1]
         lr = self.last_lr  # the rate this update uses; apply_gradients advances the schedule
         grad_norm, applied = self.apply_gradients(loss)
+        if self.keep_logp:
+            self.step_logp = gather_sequences(local_logp, len(batch), self.env)
         elapsed = time.perf_counter() - start
         return {"step": self.steps_done, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                 "skipped": float(not applied), "tokens": packed_tokens, "loss_tokens": num_tokens,
@@ -233,14 +281,17 @@ class Trainer:
                 **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}
 
     def micro_step(self, mb: MicroBatch, totals: dict):
-        entropy = None
-        if self.wants_entropy:
-            logp, entropy = self.policy(mb.input_ids, mb.position_ids, mb.targets, return_entropy=True)
-        else:
-            logp = self.policy(mb.input_ids, mb.position_ids, mb.targets)
-        loss, metrics = self.call_objective(logp, mb, totals, validate=False, entropy=entropy)
-        loss.backward()
-        return loss, metrics
+        """Forward (trunk + head, inside the FSDP2 root) and backward of one micro-batch; keeps its log-probs."""
+        head = self.head_factory(self.head, self.objective_name, self.objective_call(mb, totals),
+                                 mb.token_fields.get(CORRECTION), self.wants_entropy)
+        out = self.policy(mb.input_ids, mb.position_ids, mb.targets, temperature=self.temperature, loss_head=head)
+        out.loss.backward()
+        self.last_logp = out.logp
+        return out.loss, out.metrics
+
+    def objective_call(self, mb: MicroBatch, totals: dict):
+        """The loss bound to one micro-batch: (logp, entropy) -> (loss, metrics), for the head."""
+        return lambda logp, entropy=None: self.call_objective(logp, mb, totals, validate=False, entropy=entropy)
 
     @torch.no_grad()
     def batch_statistics(self, micro: list[MicroBatch]) -> dict[str, torch.Tensor]:
@@ -251,7 +302,7 @@ class Trainer:
         parts = []
         for mb in micro:
             dev = mb.to(self.env.device)
-            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets)
+            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets, temperature=self.temperature)
             parts.append(self.call_objective(logp, dev, {}, validate=False, fn=self.statistics_fn))
         return sum_statistics(parts, self.env)
 
@@ -276,7 +327,7 @@ class Trainer:
                 raise ValueError(f"sequence of row {seq.row_id!r}: {problem}")
         if self.pairwise:
             check_pairs(batch)
-        whole = collate(batch, list(range(len(batch))), self.pad_token_id)
+        whole = drop_corrected(collate(batch, list(range(len(batch))), self.pad_token_id))
         zeros = torch.zeros(whole.num_tokens)
         self.call_objective(zeros, whole, batch_totals(batch), validate=True,
                             entropy=zeros if self.wants_entropy else None)

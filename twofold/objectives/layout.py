@@ -14,6 +14,8 @@ and passes `validate=False` on the hot path.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -189,10 +191,30 @@ def entropy_inputs(flat: Flat, logp: Tensor, entropy: Tensor | None, entropy_coe
     return {"entropy": torch.where(flat.mask, flat_entropy, zero), "entropy_weight": entropy_coef * weight}
 
 
+# The engine's fused head reads an objective's token-local form from the objective's own call (no second copy of
+# its inputs): inside `recording_token_local()`, every apply_token_local call also records (logp, fn, inputs),
+# inputs holding `entropy_weight` when the call has an entropy bonus (the kernel computes the entropy itself).
+_RECORDING: ContextVar[list | None] = ContextVar("token_local_recording", default=None)
+
+
+@contextmanager
+def recording_token_local():
+    """Yield a list that collects (logp, fn, inputs) of each `apply_token_local` call made inside the context."""
+    calls: list = []
+    token = _RECORDING.set(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDING.reset(token)
+
+
 def apply_token_local(logp: Tensor, fn, *, entropy: Tensor | None = None, entropy_weight: Tensor | None = None,
                       **inputs) -> tuple[Tensor, Tensor]:
     """Run a `token_local` function on flat logp: (scalar loss carrying its explicit gradient, [N] losses).
     With `entropy` / `entropy_weight` (from `entropy_inputs`) the function carries the entropy bonus."""
+    calls = _RECORDING.get()
+    if calls is not None:
+        calls.append((logp, fn, inputs if entropy is None else {**inputs, "entropy_weight": entropy_weight}))
     if entropy is None:
         with torch.no_grad():
             loss_t, grad_t = fn(logp.detach(), **inputs)

@@ -1,6 +1,8 @@
 """train.head=fused equals train.head=logprobs for every objective: the loss and every parameter's gradient, fp32,
 two ranks (FSDP2, gloo), several packed micro-batches per rank, at a sampling temperature of 0.7; ratio objectives
-both on-policy (the fused kernel supplies old = sg[logp] itself) and with old log-probs; and with a correction.
+both on-policy (the fused kernel supplies old = sg[logp] itself) and with old log-probs; with a correction; with
+an entropy bonus (its gradient from the same pass). With a correction the two heads report different loss values
+(the fused head sum_t c_t loss_t), which also shows that two different code paths ran.
 
 The comparison runs under torchrun (this file is also the worker: `python -m tests.test_heads`)."""
 import os
@@ -23,10 +25,13 @@ CASES = [
     ("grpo", {"beta": 0.04}, "rows", False, False),
     ("grpo", {"beta": 0.04}, "rows", True, True),
     ("dapo", {}, "rows", True, False),
-    ("drgrpo", {}, "rows", False, True),
+    ("drgrpo", {"constant": 24.0}, "rows", False, True),
     ("nft", {}, "rows", False, False),
     ("nft", {}, "rows", True, True),
     ("oreal", {}, "rows", False, True),
+    ("nft", {"entropy_coef": 0.01}, "rows", False, True),
+    ("cispo", {}, "rows", True, False),
+    ("gspo", {"entropy_coef": 0.01}, "rows", True, False),
     ("jepo", {"beta": 0.01}, "jepo", False, True),
     ("redi", {}, "pairs", False, False),
     ("dpo", {"beta": 0.1}, "pairs", False, False),
@@ -101,7 +106,7 @@ def main() -> None:
         assert micro >= 2, micro
         worst = max(float((grads_f[k] - grads_l[k]).abs().max()) for k in grads_f)
         scale = max(float(g.abs().max()) for g in grads_l.values())
-        case = f"{objective} old={old} corrected={corrected}"
+        case = f"{objective} {kwargs} old={old} corrected={corrected}"
         if env.is_main:
             print(f"{case}: loss {loss_f:.6g} vs {loss_l:.6g}, max |grad diff| {worst:.2e} (max |grad| {scale:.2e})")
         # with a correction the fused head reports sum_t c_t loss_t, the logprobs head the objective's own value

@@ -145,11 +145,12 @@ class OnlineRun:
             metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
         t = time.perf_counter()
         self.add_token_fields(batch)
-        if batch and "old_logp" in batch[0].token_fields:
+        behavior = bool(batch) and "behavior_logp" in batch[0].token_fields
+        if behavior and "old_logp" in batch[0].token_fields:
             metrics |= self.correct(batch, [s.token_fields["old_logp"] for s in batch])
         metrics["time/old_logp_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        on_policy = bool(batch) and "old_logp" not in batch[0].token_fields
+        on_policy = behavior and "old_logp" not in batch[0].token_fields
         self.trainer.keep_logp = on_policy  # the first (only) update's forward scores the sampling weights
         metrics |= self.train(batch)
         if on_policy and len(self.trainer.step_logp) == len(batch) and "skipped" in metrics:

@@ -192,14 +192,21 @@ def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfi
 def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) -> Sequence:
     prompt = list(problem.prompt_ids)
     return Sequence(prompt + list(sample.token_ids), len(prompt), row_id=f"{problem.row_id}/{index}",
-                    fields=dict(fields), token_fields={"behavior_logp": behavior_logp(sample)})
+                    fields=dict(fields), token_fields=behavior_fields(sample, len(sample.token_ids)))
 
 
-def behavior_logp(sample: Sample) -> list[float]:
-    if sample.logprobs is None or len(sample.logprobs) != len(sample.token_ids):
-        raise ValueError(f"sample of prompt {sample.prompt_index} has no sampler log-prob per token "
-                         "(generate with logprobs=True)")
-    return list(sample.logprobs)
+def behavior_fields(sample: Sample, sampled: int, appended: int = 0) -> dict[str, list[float]]:
+    """{"behavior_logp"} of the first `sampled` tokens (+ `sampled` and 0 for `appended` tokens that were not
+    sampled); {} for a sample generated without log-probs."""
+    if sample.logprobs is None:
+        return {}
+    if len(sample.logprobs) != len(sample.token_ids):
+        raise ValueError(f"sample of prompt {sample.prompt_index} has {len(sample.logprobs)} log-probs for "
+                         f"{len(sample.token_ids)} tokens")
+    fields = {"behavior_logp": list(sample.logprobs[:sampled]) + [0.0] * appended}
+    if appended:
+        fields["sampled"] = [1.0] * sampled + [0.0] * appended
+    return fields
 
 
 def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[Sequence]:
@@ -231,13 +238,12 @@ def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[S
         for j, (cot, answer, valid) in parts.items():
             ok = valid and enough
             prompt = list(g.problem.prompt_ids)
-            sampled = [1.0] * len(cot) + [0.0] * len(answer)
-            behavior = behavior_logp(g.samples[j])[:len(cot)] + [0.0] * len(answer)
+            cot_mask = [1.0] * len(cot) + [0.0] * len(answer)
             seqs.append(Sequence(prompt + cot + answer, len(prompt), row_id=f"{g.problem.row_id}/{j}",
                                  fields={"group_ids": gid, "valid": float(ok),
                                          "format_rewards": 0.0 if valid else -cfg.format_penalty},
-                                 token_fields={"cot_mask": sampled, "answer_mask": [1 - x for x in sampled],
-                                               "behavior_logp": behavior, "sampled": sampled}))
+                                 token_fields={"cot_mask": cot_mask, "answer_mask": [1 - x for x in cot_mask],
+                                               **behavior_fields(g.samples[j], len(cot), len(answer))}))
     return seqs
 
 

@@ -110,10 +110,10 @@ class TrainConfig:
     """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
     (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
     head: Literal["fused", "logprobs"] = "fused"
-    """LM head of the training step. fused: token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL)
-    form loss and gradient in one `fused_linear_loss` pass (6NHV); DPO, SimPO, REDI and JEPO take log-probs
-    forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the objective
-    through autograd (8NHV), the reference path. Both give the same gradient."""
+    """LM head of the training step. fused: token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL,
+    CISPO) form loss and gradient in one `fused_linear_loss` pass (6NHV); DPO, SimPO, REDI, JEPO and GSPO take
+    log-probs forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the
+    objective through autograd (8NHV), the reference path. Both give the same gradient."""
 
 
 @dataclass(kw_only=True)

@@ -132,8 +132,8 @@ def head_times(args, heads: list[str]) -> dict[str, list[float]]:
         def run(head: str):
             for mb, hidden in work:
                 h = hidden.clone().requires_grad_()
-                call = lambda logp, mb=mb: trainer.call_objective(logp, mb, totals, validate=False)  # noqa: E731
-                out = head_factory(head, args.objective, call)(h, weight, mb.targets, 1.0)
+                out = head_factory(head, args.objective, trainer.objective_call(mb, totals))(h, weight, mb.targets,
+                                                                                            1.0)
                 out.loss.backward()
             weight.grad = None
 

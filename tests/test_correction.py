@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from twofold.engine.config import load_config
+from twofold.engine.config import correction_mode, load_config
 from twofold.engine.correction import DEFAULT_BOUNDS, correction_weights, log_ratios, mismatch_metrics
 from twofold.engine.packing import Sequence
 from twofold.engine.trainer import CORRECTION, batch_totals, drop_corrected
@@ -102,5 +102,7 @@ def test_bad_correction_bounds_are_named(tmp_path):
                                   "rollout.correction_c_high=1.2"])
     with pytest.raises(ValueError, match="rollout.correction must be one of"):
         load_config(None, base + ["rollout.correction=tis"])
+    assert correction_mode(load_config(None, base + ["model.dtype=float32", "sampler.dtype=float32"])) == "none"
+    assert correction_mode(load_config(None, base + ["model.dtype=float32"])) == "token_tis"  # bf16 sampler
     with pytest.raises(ValueError, match="sampler.canary_warn"):
         load_config(None, base + ["sampler.canary_warn=2", "sampler.canary_stop=1"])

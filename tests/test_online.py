@@ -269,7 +269,8 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
                                                                                   tmp_path):
     # NFT: a gradient even from all-wrong groups (the random model's); trainer and sampler both in bf16
     bf16 = [*AGREEMENT[1:], broad(files), "model.dtype=bfloat16", "sampler.dtype=bfloat16"]
-    plain = one_step(online_config(files, warm, "nft", tmp_path / "none", *bf16), hf_sampler, pool)
+    plain = one_step(online_config(files, warm, "nft", tmp_path / "none", *bf16, "rollout.correction=none"),
+                     hf_sampler, pool)
     corrected = one_step(online_config(files, warm, "nft", tmp_path / "tis", *bf16, "rollout.correction=token_tis"),
                          hf_sampler, pool)
     print("\nbf16:", {k: (plain[k], corrected[k]) for k in plain if k.startswith(("mismatch/", "canary/"))},
@@ -290,7 +291,8 @@ def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler,
         online.sync()  # a healthy sync passes the canary
         layer = [(n.removeprefix("causal_lm."), p.shape) for n, p in online.policy.named_parameters()
                  if ".layers.1." in n]
-        sampler.load_weights([[(n, torch.randn(shape) * 0.2) for n, shape in layer]])
+        g = torch.Generator().manual_seed(0)
+        sampler.load_weights([[(n, torch.randn(shape, generator=g) * 0.2) for n, shape in layer]])
         real = sampler.load_weights
 
         def skipping_layer_1(buckets):

@@ -171,7 +171,7 @@ class RolloutConfig:
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
     """OREAL: learning rate of the token reward model (its own AdamW)."""
-    correction: Literal["none", "token_tis", "seq_mask", "geo_mask", "icepop"] = "none"
+    correction: Literal["auto", "none", "token_tis", "seq_mask", "geo_mask", "icepop"] = "auto"
     """Rollout correction of the sampler/trainer mismatch, from r_t = log p_trainer - log p_sampler of each
     sampled token (trainer log-probs under the weights that sampled; this adds that no-grad pass when the step
     would not compute old log-probs anyway). A per-token weight c_t scales the token's loss term; c_t = 0 drops
@@ -179,7 +179,9 @@ class RolloutConfig:
     token_tis: c_t = min(e^r_t, c_high) (truncated importance sampling).
     seq_mask: c = 1 if c_low <= e^(sum_t r_t) <= c_high else 0, for the whole sequence.
     geo_mask: the same on the geometric mean ratio e^(mean_t r_t).
-    icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token."""
+    icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token.
+    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (README,
+    "Rollout corrections": in fp32 the mismatch is ~1e-13 and a correction would only add a pass)."""
     correction_c_high: float = 0.0
     """Upper bound of the correction; 0 takes the mode's default (token_tis 2, seq_mask 3, geo_mask 1.01,
     icepop 5)."""
@@ -430,6 +432,14 @@ def optimizer_steps(config: Config) -> int:
     return max(1, actor_steps) * updates_per_step(config)
 
 
+def correction_mode(config: Config) -> str:
+    """rollout.correction with `auto` resolved: token_tis when either side computes in bf16, else none."""
+    mode = config.rollout.correction
+    if mode != "auto":
+        return mode
+    return "token_tis" if "bfloat16" in (config.model.dtype, config.sampler.dtype) else "none"
+
+
 def validate_rollout(config: Config) -> None:
     r, ev = config.rollout, config.eval
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_gen_batches", "mini_batches",
@@ -452,9 +462,10 @@ def validate_rollout(config: Config) -> None:
              sampler.gpu_memory_utilization)
     _require(r.correction_c_low >= 0, "rollout.correction_c_low", ">= 0", r.correction_c_low)
     _require(r.correction_c_high >= 0, "rollout.correction_c_high", ">= 0", r.correction_c_high)
-    if r.correction != "none":
-        low, high = correction_bounds(r.correction, r.correction_c_low, r.correction_c_high)
-        _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {r.correction}", low)
+    mode = correction_mode(config)
+    if mode != "none":
+        low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
+        _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
     s = config.sampler
     for name in ("canary_every", "canary_prompts", "canary_tokens"):
         _require(getattr(s, name) >= (0 if name == "canary_every" else 1), f"sampler.{name}",

@@ -42,7 +42,7 @@ def log_ratios(trainer: list[list[float]], behavior: list[list[float]],
 def correction_weights(mode: str, ratios: list[torch.Tensor], c_low: float = 0.0,
                        c_high: float = 0.0) -> list[torch.Tensor]:
     """Per sequence, c_t for its sampled tokens (the formulas of `RolloutConfig.correction`)."""
-    if mode not in CORRECTIONS:
+    if mode not in CORRECTIONS:  # "auto" is resolved by config.correction_mode before this
         raise ValueError(f"rollout.correction must be one of {CORRECTIONS}, got {mode!r}")
     if mode == "none":
         return [torch.ones_like(r) for r in ratios]

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from twofold.engine.checkpoint import export_hf, save_checkpoint
-from twofold.engine.config import Config, objective_kwargs, optimizer_steps, updates_per_step
+from twofold.engine.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
 from twofold.engine.correction import correction_weights, log_ratios, mismatch_metrics
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
@@ -51,7 +51,7 @@ def needs_old_logp(config: Config) -> bool:
     """The trainer's log-probs under the sampling weights, before any update: the ratios' old log-probs when one
     rollout feeds several updates (otherwise old = sg[current] exactly, and the mismatch metrics come from the
     update's own forward), and the input of a rollout correction."""
-    return updates_per_step(config) > 1 or config.rollout.correction != "none"
+    return updates_per_step(config) > 1 or (config.train.mode == "online" and correction_mode(config) != "none")
 
 
 class CanaryError(RuntimeError):
@@ -187,9 +187,10 @@ class OnlineRun:
         sequence's `correction_weight` (1 on tokens that were not sampled)."""
         r = self.config.rollout
         ratios = self.ratios(batch, trainer_logp)
-        if r.correction == "none":
+        mode = correction_mode(self.config)
+        if mode == "none":
             return mismatch_metrics(ratios)
-        weights = correction_weights(r.correction, ratios, r.correction_c_low, r.correction_c_high)
+        weights = correction_weights(mode, ratios, r.correction_c_low, r.correction_c_high)
         for seq, w in zip(batch, weights):
             full = torch.ones(seq.response_len, dtype=torch.float64)
             sampled = seq.token_fields.get("sampled")

@@ -74,7 +74,7 @@ class SamplerConfig:
     trainer on the CPU demo, 20 steps: the canary at most 0.27, any rollout token at most 0.61)."""
     canary_stop: float = 3.0
     """Stop the run above this: the sampler's weights are stale or half loaded (one layer left at random
-    weights: 6.8)."""
+    weights: 6.7)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -93,7 +93,8 @@ def run_head(args, head: str) -> dict:
         keys = ("tokens_per_s", "step_time_s", "peak_mem_gib", "mfu")
         summary = {k: statistics.median(r[k] for r in rows) for k in keys if k in rows[0]}
         return {"head": head, "preset": args.preset, "dtype": args.dtype, "device": str(env.device),
-                "attn": policy.causal_lm.config._attn_implementation, "objective": args.objective, "tokens": rows[0]["tokens"], "microbatches": rows[0]["microbatches"],
+                "attn": policy.causal_lm.config._attn_implementation, "objective": args.objective,
+                "tokens": rows[0]["tokens"], "microbatches": rows[0]["microbatches"],
                 **summary}
     finally:
         shutdown_distributed()

@@ -11,9 +11,9 @@ All trainer log-probs (policy, old, reference) are at `rollout.temperature`, the
 `train.steps` counts rollout steps. Every step logs the time split (generate / verify / old_logp / train / sync),
 training and generation tokens/s, the mismatch metrics, and MFU on GPU. The weight-sync canary (every
 `sampler.canary_every` syncs) samples a few fixed prompts and scores them with the trainer: a large gap means the
-sampler runs other weights than the trainer (a stale or half-finished sync), and the run stops. Checkpoints hold the policy, optimizer, schedule, the prompt
-stream position, the rollout step and the token RM; with seeds tied to stream positions, a resumed run repeats the
-uninterrupted one.
+sampler runs other weights than the trainer (a stale or half-finished sync), and the run stops. Checkpoints hold
+the policy, optimizer, schedule, the prompt stream position, the rollout step and the token RM; with seeds tied to
+stream positions, a resumed run repeats the uninterrupted one.
 """
 from __future__ import annotations
 

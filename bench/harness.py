@@ -1,6 +1,8 @@
 """Measurement shared by the benchmarks: interleaved median timing and honest peak-memory probes.
 
-Time: median of repeats after warm-up, every case run once per repeat so drift hits all cases alike.
+Time: median of repeats after warm-up, every case run once per repeat so drift hits all cases alike; tables print
+[min-max] over the repeats beside the median, and the load average before and after the run (`LoadWatch`), with a
+warning when other work shared the machine: then only ratios between cases of the same run mean anything.
 Memory: on CUDA, torch.cuda.max_memory_allocated minus what was allocated before the call. On CPU torch's
 allocator is invisible to tracemalloc, so a case runs in a fresh subprocess and reports its peak RSS growth over
 one call after a warm-up (VmHWM, reset just before the call, minus VmRSS at that point), with glibc's mmap
@@ -37,16 +39,81 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+class Spread(float):
+    """A median (it is the float) that also carries the min and max of the samples it came from."""
+
+    def __new__(cls, samples: list[float]):
+        self = super().__new__(cls, statistics.median(samples))
+        self.low, self.high, self.samples = min(samples), max(samples), list(samples)
+        return self
+
+    def scaled(self, factor: float) -> "Spread":
+        return Spread([x * factor for x in self.samples])
+
+    def fmt(self, spec: str = ".1f", scale: float = 1.0) -> str:
+        """'median [min-max]', each multiplied by `scale`."""
+        return f"{self * scale:{spec}} [{self.low * scale:{spec}}-{self.high * scale:{spec}}]"
+
+    def as_dict(self, scale: float = 1.0) -> dict:
+        return {"median": self * scale, "min": self.low * scale, "max": self.high * scale}
+
+
+def ratio(a: Spread, b: Spread) -> Spread:
+    """a/b per repeat (repeat r of a against repeat r of b, both timed back to back): median [min-max]."""
+    return Spread([x / y for x, y in zip(a.samples, b.samples)])
+
+
 def median_times(cases: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int,
-                 repeats: int) -> dict[Hashable, float]:
-    """Median seconds per case; cases interleaved within each repeat so drift hits all alike."""
+                 repeats: int, progress: str | None = None) -> dict[Hashable, Spread]:
+    """Seconds per case as a `Spread` over the repeats; cases interleaved within each repeat so drift hits all
+    alike. With `progress` (a label), one line per repeat goes to stderr, so a long run shows it is alive."""
     times = {key: [] for key in cases}
+    start = time.perf_counter()
     for r in range(warmup + repeats):
         for key, run in cases.items():
             seconds = time_call(run, device)
             if r >= warmup:
                 times[key].append(seconds)
-    return {key: statistics.median(v) for key, v in times.items()}
+        if progress:
+            kind = "warm-up" if r < warmup else "repeat"
+            done = r + 1 if r < warmup else r + 1 - warmup
+            print(f"[{progress}] {kind} {done}/{warmup if r < warmup else repeats} done, "
+                  f"{time.perf_counter() - start:.0f} s elapsed", file=sys.stderr, flush=True)
+    return {key: Spread(v) for key, v in times.items()}
+
+
+class LoadWatch:
+    """The 1-minute load average before and after a benchmark, and whether other work shared the machine.
+
+    Busy means the load before exceeded half the cores, or the load after exceeded the threads this benchmark
+    runs plus half the cores (the 1-minute average lags, so the run's own threads are in the after figure)."""
+
+    def __init__(self, threads: int):
+        self.threads, self.cores = threads, os.cpu_count() or 1
+        self.before, self.after = os.getloadavg()[0], None
+
+    def stop(self) -> "LoadWatch":
+        self.after = os.getloadavg()[0]
+        return self
+
+    @property
+    def busy(self) -> bool:
+        return self.before > self.cores / 2 or (self.after or 0.0) > self.threads + self.cores / 2
+
+    def as_dict(self) -> dict:
+        return {"load_before": self.before, "load_after": self.after, "cores": self.cores, "busy": self.busy}
+
+    def lines(self) -> list[str]:
+        out = [f"load average (1 min) before {self.before:.2f}, after {self.after:.2f}, on {self.cores} cores"]
+        if self.busy:
+            out.append("WARNING: the machine was busy with other work; absolute times are inflated and noisy, "
+                       "only ratios between cases of this run (interleaved) are meaningful")
+        out.append(READ_RATIOS)
+        return out
+
+
+READ_RATIOS = ("how to read: times are median [min-max] over the repeats; a ratio x/y below 1.00 means x is faster "
+               "(or smaller) than y; ratios are taken repeat by repeat, so shared slowdowns cancel")
 
 
 def rss_bytes(field: str = "VmRSS") -> int:

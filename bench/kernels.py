@@ -7,23 +7,27 @@
 
 Cases (same inputs, one run): `eager` materialises logits and takes log_softmax (the autograd baseline),
 `torch_native` is F.linear_cross_entropy with chunking options (cross-entropy only), `ours` is
-kernels.linear_logprobs. Modes: `fwd` (no grad: old/reference log-probs) and `fwd+bwd` (random upstream
-gradient through autograd). Timing and memory methods: bench/harness.py (printed with the table).
+kernels.linear_logprobs, `ideal` runs only the GEMMs any exact method needs (logits; + dX and dW in fwd+bwd,
+2NHV / 6NHV FLOPs) on 1024-token chunks in the input dtype, no softmax: the time no head beats without skipping
+FLOPs. Modes: `fwd` (no grad: old/reference log-probs) and `fwd+bwd` (random upstream gradient through autograd).
+Timing and memory methods: bench/harness.py (printed with the table); times are median [min-max] over the repeats
+and ratios are taken repeat by repeat.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import (DTYPES, add_shape_arguments, finish_shape_arguments, median_times, memory_in_subprocess,
-                           device_name, memory_method, peak_extra_memory, shape_probe_args)
+from bench.harness import (DTYPES, LoadWatch, add_shape_arguments, device_name, finish_shape_arguments, median_times,
+                           memory_in_subprocess, memory_method, peak_extra_memory, ratio, shape_probe_args)
 from twofold.kernels import linear_logprobs
 
-CASES = ("eager", "torch_native", "ours")
+CASES = ("eager", "torch_native", "ours", "ideal")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -49,9 +53,25 @@ def native_logprobs(hidden, weight, targets):
 
 FUNCS = {"eager": eager_logprobs, "torch_native": native_logprobs,
          "ours": lambda h, w, y: linear_logprobs(h, w, y)}
+IDEAL_CHUNK = 1024
+
+
+def ideal_gemms(mode, hidden, weight):
+    """The GEMMs of the head and nothing else: z = h W^T per chunk; fwd+bwd also dX = z W and dW += z^T h."""
+    grad_w = torch.zeros_like(weight) if mode == "fwd+bwd" else None
+    for s in range(0, hidden.shape[0], IDEAL_CHUNK):
+        h = hidden[s:s + IDEAL_CHUNK]
+        z = h @ weight.t()
+        if grad_w is not None:
+            z @ weight
+            grad_w.addmm_(z.t(), h)
+    return grad_w
 
 
 def run_case(case, mode, hidden, weight, targets, upstream):
+    if case == "ideal":
+        with torch.no_grad():
+            return ideal_gemms(mode, hidden, weight)
     if mode == "fwd":
         with torch.no_grad():
             return FUNCS[case](hidden, weight, targets)
@@ -63,7 +83,7 @@ def run_case(case, mode, hidden, weight, targets, upstream):
 
 
 def flops(n, h, v, mode, case):
-    # fwd: logits GEMM. fwd+bwd: eager and native keep/produce gradients in 6NHV; ours recomputes logits (8NHV).
+    # fwd: logits GEMM. fwd+bwd: eager, native and ideal need 6NHV; ours recomputes the logits in backward (8NHV).
     if mode == "fwd":
         return 2 * n * h * v
     return (8 if case == "ours" else 6) * n * h * v
@@ -72,6 +92,7 @@ def flops(n, h, v, mode, case):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(p)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     p.add_argument("--_memory-probe", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--anchors", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run bench.anchors instead (shapes S1-S6 with Liger, CCE, torch native; "
@@ -90,21 +111,28 @@ def main(argv=None):
     if args._memory_probe:
         print(peak_extra_memory(lambda: run_case(*args._memory_probe, *inputs), device))
         return
-    runs = {(c, m): (lambda c=c, m=m: run_case(c, m, *inputs)) for c in CASES for m in MODES}
-    times = median_times(runs, device, args.warmup, args.repeats)
+    cases = [c for c in CASES if c in args.cases.split(",")]
+    if "eager" not in cases:
+        raise SystemExit("--cases must include eager (the anchor of every ratio)")
+    load = LoadWatch(threads=torch.get_num_threads())
+    runs = {(c, m): (lambda c=c, m=m: run_case(c, m, *inputs)) for c in cases for m in MODES}
+    times = median_times(runs, device, args.warmup, args.repeats, progress="bench.kernels")
     rows = []
     for (case, mode), sec in times.items():
+        print(f"[bench.kernels] memory of {case} {mode}", file=sys.stderr, flush=True)
         mem = (peak_extra_memory(runs[(case, mode)], device) if device.type == "cuda" else
                memory_in_subprocess("bench.kernels", [case, mode, *shape_probe_args(args)]))
-        rows.append({"case": case, "mode": mode, "time_ms": sec * 1e3, "peak_extra_mib": mem / 2**20,
+        rows.append({"case": case, "mode": mode, "time_ms": sec * 1e3, "time_ms_min": sec.low * 1e3,
+                     "time_ms_max": sec.high * 1e3, "peak_extra_mib": mem / 2**20,
                      "gflops": flops(args.n, args.h, args.v, mode, case) / sec / 1e9})
+    load.stop()
     report = {
         "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype},
         "device": device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "warmup": args.warmup,
-        "memory_method": memory_method(device),
-        "rows": rows, "ratios_vs_eager": ratios(rows),
+        "memory_method": memory_method(device), **load.as_dict(), "load_lines": load.lines(),
+        "rows": rows, "ratios_vs_eager": ratios(rows, times), "ratios_vs_ideal": ratios(rows, times, "ideal"),
     }
     print_table(report)
     if args.out:
@@ -113,28 +141,38 @@ def main(argv=None):
         print(f"wrote {args.out}")
 
 
-def ratios(rows):
+def ratios(rows, times, anchor="eager"):
+    """case/mode -> time ratio to the anchor (median [min-max] of the per-repeat ratios) and memory ratio."""
     by = {(r["case"], r["mode"]): r for r in rows}
     out = {}
-    for case in CASES[1:]:
-        for mode in MODES:
-            r, e = by[(case, mode)], by[("eager", mode)]
-            out[f"{case}/{mode}"] = {"time": r["time_ms"] / e["time_ms"],
-                                     "memory": r["peak_extra_mib"] / max(e["peak_extra_mib"], 1e-9)}
+    for (case, mode), r in by.items():
+        if case == anchor or (anchor, mode) not in by:
+            continue
+        q = ratio(times[(case, mode)], times[(anchor, mode)])
+        out[f"{case}/{mode}"] = {"time": float(q), "time_min": q.low, "time_max": q.high,
+                                 "memory": r["peak_extra_mib"] / max(by[(anchor, mode)]["peak_extra_mib"], 1e-9)}
     return out
 
 
 def print_table(report):
     s = report["shape"]
     print(f"linear log-probs  N={s['N']} H={s['H']} V={s['V']} {s['dtype']}  on {report['device']} "
-          f"({report['threads']} threads, torch {report['torch']}), median of {report['repeats']}")
+          f"({report['threads']} threads, torch {report['torch']}), {report['repeats']} repeats, cases interleaved")
     print(f"memory: {report['memory_method']}")
-    print(f"{'case':<14}{'mode':<9}{'time ms':>10}{'GFLOP/s':>10}{'extra MiB':>11}{'time/eager':>12}{'mem/eager':>11}")
-    rat = report["ratios_vs_eager"]
+    for line in report["load_lines"]:
+        print(line)
+    print(f"{'case':<14}{'mode':<9}{'time ms':>24}{'GFLOP/s':>9}{'extra MiB':>11}{'time/eager':>22}"
+          f"{'mem/eager':>10}{'time/ideal':>12}")
+    rat, ideal = report["ratios_vs_eager"], report["ratios_vs_ideal"]
+    one = {"time": 1.0, "time_min": 1.0, "time_max": 1.0, "memory": 1.0}
     for r in report["rows"]:
-        q = rat.get(f"{r['case']}/{r['mode']}", {"time": 1.0, "memory": 1.0})
-        print(f"{r['case']:<14}{r['mode']:<9}{r['time_ms']:>10.1f}{r['gflops']:>10.1f}{r['peak_extra_mib']:>11.1f}"
-              f"{q['time']:>11.2f}x{q['memory']:>10.3f}x")
+        key = f"{r['case']}/{r['mode']}"
+        q, i = rat.get(key, one), ideal.get(key, one if r["case"] == "ideal" else None)
+        t = f"{r['time_ms']:.1f} [{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}]"
+        qt = f"{q['time']:.2f} [{q['time_min']:.2f}-{q['time_max']:.2f}]"
+        it = f"{i['time']:.2f}" if i else "n/a"
+        print(f"{r['case']:<14}{r['mode']:<9}{t:>24}{r['gflops']:>9.1f}{r['peak_extra_mib']:>11.1f}{qt:>22}"
+              f"{q['memory']:>9.3f}x{it:>12}")
 
 
 if __name__ == "__main__":

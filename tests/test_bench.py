@@ -16,7 +16,7 @@ def test_bench_kernels_reports_time_memory_and_ratios(tmp_path):
     report = run_bench("bench.kernels", "--n", "256", "--h", "32", "--v", "4000", "--repeats", "1",
                        tmp_path=tmp_path)
     rows = {(r["case"], r["mode"]): r for r in report["rows"]}
-    assert set(rows) == {(c, m) for c in ("eager", "torch_native", "ours") for m in ("fwd", "fwd+bwd")}
+    assert set(rows) == {(c, m) for c in ("eager", "torch_native", "ours", "ideal") for m in ("fwd", "fwd+bwd")}
     assert all(r["time_ms"] > 0 and r["gflops"] > 0 for r in rows.values())
     # Eager materialises at least the fp32 logits (256 x 4000 x 4 B = 3.9 MiB); the probe must see that.
     assert rows[("eager", "fwd")]["peak_extra_mib"] >= 3.5

@@ -25,7 +25,9 @@ def test_step_benchmark_reports_tokens_per_second_and_peak_memory_on_cpu():
     assert [r["head"] for r in results] == ["fused", "logprobs", "eager"]
     for r in results:
         assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] >= 0 and r["microbatches"] >= 2 and "mfu" not in r
-        assert 0 < r["head_s_min"] <= r["head_s"] <= r["head_s_max"] and 0 < r["head_share"]
+        assert 0 < r["head_s"]["min"] <= r["head_s"]["median"] <= r["head_s"]["max"] and 0 < r["head_share"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)  # one step, same model and batch
+    assert results[0]["loss"] == pytest.approx(results[2]["loss"], rel=1e-5)
 
 
 @pytest.mark.gpu

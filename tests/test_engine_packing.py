@@ -4,9 +4,11 @@ import random
 import pytest
 import torch
 
-from twofold.engine.model import PolicyModel
-from twofold.engine.packing import IGNORE_INDEX, Sequence, collate, plan_microbatches
-from twofold.engine.tiny import build_preset_model
+from transformers import AutoModelForCausalLM
+
+from twofold.engine.model import PACKED_SDPA, PolicyModel, resolve_attn_implementation
+from twofold.engine.packing import IGNORE_INDEX, PackedLayout, Sequence, collate, plan_microbatches
+from twofold.engine.tiny import preset_config
 
 
 def _random_sequences(n, seed=0, max_len=40):
@@ -66,10 +68,75 @@ def test_collate_restarts_positions_and_scores_only_response_tokens():
     assert mb.token_fields["old_logp"].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
 
 
+def _policy(preset, attn=PACKED_SDPA):
+    torch.manual_seed(0)
+    return PolicyModel(AutoModelForCausalLM.from_config(preset_config(preset), attn_implementation=attn,
+                                                        dtype=torch.float32))
+
+
+def test_packed_layout_pads_each_sequence_into_buckets_of_similar_length_and_unpads_exactly():
+    lengths = [5, 1, 17, 9, 3, 16, 2, 8]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    starts = [sum(lengths[:s]) for s in range(len(lengths))]
+    layout = PackedLayout.from_position_ids(position_ids)
+    x = torch.arange(position_ids.numel(), dtype=torch.float32)[:, None].expand(-1, 3)  # value = packed index
+    parts = layout.pad(x)
+    seen = []
+    for part, (rows, length) in zip(parts, layout.shapes):
+        assert part.shape == (rows, length, 3)
+        for row in part[:, :, 0].long().tolist():
+            s = starts.index(row[0])
+            n = lengths[s]
+            assert 2 * n > length  # padding at most doubles a sequence
+            assert row == list(range(row[0], row[0] + n)) + [row[0] + n - 1] * (length - n)  # pads repeat its last
+            seen.append(s)
+    assert sorted(seen) == list(range(len(lengths)))
+    torch.testing.assert_close(layout.unpad(parts), x, rtol=0, atol=0)
+
+
+def test_sdpa_resolves_to_per_sequence_attention_except_with_sliding_windows():
+    cpu = torch.device("cpu")
+    assert resolve_attn_implementation("auto", cpu, preset_config("tiny-qwen2")) == PACKED_SDPA
+    assert resolve_attn_implementation("sdpa", cpu, preset_config("tiny-llama")) == PACKED_SDPA
+    sliding = preset_config("tiny-qwen2")
+    sliding.layer_types = ["sliding_attention", "full_attention"]
+    assert resolve_attn_implementation("sdpa", cpu, sliding) == "sdpa"
+    assert resolve_attn_implementation("eager", cpu, preset_config("tiny-qwen2")) == "eager"
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-llama"])
+def test_per_sequence_attention_equals_sdpa_with_the_block_diagonal_mask(preset):
+    """The same packed row (ragged lengths: several buckets) through transformers' sdpa, whose mask keeps attention
+    inside each sequence, and through the per-sequence path: same log-probs and gradients."""
+    seqs = _random_sequences(12, seed=7, max_len=60)
+    packed = collate(seqs, list(range(len(seqs))))
+    results = []
+    for attn in ("sdpa", PACKED_SDPA):
+        policy = _policy(preset, attn)
+        logp = policy(packed.input_ids, packed.position_ids, packed.targets)
+        (logp * torch.linspace(0.5, 1.5, logp.numel())).sum().backward()
+        results.append((logp.detach(), {n: p.grad for n, p in policy.named_parameters()}))
+    (masked, masked_grads), (per_seq, per_seq_grads) = results
+    torch.testing.assert_close(per_seq, masked, atol=1e-5, rtol=1e-5)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(per_seq_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_per_sequence_attention_falls_back_to_sdpa_with_a_padding_mask_or_a_cache():
+    masked, per_seq = _policy("tiny-qwen2", "sdpa").causal_lm, _policy("tiny-qwen2").causal_lm
+    ids = torch.randint(4, 100, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(per_seq(ids, attention_mask=mask).logits, masked(ids, attention_mask=mask).logits)
+        greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert per_seq.generate(ids, attention_mask=mask, **greedy).tolist() == \
+            masked.generate(ids, attention_mask=mask, **greedy).tolist()
+
+
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-llama"])
 def test_packed_logprobs_and_gradients_equal_unpacked(preset):
-    torch.manual_seed(0)
-    policy = PolicyModel(build_preset_model(preset, seed=0))  # sdpa: the CPU packed-attention path
+    policy = _policy(preset)  # the per-sequence sdpa path the engine runs on CPU
     seqs = _random_sequences(5, seed=3)
     packed = collate(seqs, list(range(len(seqs))))
     logp = policy(packed.input_ids, packed.position_ids, packed.targets)
@@ -91,7 +158,7 @@ def test_packed_logprobs_and_gradients_equal_unpacked(preset):
 
 
 def test_packed_attention_does_not_see_the_previous_sequence():
-    policy = PolicyModel(build_preset_model("tiny-qwen2", seed=0))
+    policy = _policy("tiny-qwen2")
     a = Sequence([7] * 6, 1)
     b1, b2 = Sequence([20, 21, 22, 23], 1), Sequence([30, 31, 32, 33], 1)
     with torch.no_grad():
@@ -108,9 +175,6 @@ def _tensors(mb):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_packed_logprobs_equal_unpacked_on_gpu_with_the_resolved_attention():
-    from twofold.engine.model import resolve_attn_implementation
-    from transformers import AutoModelForCausalLM
-    from twofold.engine.tiny import preset_config
     device = torch.device("cuda")
     attn = resolve_attn_implementation("auto", device)  # flash_attention_2 (varlen) when flash-attn is installed
     config = preset_config("tiny-llama")

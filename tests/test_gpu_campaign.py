@@ -54,7 +54,7 @@ def test_dry_run_stages_produce_their_results(dry_run):
     assert all(c["time_ms"] > 0 and c["output_mib"] > 0 for c in kernels.values())
     assert [stages[f"fused-{o}"]["result"]["objective"] for o in ("nft", "grpo")] == ["nft", "grpo"]
     assert [r["head"] for r in stages["step"]["result"]] == ["fused", "eager"]
-    assert all(r["attn"] == "sdpa" for r in stages["step"]["result"])
+    assert all(r["attn"] == "twofold_packed_sdpa" for r in stages["step"]["result"])  # sdpa, per sequence
 
 
 def test_dry_run_measures_no_target_and_prints_the_table(dry_run):

@@ -37,7 +37,8 @@ class ModelConfig:
     """Compute dtype of parameters in forward/backward. Master weights, optimizer state and the gradient
     reduction stay fp32 either way (FSDP2 MixedPrecisionPolicy)."""
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
-    """auto: flash_attention_2 (varlen) on CUDA when flash-attn is installed, else sdpa with a packed mask."""
+    """auto: flash_attention_2 (varlen) on CUDA when flash-attn is installed, else sdpa. sdpa attends per sequence of
+    a packed row (similar-length sequences batched, no [N, N] mask), except in models with sliding-window layers."""
     activation_checkpointing: bool = True
     """Recompute each decoder layer in backward."""
     tokenizer: str = ""

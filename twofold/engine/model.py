@@ -21,10 +21,13 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from twofold.engine.config import ModelConfig
 from twofold.engine.distributed import DistEnv
+from twofold.engine.packing import PackedLayout
 from twofold.engine.tiny import build_preset_model, preset_config
 from twofold.kernels import linear_logprobs
 
@@ -58,26 +61,66 @@ class PolicyModel(nn.Module):
                                check_targets=False)
 
 
+# The attention transformers runs for `sdpa` on a packed row: SDPA per sequence instead of over the whole row.
+PACKED_SDPA = "twofold_packed_sdpa"
+
+
+def _is_packed_row(batch_size: int, q_length: int, kv_length: int, q_offset, attention_mask) -> bool:
+    """One row, no padding mask and no cache: the engine's packed training forward (anything else is plain sdpa)."""
+    return batch_size == 1 and attention_mask is None and q_length == kv_length and not q_offset
+
+
+def packed_sdpa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """No mask for a packed row (its attention follows position_ids); transformers' sdpa mask otherwise."""
+    if _is_packed_row(batch_size, q_length, kv_length, q_offset, attention_mask):
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     attention_mask=attention_mask, **kwargs)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """transformers attention function: causal SDPA inside each sequence of a packed row, the sequences of similar
+    length batched (`PackedLayout`). The same numbers as SDPA over the row with a block-diagonal mask, at cost
+    sum_s L_s^2 instead of N^2. Any other call (a padding mask, a KV cache) is transformers' sdpa unchanged."""
+    batch, _, q_length, _ = query.shape
+    if position_ids is None or not _is_packed_row(batch, q_length, key.shape[2], 0, attention_mask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    kwargs.pop("is_causal", None)
+    layout = PackedLayout.from_position_ids(position_ids.reshape(-1))
+    # [1, heads, N, d] -> [N, heads, d] (a view of the projection's output) -> [rows, length, heads, d] per bucket
+    q, k, v = (layout.pad(x[0].transpose(0, 1)) for x in (query, key, value))
+    outs = [sdpa_attention_forward(module, qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), None,
+                                   is_causal=True, **kwargs)[0] for qb, kb, vb in zip(q, k, v)]
+    return layout.unpad(outs)[None], None  # [1, N, heads, d], as every transformers attention function returns
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+
+
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     hf_config = AutoConfig.from_pretrained(cfg.path) if cfg.path else preset_config(cfg.preset)
     hf_config.use_cache = False
     return hf_config
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+def resolve_attn_implementation(requested: str, device: torch.device, hf_config: PretrainedConfig | None = None) -> str:
+    """auto: flash_attention_2 (varlen) on CUDA with flash-attn, else sdpa; sdpa runs per sequence of a packed row
+    (`packed_sdpa_attention`) unless the model has sliding-window layers (their window lives in the mask)."""
     if requested == "auto":
         flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-        return "flash_attention_2" if flash else "sdpa"
+        requested = "flash_attention_2" if flash else "sdpa"
     if requested == "flash_attention_2" and device.type != "cuda":
         raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA device; use auto or sdpa on CPU")
-    return requested
+    sliding = "sliding_attention" in (getattr(hf_config, "layer_types", None) or ())
+    return PACKED_SDPA if requested == "sdpa" and not sliding else requested
 
 
 def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type = PolicyModel) -> PolicyModel:
     """Meta-init, shard with FSDP2, allocate shards, then load weights (rank 0 reads, everyone receives).
     `policy_cls` swaps the head (bench.step compares against materialised logits)."""
     hf_config = load_hf_config(cfg)
-    attn = resolve_attn_implementation(cfg.attn_implementation, env.device)
+    attn = resolve_attn_implementation(cfg.attn_implementation, env.device, hf_config)
     with torch.device("meta"):
         causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
     if cfg.activation_checkpointing:

@@ -5,7 +5,8 @@ Legend: S sequences in a micro-batch, N tokens in it (N <= budget), L one sequen
 A sequence of L tokens costs L-1 packed positions: its last token is never an input whose next token is scored,
 so it is dropped, and nothing is padded. Position p of a sequence holds token p and predicts token p+1; it is a
 loss position when token p+1 belongs to the response. `position_ids` restart at 0 for every sequence, which is what
-transformers reads to keep attention inside each sequence (flash-attn varlen, or a block-diagonal mask for sdpa).
+keeps attention inside each sequence: flash-attn varlen on GPU, and on CPU (or GPU without flash-attn) SDPA per
+sequence through `PackedLayout` (attention costs sum_s L_s^2, not N^2 as SDPA over the row with a mask would).
 
 Planning (all ranks compute the same plan from the same mini-batch, then each takes its share):
 1. first-fit-decreasing gives a lower bound on the bin count; round it up to a multiple of the world size W;
@@ -85,6 +86,60 @@ class MicroBatch:
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                           self.seq_index.to(device), move(self.seq_fields), move(self.token_fields),
                           self.sequence_ids)
+
+
+@dataclass
+class PackedLayout:
+    """Where the sequences of one packed row sit, grouped into right-padded batches for per-sequence attention.
+
+    Sequence boundaries are where `position_ids` does not step by one (the rule transformers applies to packed rows).
+    Sequences are sorted by length and cut into buckets whose members are longer than half the bucket's longest,
+    so padding at most doubles a sequence's length and there are at most log2(longest) + 1 buckets. Padded slots
+    repeat the sequence's last token: under a causal mask a real query never sees a slot after it, the outputs at
+    padded slots are dropped by `unpad`, so they receive no gradient either.
+    """
+
+    shapes: list[tuple[int, int]]  # (sequences, padded length) per bucket
+    gather: Tensor  # [sum of rows * length] packed index held by each padded slot
+    scatter: Tensor  # [N] padded-slot index of each packed token
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Tensor) -> "PackedLayout":
+        n = position_ids.numel()
+        is_start = torch.ones(n, dtype=torch.bool, device=position_ids.device)
+        is_start[1:] = position_ids[1:] != position_ids[:-1] + 1
+        starts = is_start.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=starts.new_tensor([n]))
+        host_lengths = lengths.tolist()  # one host sync per layout
+        shapes, members = [], []
+        for s in sorted(range(len(host_lengths)), key=lambda s: (-host_lengths[s], s)):
+            if not members or 2 * host_lengths[s] <= shapes[-1][1]:
+                shapes.append((0, host_lengths[s]))
+                members.append([])
+            members[-1].append(s)
+            shapes[-1] = (shapes[-1][0] + 1, shapes[-1][1])
+        slot_base = torch.empty_like(starts)
+        gather, base = [], 0
+        for (rows, length), seqs in zip(shapes, members):
+            index = starts.new_tensor(seqs)
+            first, last = starts[index], starts[index] + lengths[index] - 1
+            steps = torch.arange(length, device=starts.device)
+            gather.append(torch.minimum(first[:, None] + steps, last[:, None]).reshape(-1))
+            slot_base[index] = base + torch.arange(rows, device=starts.device) * length
+            base += rows * length
+        seq = is_start.long().cumsum(0) - 1
+        offset = torch.arange(n, device=starts.device) - starts[seq]
+        return cls(shapes, torch.cat(gather), slot_base[seq] + offset)
+
+    def pad(self, x: Tensor) -> list[Tensor]:
+        """x [N, ...] in packed order -> one [rows, length, ...] tensor per bucket."""
+        parts = x.index_select(0, self.gather).split([rows * length for rows, length in self.shapes])
+        return [part.view(rows, length, *x.shape[1:]) for part, (rows, length) in zip(parts, self.shapes)]
+
+    def unpad(self, parts: list[Tensor]) -> Tensor:
+        """The inverse of `pad` on per-bucket outputs [rows, length, ...] -> [N, ...], padded slots dropped."""
+        flat = torch.cat([part.reshape(-1, *part.shape[2:]) for part in parts])
+        return flat.index_select(0, self.scatter)
 
 
 def plan_microbatches(lengths: list[int], budget: int, world_size: int,

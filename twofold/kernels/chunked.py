@@ -6,19 +6,28 @@ Forward walks the tokens in chunks and keeps only logp, entropy and lse per toke
 chunk's logits from the saved lse and forms the logits gradient from the upstream gradients g (of logp) and
 g_H (of entropy):
     dL/dz_v = g * 1[v = y] - p_v * (g + g_H * (z_v - lse + H))
-so no [N, V] tensor ever exists: the largest temporaries are two [chunk, V] fp32 blocks.
+so no [N, V] tensor ever exists: the largest temporaries are one [chunk, V] fp32 block (two with the entropy).
+
+Elementwise work per block is kept to few passes because on CPU it costs as much as the GEMM (an exp over a block
+takes longer than the block's GEMM at H=512): the forward's log-softmax runs in place as one fused kernel
+(torch.logsumexp makes several passes and a temporary), and the backward forms dz in place in three passes (five
+with the entropy), with the temperature folded into the per-token coefficients.
 """
 from __future__ import annotations
 
 import torch
 
-# Bytes one [chunk, V] fp32 block may take. Two such blocks live at once in backward.
+# Bytes one [chunk, V] fp32 block may take (one block lives in backward, two when the entropy has a gradient).
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+# Fewest tokens per chunk: below this the GEMMs lose most of their speed (at V=151936, 16-row chunks ran the GEMM
+# 3x slower than 128-row ones), so a large vocabulary takes bigger blocks (74 MiB at V=151936) instead.
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(num_tokens: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so one fp32 [chunk, V] block stays under `chunk_bytes` (multiple of 16, at least 16)."""
-    rows = max(16, (chunk_bytes // (4 * vocab)) // 16 * 16)
+    """Tokens per chunk so one fp32 [chunk, V] block stays under `chunk_bytes` (a multiple of 16), but never fewer
+    than MIN_CHUNK_ROWS."""
+    rows = max(MIN_CHUNK_ROWS, (chunk_bytes // (4 * vocab)) // 16 * 16)
     return max(1, min(rows, num_tokens))
 
 
@@ -28,28 +37,54 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def chunk_logits(h: torch.Tensor, w_compute: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
-    """fp32 (or fp64) logits of one chunk, divided by the temperature, without a low-precision round trip."""
-    z = h.to(acc) @ w_compute.t()
+    """fp32 (or fp64) logits of one chunk, divided by the temperature, without a low-precision round trip.
+    The temperature divides the [chunk, H] hidden states, not the [chunk, V] logits: a pass over H, not V."""
+    h = h.to(acc)
     if temperature != 1.0:
-        z.div_(temperature)
-    return z
+        h = h / temperature
+    return h @ w_compute.t()
+
+
+def log_softmax_stats_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp of the targets, lse) of one chunk of logits; z becomes the log-softmax, in place (one fused kernel)."""
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    log_p = torch.log_softmax(z, dim=1, out=z)  # a whole row is read before it is written: safe in place
+    logp = log_p.gather(1, targets[:, None]).squeeze(1)
+    return logp, z_target - logp
 
 
 def _chunk_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
-    """(logp, entropy or None, lse) of one chunk of logits (overwrites z)."""
-    lse = torch.logsumexp(z, dim=1)
-    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    """(logp, entropy or None, lse) of one chunk of logits (overwrites z with its log-softmax)."""
+    logp, lse = log_softmax_stats_(z, targets)
     if not want_entropy:
         return logp, None, lse
-    # H = -sum_v p_v log p_v on the shifted logits (z - lse): no cancellation between two large terms.
-    log_p = z.sub_(lse[:, None])
-    # In place (no third [chunk, V] block); torch's sum reduces pairwise, a BLAS dot over V=32k drifts 10x more.
-    entropy = -torch.exp(log_p).mul_(log_p).sum(1)
+    # H = -sum_v p_v log p_v on the log-softmax: no cancellation between two large terms. torch's sum reduces
+    # pairwise; a BLAS dot over V=32k drifts 10x more.
+    entropy = -torch.exp(z).mul_(z).sum(1)
     return logp, entropy, lse
 
 
+def softmax_grad_(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
+                  temperature: float, grad_entropy: torch.Tensor | None = None,
+                  entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/d(h W^T) of one chunk, formed in z's storage (z: the chunk's tempered logits; lse, targets, grad_logp,
+    grad_entropy, entropy: [chunk]):  (g 1[v = y] - p_v (g + g_H (log p_v + H))) / temperature."""
+    g = grad_logp / temperature
+    log_p = z.sub_(lse[:, None])
+    if grad_entropy is None:
+        dz = log_p.exp_().mul_(-g[:, None])
+    else:
+        g_h = grad_entropy.to(z.dtype) / temperature
+        p = torch.exp(log_p)
+        # log_p <- -(g + g_H (log p + H)), then dz = p * log_p: no negation pass, no third block
+        dz = p.mul_(log_p.mul_(-g_h[:, None]).sub_((g + g_h * entropy)[:, None]))
+    dz[torch.arange(dz.shape[0], device=dz.device), targets] += g
+    return dz
+
+
 def weight_for_compute(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    # One upcast per call (O(VH), never O(NV)) so every chunk's GEMM runs in the accumulation dtype.
+    # One upcast per call (O(VH), never O(NV)) so every chunk's GEMM runs in the accumulation dtype. On an AVX2 CPU
+    # (no AVX512-BF16/AMX) that is also the fast path: a bf16 GEMM ran 4-8x slower than fp32 on the 2-core EPYC.
     return weight if weight.dtype == acc else weight.to(acc)
 
 
@@ -88,23 +123,12 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        rows = torch.arange(min(chunk_size, n), device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             z = chunk_logits(h, w, temperature, acc)
-            g = grad_logp[s:e, None]
-            p = torch.exp(z - lse[s:e, None])
-            if grad_entropy is not None:
-                # z <- g + g_H * (z - lse + H), reusing z's storage.
-                z.sub_(lse[s:e, None]).add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None].to(acc)).add_(g)
-                dz = p.mul_(z).neg_()
-            else:
-                dz = p.mul_(-g)
-            del z
-            dz[rows[: e - s], targets[s:e]] += g.squeeze(1)
-            if temperature != 1.0:
-                dz.div_(temperature)
+            dz = softmax_grad_(z, lse[s:e], targets[s:e], grad_logp[s:e], temperature,
+                               None if grad_entropy is None else grad_entropy[s:e], entropy[s:e])
             if need_h:
                 grad_h[s:e] = (dz @ w).to(hidden.dtype)
             if need_w:

@@ -91,7 +91,10 @@ def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, kee
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in complete_checkpoints(run_dir)[:-keep_last]:
+        # the one just written is kept whatever its number (a run resumed from an older checkpoint saves below
+        # newer ones); keep_last - 1 of the others, newest first
+        others = [p for p in complete_checkpoints(run_dir) if p != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old)
     dist.barrier()
     return final

@@ -455,11 +455,6 @@ def validate_rollout(config: Config) -> None:
                              f"got {fn.name!r}")
 
 
-def rewards_are_binary(config: Config) -> bool:
-    """Rewards are the verifier's 0/1 correctness (no reward functions, weight 1)."""
-    return not config.reward.functions and config.reward.verifier_weight == 1.0
-
-
 def _require(ok: bool, name: str, expected: str, actual) -> None:
     if not ok:
         raise ValueError(f"config {name} must be {expected}, got {actual!r}")
@@ -565,3 +560,71 @@ def objective_kwargs(config: Config) -> dict:
     if config.train.mode == "online" and unset:
         kwargs["constant"] = float(config.rollout.max_new_tokens)
     return kwargs
+
+
+# ---- the config, explained: `--help` and the console dump ------------------------------------------------------
+
+ONLINE_SECTIONS = ("rollout", "sampler", "eval", "verifier", "reward")
+"""Sections that only online runs read (the console dump of an offline run leaves them out)."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: docstring} from the string literal under each field of a dataclass (the source is the one place
+    the docs live; --help and docs/ read them from here)."""
+    import ast
+    import inspect
+    import textwrap
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip()
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if not dataclasses.is_dataclass(value):
+            return yaml.safe_dump(value, default_flow_style=True).strip()
+    return "required"
+
+
+def config_reference(cls=None, prefix: str = "", width: int = 116) -> str:
+    """Every config key with its type, default and docstring, section by section (the text of --help)."""
+    import textwrap
+    cls = cls or Config
+    hints, docs, lines = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += ["", f"{prefix}{f.name}:"] + [config_reference(hint, f"{prefix}{f.name}.", width)]
+            continue
+        kind = (" | ".join(map(repr, typing.get_args(hint))) if typing.get_origin(hint) is Literal
+                else _type_name(hint).replace("typing.", ""))
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item = typing.get_args(hint)[0]
+            kind = f"list of {{{', '.join(x.name for x in dataclasses.fields(item))}}}"
+        lines.append(f"  {prefix}{f.name}  ({kind}, default {_default_text(f)})")
+        doc = docs.get(f.name, "")
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item_docs = field_docs(typing.get_args(hint)[0])
+            doc += "".join(f" [{k}: {v}]" for k, v in item_docs.items())
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def console_yaml(config: Config) -> str:
+    """The resolved config without the sections this mode never reads (the full dump is run_dir/config.yaml)."""
+    tree = dataclasses.asdict(config)
+    if config.train.mode == "offline":
+        for section in ONLINE_SECTIONS:
+            tree.pop(section)
+    return yaml.safe_dump(tree, sort_keys=False)

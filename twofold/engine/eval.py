@@ -14,10 +14,11 @@ EVAL_SEED = 1234
 
 
 def pass_rate(sampler: Sampler, pool: VerifierPool, problems: list[Problem], params: GenerationParams,
-              timeout: float) -> float:
+              timeout: float, threshold: float = 0.5) -> float:
+    """Mean over problems of the fraction of samples whose score is >= `threshold` (reward.positive_threshold)."""
     groups = sample_distributed(sampler, [list(p.prompt_ids) for p in problems], params)
     scores = verify_groups(pool, problems, groups, timeout, RolloutStats())
-    return sum(sum(s) / len(s) for s in scores) / len(scores)
+    return sum(sum(x >= threshold for x in s) / len(s) for s in scores) / len(scores)
 
 
 def evaluate(sampler: Sampler, pool: VerifierPool, problems: list[Problem], config: Config) -> dict[str, float]:
@@ -25,12 +26,12 @@ def evaluate(sampler: Sampler, pool: VerifierPool, problems: list[Problem], conf
     start = time.perf_counter()
     ev, rollout = config.eval, config.rollout
     max_new = ev.max_new_tokens or rollout.max_new_tokens
-    timeout = config.verifier.timeout
+    timeout, threshold = config.verifier.timeout, config.reward.positive_threshold
     out = {"eval/pass1_greedy": pass_rate(sampler, pool, problems, GenerationParams(
-        temperature=0.0, max_new_tokens=max_new, seed=EVAL_SEED), timeout)}
+        temperature=0.0, max_new_tokens=max_new, seed=EVAL_SEED), timeout, threshold)}
     if ev.samples:
         sampled = GenerationParams(n=ev.samples, temperature=rollout.temperature, top_p=rollout.top_p,
                                    max_new_tokens=max_new, seed=EVAL_SEED)
-        out[f"eval/avg@{ev.samples}"] = pass_rate(sampler, pool, problems, sampled, timeout)
+        out[f"eval/avg@{ev.samples}"] = pass_rate(sampler, pool, problems, sampled, timeout, threshold)
     out["eval/time_s"] = time.perf_counter() - start
     return out

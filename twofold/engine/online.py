@@ -33,7 +33,7 @@ from twofold.engine.tasks import load_problems
 from twofold.engine.token_rm import TokenRewardModel
 from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import Trainer, sequence_logprobs
-from twofold.engine.verifier import VerifierPool
+from twofold.engine.verifier import VerifierPool, build_pool
 from twofold.engine.weight_sync import sync_weights
 from twofold.objectives import OBJECTIVES
 
@@ -69,12 +69,13 @@ class OnlineRun:
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
-        self.pool = pool if pool is not None or not env.is_main else VerifierPool(
-            config.verifier.workers, config.verifier.timeout)
+        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
-        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format)
+        # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
+        gold = dict(split=data.split, check_gold=config.verifier.check == "twofold" and config.reward.verifier_weight > 0)
+        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format, **gold)
         self.eval_problems = (load_problems(config.eval.path, tokenizer, fields, max_prompt, data.format,
-                                            config.eval.max_prompts).problems if config.eval.path else [])
+                                            config.eval.max_prompts, **gold).problems if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
         self.policy = build_policy(config.model, env, seed=seed)
@@ -85,7 +86,7 @@ class OnlineRun:
         self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
                          if config.objective.name == "oreal" else None)
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
-                                          config.verifier.timeout, seed)
+                                          config.verifier.timeout, seed, config.reward)
         self.rollout_steps = 0
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ class OnlineRun:
         start = time.perf_counter()
         groups, stats = self.collector.collect(self.stream)
         metrics = {"step": self.rollout_steps, **stats.metrics()}
-        batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer)
+        batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer,
+                                self.config.reward)
         if self.token_rm is not None and batch:
             metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
         t = time.perf_counter()

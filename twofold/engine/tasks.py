@@ -60,8 +60,10 @@ def parseable(answer: str) -> bool:
 
 
 def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_format: str = "auto",
-                  limit: int = 0, split: str = "train") -> ProblemSet:
-    """Tokenized problems of a prompt source; bad gold answers and overlong prompts are skipped and counted."""
+                  limit: int = 0, split: str = "train", check_gold: bool = True) -> ProblemSet:
+    """Tokenized problems of a prompt source; bad gold answers and overlong prompts are skipped and counted.
+    `check_gold=False` keeps gold answers the built-in verifier cannot parse (another check, or rewards from
+    reward functions alone, may well use them)."""
     out, name = ProblemSet([]), describe(path)
     for row_id, row in read_rows(path, file_format, split):
         try:
@@ -71,7 +73,7 @@ def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_
             ids = tuple(prompt_ids(tokenizer, prompt, fields.template))
         except ValueError as err:
             raise ValueError(f"{name} row {row_id}: {err}") from None
-        reason = None if parseable(answer) else "unparseable gold answer"
+        reason = None if not check_gold or parseable(answer) else "unparseable gold answer"
         if reason is None and not 0 < len(ids) < max_prompt_tokens:
             reason = "prompt too long for sampler.max_model_len"
         if reason:

@@ -27,6 +27,8 @@ from twofold.engine.verifier.equivalence import MAX_ANSWER_CHARS
 from twofold.engine.verifier.extract import DEFAULT_EXTRACT, ExtractConfig, extract_answer
 
 DEFAULT_CHECK = "twofold.engine.verifier.equivalence:is_equivalent"
+CHECKS = {"twofold": DEFAULT_CHECK, "math_verify": "twofold.engine.verifier.math_verify_check:is_equivalent"}
+"""`verifier.check` -> the function the workers run."""
 _REPO_ROOT = str(Path(__file__).resolve().parents[3])  # the folder that holds the twofold package
 _STARTUP_SECONDS = 60.0
 
@@ -54,17 +56,20 @@ class VerifierStats:
 
 
 class _Worker:
-    def __init__(self, check: str, memory_mb: int):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+    def __init__(self, check: str, memory_mb: int, reward_spec: str | None = None):
+        # the caller's working directory too: reward functions live in the user's own modules
+        path = [_REPO_ROOT, os.getcwd(), os.environ.get("PYTHONPATH")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+        argv = [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb)]
+        self.proc = subprocess.Popen(argv + ([reward_spec] if reward_spec else []),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.fd = self.proc.stdout.fileno()
         self.born, self.ready, self.buffer = time.monotonic(), False, b""
         self.job, self.job_started = None, 0.0
 
-    def send(self, job_id: int, answer: str, gold: str) -> None:
-        self.proc.stdin.write(json.dumps({"id": job_id, "answer": answer, "gold": gold}).encode() + b"\n")
+    def send(self, job_id: int, answer: str | None, gold: str, response: str | None = None) -> None:
+        job = {"id": job_id, "answer": answer, "gold": gold, "response": response}
+        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
         self.proc.stdin.flush()
         self.job, self.job_started = job_id, time.monotonic()
 
@@ -87,19 +92,25 @@ class VerifierPool:
     """A persistent pool of verifier workers; use one per process (it is not fork-safe).
 
     `check` names the function `(answer, gold) -> bool | float` the workers run;
-    `memory_mb` caps each worker's address space (0: no cap).
+    `memory_mb` caps each worker's address space (0: no cap). `functions` adds reward terms
+    [("module:function", weight), ...], each `function(response, gold) -> float` on the whole response, run in
+    the same workers under the same limits; the score is then `check_weight * check + sum(weight * function)`.
     """
 
     def __init__(self, num_workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024,
-                 check: str = DEFAULT_CHECK, extract: ExtractConfig = DEFAULT_EXTRACT, cache_size: int = 100_000):
+                 check: str = DEFAULT_CHECK, extract: ExtractConfig = DEFAULT_EXTRACT, cache_size: int = 100_000,
+                 functions: list[tuple[str, float]] = (), check_weight: float = 1.0):
         if num_workers < 1 or timeout <= 0:
             raise ValueError(f"num_workers must be >= 1 and timeout > 0, got {num_workers} and {timeout}")
         self.timeout, self.memory_mb, self.check = timeout, memory_mb, check
+        self.functions = [(name, float(weight)) for name, weight in functions]
+        self.reward_spec = (json.dumps({"terms": self.functions, "check_weight": float(check_weight)})
+                            if self.functions or check_weight != 1.0 else None)
         self.extract, self.cache_size = extract, cache_size
         self.stats, self.pid = VerifierStats(), os.getpid()
         self._cache: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._workers = [_Worker(check, memory_mb) for _ in range(num_workers)]
+        self._workers = [_Worker(check, memory_mb, self.reward_spec) for _ in range(num_workers)]
 
     def __enter__(self):
         return self
@@ -141,12 +152,15 @@ class VerifierPool:
         self.stats.checks += len(keys)
         return [0.0 if k is None else fresh.get(k) or self._cache.get(k, 0.0) for k in keys]
 
-    def _key(self, response: str, gold: str) -> tuple[str, str] | None:
+    def _key(self, response: str, gold: str) -> tuple | None:
         answer = extract_answer(response, self.extract)
         if answer is None or len(answer) > MAX_ANSWER_CHARS:
             self.stats.no_answer += 1
-            return None
-        return answer, str(gold)
+            if self.reward_spec is None:
+                return None
+            answer = None
+        # reward functions read the whole response, so it is part of the job (and of the cache key)
+        return (answer, str(gold)) if self.reward_spec is None else (answer, str(gold), response)
 
     def _run(self, jobs: list[tuple[str, str]], timeout: float, deadline: float | None) -> list[float | None]:
         scores: list[float | None] = [None] * len(jobs)
@@ -204,7 +218,7 @@ class VerifierPool:
 
     def _replace(self, k: int) -> None:
         self._workers[k].kill()
-        self._workers[k] = _Worker(self.check, self.memory_mb)
+        self._workers[k] = _Worker(self.check, self.memory_mb, self.reward_spec)
         self.stats.restarts += 1
 
     def _abandon(self, queue: deque, scores: list) -> None:
@@ -215,6 +229,13 @@ class VerifierPool:
                 self._replace(k)
         self.stats.over_budget += len(queue)
         queue.clear()
+
+
+def build_pool(config) -> VerifierPool:
+    """The pool a run's config describes: verifier.{workers, timeout, memory_mb, check} and reward.functions."""
+    v, r = config.verifier, config.reward
+    return VerifierPool(v.workers, v.timeout, v.memory_mb, check=CHECKS[v.check],
+                        functions=[(f.name, f.weight) for f in r.functions], check_weight=r.verifier_weight)
 
 
 _default_pool: VerifierPool | None = None

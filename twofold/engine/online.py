@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -61,12 +62,21 @@ def sampler_model_dir(config: Config, tokenizer) -> str:
     return write_model_dir(load_hf_config(config.model), tokenizer, Path(config.run_dir) / "sampler_model")
 
 
+def quiet_vllm() -> None:
+    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
+    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("vllm").setLevel(logging.WARNING)
+
+
 class OnlineRun:
     def __init__(self, config: Config, env: DistEnv, tokenizer, sampler: Sampler | None = None,
                  pool: VerifierPool | None = None):
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
+        if sampler is None and not config.log.verbose:
+            quiet_vllm()
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
         self.pool = pool if pool is not None or not env.is_main else build_pool(config)

@@ -194,8 +194,8 @@ def finish(config: Config, env: DistEnv, history: list[dict], finished: bool, st
     if not env.is_main:
         return
     run_dir = Path(config.run_dir)
-    outputs = [str(run_dir / name) for name in ("metrics.jsonl", "eval.jsonl", "metrics.png", "hf")
-               if (run_dir / name).exists()]
+    written = [run_dir / name for name in ("metrics.jsonl", "eval.jsonl", "metrics.png", "hf")]
+    outputs = [str(p) for p in written if p.is_dir() or (p.is_file() and p.stat().st_size)]
     checkpoints = complete_checkpoints(run_dir)
     if checkpoints:
         outputs.append(str(checkpoints[-1]))

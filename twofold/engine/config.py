@@ -622,9 +622,14 @@ def config_reference(cls=None, prefix: str = "", width: int = 116) -> str:
 
 
 def console_yaml(config: Config) -> str:
-    """The resolved config without the sections this mode never reads (the full dump is run_dir/config.yaml)."""
+    """The resolved config, one line per section (flow style), without the sections this mode never reads; the
+    full block-style dump is run_dir/config.yaml."""
     tree = dataclasses.asdict(config)
     if config.train.mode == "offline":
         for section in ONLINE_SECTIONS:
             tree.pop(section)
-    return yaml.safe_dump(tree, sort_keys=False)
+    lines = []
+    for name, value in tree.items():
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=116).strip().removesuffix("...").strip()
+        lines.append(f"{name}: {text}")
+    return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -32,8 +33,10 @@ class Tracker:
         self.eval_jsonl = open(self.run_dir / "eval.jsonl", "a", encoding="utf-8")
         if config.log.progress_bar:
             # Redirected to a file or CI log, a bar redrawn 10x a second is megabytes of noise: redraw every 30 s.
+            # miniters=1 and maxinterval=mininterval: tqdm's monitor thread otherwise forces a redraw every 10 s
+            interval = 0.1 if sys.stderr.isatty() else 30.0
             self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
+                            mininterval=interval, maxinterval=max(interval, 10.0), miniters=1)
         if config.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
@@ -59,8 +62,11 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if metrics.get("skipped"):
-            log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g; weights unchanged", step,
-                        metrics["loss"], metrics["grad_norm"])
+            if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+                log.info("step %d made no update (no informative group, or the actor is frozen)", step)
+            else:
+                log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g; weights unchanged", step,
+                            metrics["loss"], metrics["grad_norm"])
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Held-out evaluation after `step` training steps (0: before training), to eval.jsonl and the console."""

@@ -199,8 +199,9 @@ def finish(config: Config, env: DistEnv, history: list[dict], finished: bool, st
     checkpoints = complete_checkpoints(run_dir)
     if checkpoints:
         outputs.append(str(checkpoints[-1]))
-    losses = [m["loss"] for m in history if not m.get("skipped")]
-    loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no update"
+    key = "rollout/accuracy" if config.train.mode == "online" else "loss"  # NFT's loss is 0 at ratio 1
+    values = [m[key] for m in history if key in m and (key != "loss" or not m.get("skipped"))]
+    loss = f"{key} {values[0]:.4f} -> {values[-1]:.4f}" if values else "no update"
     state = "complete" if finished else f"stopped early (train.stop_after_steps={config.train.stop_after_steps})"
     print(f"run {run_dir} {state}: {len(history)} steps this invocation, {loss}, "
           f"{time.perf_counter() - start:.0f} s; outputs: {', '.join(outputs)}", flush=True)

@@ -1,6 +1,6 @@
 """`verify_batch`: answer checks in worker processes, each under a hard wall-clock limit.
 
-Why this shape (ENGINES.md section 3 and 5.7): signal-based timeouts only work on the main thread;
+Why this shape: signal-based timeouts only work on the main thread;
 under Ray and in worker threads they raised, the error was swallowed, and every reward was 0 (verl
 PR #5635); a hung check in a ProcessPoolExecutor used up the pool for good (AReaL PR #1426). Here
 the calling thread, whichever it is, waits on the workers' pipes with `select` and a deadline; a

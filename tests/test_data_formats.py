@@ -146,3 +146,21 @@ def test_saved_char_tokenizer_loads_through_auto_tokenizer_to_the_same_ids(tmp_p
         loaded = AutoTokenizer.from_pretrained(save_preset(preset, tmp_path / preset))
         assert loaded(text).input_ids == build_char_tokenizer()(text).input_ids
         assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_a_hub_dataset_name_offline_and_not_cached_says_how_to_fetch_it(tmp_path):
+    """In a fresh process, so that datasets reads the offline switch and the empty cache at import."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("datasets", reason="the data extra (pip install 'twofold[data]')")
+    code = ("from twofold.engine.data import load_sequences\n"
+            "from twofold.engine.tiny import build_char_tokenizer\n"
+            "load_sequences('acme/absent-math', build_char_tokenizer(), 64)\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert ("data.path 'acme/absent-math' is neither a local file or directory nor a Hub dataset that can be "
+            "loaded") in done.stderr
+    assert "`hf download --repo-type dataset acme/absent-math`" in done.stderr

@@ -176,8 +176,9 @@ def _load_hub_dataset(name: str, split: str):
         return datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ConnectionError, OSError) as err:
         raise ValueError(f"data.path {name!r} is neither a local file or directory nor a Hub dataset that can be "
-                         f"loaded ({type(err).__name__}: {err}). Offline, fetch it first where there is network: "
-                         f"huggingface-cli download --repo-type dataset {name}") from None
+                         f"loaded ({type(err).__name__}: {err}). Offline, load it once where there is network (it is then cached), or "
+                         f"fetch the files with `hf download --repo-type dataset {name}` (older huggingface_hub: "
+                         f"`huggingface-cli download --repo-type dataset {name}`) and give their paths") from None
 
 
 def _dataset_rows(dataset) -> Iterator[dict]:

@@ -64,7 +64,7 @@ def _sft_batch(tok):
     batch = []
     for i, p in enumerate(PROMPTS):
         ids = tok(p).input_ids
-        batch.append(Sequence(ids + tok(" = 42").input_ids + [tok.eos_token_id], len(ids), row_id=i))
+        batch.append(Sequence(ids + tok("=42").input_ids + [tok.eos_token_id], len(ids), row_id=i))
     return batch
 
 

@@ -42,14 +42,24 @@ def resolve_model_path(path: str, key: str = "model.path", local_files_only: boo
 
 
 def resolve_model(model_cfg) -> None:
-    """Replace Hub ids in `model.path` / `model.tokenizer` by their cache directories (collective under torchrun:
-    rank 0 may download, the others wait and then read the cache)."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if distributed else 0
-    for turn in (0, 1) if distributed else (0,):
-        if (rank == 0) == (turn == 0):
-            for key in ("path", "tokenizer"):
-                setattr(model_cfg, key, resolve_model_path(getattr(model_cfg, key), f"model.{key}",
-                                                           local_files_only=turn == 1))
-        if distributed:
-            dist.barrier()
+    """Replace Hub ids in `model.path` / `model.tokenizer` by their cache directories. Under torchrun rank 0 goes
+    first (it may download) and tells the others whether it worked; they then find the snapshot in the cache
+    (another node with its own cache fetches its copy)."""
+    def resolve() -> None:
+        for key in ("path", "tokenizer"):
+            setattr(model_cfg, key, resolve_model_path(getattr(model_cfg, key), f"model.{key}"))
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        resolve()
+        return
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            resolve()
+        except ValueError as err:
+            outcome = [err]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise outcome[0]
+    if dist.get_rank() != 0:
+        resolve()

@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from twofold.engine.checkpoint import complete_checkpoints, export_hf, load_checkpoint, save_checkpoint
-import torch.distributed as dist
-
 from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
                                    to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences

@@ -78,6 +78,9 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
                                  data.format, config.eval.max_prompts, data.split, check_gold=gold).problems
         own_sampler, own_pool = sampler is None, pool is None
         if sampler is None:
+            if not config.log.verbose:
+                from twofold.engine.online import quiet_vllm
+                quiet_vllm()
             sampler = build_sampler(dataclasses.replace(config.sampler, load_format="auto"), model_dir)
         else:
             from transformers import AutoModelForCausalLM

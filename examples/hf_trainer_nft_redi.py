@@ -2,7 +2,8 @@
 
     .venv/bin/python examples/hf_trainer_nft_redi.py        # tiny Qwen2 built from a config, CPU, seconds
 
-Only `compute_loss` changes: get per-token log-probs from the model, call the loss. The Trainer shuffles rows,
+Only `compute_loss` changes: get per-token log-probs of the counted tokens from the model
+(`twofold.completion_logprobs`: any HF causal LM, no [B, T, V] logits), call the loss. The Trainer shuffles rows,
 so a micro-batch holds parts of groups: NFT gets each sequence's group correctness rate precomputed over the whole
 rollout (`correct_rate`) and the old log-probs from the rollout policy, like the engine does.
 Needs `accelerate` (the Trainer requires it).
@@ -14,31 +15,28 @@ import tempfile
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
 
-from twofold.kernels import linear_logprobs
-from twofold.objectives import nft_loss, r_hat, redi_loss
+import twofold
 
 
-def token_logprobs(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] fp32 log-prob of each next token, from the last hidden states and the LM-head weight: the fused
-    kernel never builds the [B, T, V] logits that `model(...).logits` would."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]
-    return linear_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:])
+def token_logprobs(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] fp32 log-prob of each token where `mask` is set (0 elsewhere), given the tokens before it."""
+    return twofold.completion_logprobs(model, input_ids, torch.ones_like(input_ids), mask)
 
 
 class NFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logp = token_logprobs(model, inputs["input_ids"])
-        loss, metrics = nft_loss(logp, inputs["old_logp"], inputs["rewards"], inputs["group_ids"],
-                                 inputs["loss_mask"][:, 1:], correct_rate=inputs["correct_rate"])
+        logp = token_logprobs(model, inputs["input_ids"], inputs["loss_mask"])
+        loss, metrics = twofold.nft_loss(logp, inputs["old_logp"], inputs["rewards"], inputs["group_ids"],
+                                         inputs["loss_mask"], correct_rate=inputs["correct_rate"])
         return (loss, metrics) if return_outputs else loss
 
 
 class REDITrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        chosen = token_logprobs(model, inputs["chosen_ids"])
-        rejected = token_logprobs(model, inputs["rejected_ids"])
-        loss, metrics = redi_loss(chosen, rejected, inputs["chosen_mask"][:, 1:], inputs["rejected_mask"][:, 1:],
-                                  alpha=0.8)
+        chosen = token_logprobs(model, inputs["chosen_ids"], inputs["chosen_mask"])
+        rejected = token_logprobs(model, inputs["rejected_ids"], inputs["rejected_mask"])
+        loss, metrics = twofold.redi_loss(chosen, rejected, inputs["chosen_mask"], inputs["rejected_mask"],
+                                          alpha=0.8)
         return (loss, metrics) if return_outputs else loss
 
 
@@ -58,8 +56,8 @@ def rollout_rows(model, groups: int = 3, group_size: int = 4, length: int = 12, 
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     loss_mask[:, prompt:] = True
     with torch.no_grad():
-        old_logp = token_logprobs(model, ids)
-    rate = r_hat(rewards, group_ids)
+        old_logp = token_logprobs(model, ids, loss_mask)
+    rate = twofold.r_hat(rewards, group_ids)
     return [dict(input_ids=ids[i], loss_mask=loss_mask[i], old_logp=old_logp[i], rewards=rewards[i],
                  group_ids=group_ids[i], correct_rate=rate[i]) for i in range(len(ids))]
 

@@ -37,3 +37,11 @@ def test_bench_anchors_plumbing_on_cpu(tmp_path):
     cases = report["shapes"]["tiny"]["cases"]
     assert {"gemm3", "eager", "ours", "ours_fwd"} <= set(cases)
     assert all(c["time_ms"] > 0 for c in cases.values() if "error" not in c)
+
+
+def test_bench_modules_compares_the_module_with_liger_on_equal_values(tmp_path):
+    report = run_bench("bench.modules", "--batch", "2", "--seq", "16", "--h", "32", "--v", "300", "--warmup", "0",
+                       "--repeats", "1", "--liger-eager", tmp_path=tmp_path)
+    assert set(report["seconds"]) == {"twofold", "twofold_unfused", "liger"}
+    assert report["liger_over_twofold"]["median"] > 0
+    assert max(report["max_abs_diff"].values()) < 1e-5  # same loss and gradients as Liger's on the same inputs

@@ -85,6 +85,8 @@ def test_recipes_load(recipe, tmp_path):
     model_path = config.get("model", {}).get("path")
     if model_path and not Path(model_path).is_dir():
         (tmp_path / "model").mkdir(exist_ok=True)
+        for name in ("config.json", "tokenizer.json"):  # what validation looks for in a model directory
+            (tmp_path / "model" / name).write_text("{}")
         overrides.append(f"model.path={tmp_path / 'model'}")
     import os
     cwd = os.getcwd()

@@ -143,7 +143,7 @@ def test_resumed_online_run_repeats_the_uninterrupted_one(files, warm, sampler, 
                           "train.stop_after_steps=2")
     first = run(split, sampler=sampler, pool=pool)
     rest = run(split, sampler=sampler, pool=pool)  # resume=auto: continues from the step-2 checkpoint
-    assert [m["step"] for m in first + rest] == [0, 1, 2]
+    assert [m["step"] for m in first + rest] == [1, 2, 3]
     # Which steps have an informative group (and so which metrics a row holds) depends on the CPU's kernels:
     # compare every row's full set of keys and every value that does not measure time or memory.
     for a, b in zip(whole, first + rest):

@@ -1,16 +1,28 @@
-"""Checkpoints: sharded, atomic and resumable at any world size (torch.distributed.checkpoint), plus HF export.
+"""Checkpoints: sharded, verified, crash-safe and resumable at any world size (torch.distributed.checkpoint), plus
+HF export.
 
-Layout under `<run_dir>/checkpoints/`:
-    step_00000006/          complete checkpoints (DCP shards + .metadata); only these are ever resumed
-    .tmp-step_00000009/     a save in progress: renamed to step_... only after every rank finished writing,
-                            so a crash mid-save leaves the previous checkpoint as the newest complete one.
-Everything that must resume lives in one dict (`STATE_KEYS`): model and optimizer shards (DTensors, so DCP
-reshards them to a new world size), and `train_state` (step, skipped steps, scheduler, data position, every rank's
-RNG states) serialised into one blob.
+Layout under `<run_dir>/checkpoints/`, named by the run's own step (offline: optimizer steps; online: rollout steps):
+    step_00000006/          a complete checkpoint: DCP shards, .metadata and, written last, manifest.json (the size
+                            and SHA-256 of every other file); only directories with a manifest are ever resumed
+    .tmp-step_00000009/     a save in progress, renamed to step_... once every rank has written and the manifest is in
+    .old-step_00000006/     a complete checkpoint moved aside while the same step is saved again; removed once the
+                            replacement is in place, moved back if a crash came in between
+    .bad-step_00000007/     a checkpoint that failed verification or loading, set aside (never deleted)
+    .trash-.../             a directory being deleted (renamed first, so that a half-deleted one is never listed)
+So at every instant of a save the newest complete checkpoint on disk is either the previous one or the new one.
+On resume the manifest is checked first (every rank hashes its share of the files); a damaged checkpoint is set
+aside with a warning and the previous complete one is loaded instead.
+
+Everything that must resume lives in one dict: model and optimizer shards (DTensors, so DCP reshards them to a new
+world size), and `train_state` (run step, optimizer steps, skipped steps, scheduler, data position, every rank's RNG
+states) serialised into one blob.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import os
 import random
 import shutil
@@ -27,21 +39,65 @@ from transformers import AutoModelForCausalLM
 from twofold.engine.model import DTYPES, PolicyModel
 from twofold.engine.trainer import Trainer
 
-STATE_KEYS = ("model", "optimizer", "train_state")
-TMP_PREFIX = ".tmp-"
+log = logging.getLogger("twofold")
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+TMP_PREFIX, OLD_PREFIX, BAD_PREFIX, TRASH_PREFIX = ".tmp-", ".old-", ".bad-", ".trash-"
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint whose files do not match its manifest, or that DCP / torch.load could not read."""
+
+
+class FileOps:
+    """Every change a save makes to the file system, in order of use (fault-injection tests wrap each one)."""
+
+    def make_dir(self, path: Path) -> None:
+        path.mkdir(parents=True)
+
+    def save_shards(self, state: dict, path: Path) -> None:
+        dcp.save(state, checkpoint_id=str(path))  # DCP fsyncs every file it writes
+
+    def write_file(self, path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+        _fsync_dir(dst.parent)
+
+    def delete_tree(self, path: Path) -> None:
+        shutil.rmtree(path)
+
+
+FILES = FileOps()
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix(OLD_PREFIX).removeprefix(PREFIX))
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (in-progress `.tmp-` directories are never listed)."""
+    """Checkpoints with a manifest, oldest first: `step_*`, and a `.old-step_*` whose replacement never arrived.
+    (Whether their files match the manifest is checked when one is loaded.)"""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if (p / ".metadata").is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+    found = [p for p in root.glob(f"{PREFIX}*") if (p / MANIFEST).is_file()]
+    found += [p for p in root.glob(f"{OLD_PREFIX}{PREFIX}*")
+              if (p / MANIFEST).is_file() and not (root / p.name.removeprefix(OLD_PREFIX) / MANIFEST).is_file()]
+    return sorted(found, key=step_of)
+
+
+def damaged_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_dir(run_dir)
+    return sorted(root.glob(f"{BAD_PREFIX}*")) if root.is_dir() else []
 
 
 def _rng_state() -> dict:
@@ -68,36 +124,68 @@ def _state_dicts(trainer: Trainer, extras: dict | None) -> dict:
     return out
 
 
+# ---- save ------------------------------------------------------------------------------------------------------
+
 def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, keep_last: int,
-                    extras: dict | None = None) -> Path:
-    """Collective: every rank writes its shards; rank 0 publishes the directory and prunes old ones."""
+                    extras: dict | None = None, step: int | None = None) -> Path:
+    """Collective: every rank writes its shards into a temporary directory; rank 0 adds the manifest, publishes it
+    as `step_<step>` (default: the optimizer step) and prunes old ones, never removing a complete checkpoint before
+    its replacement is in place."""
+    step = trainer.steps_done if step is None else step
     root = checkpoint_dir(run_dir)
-    final = root / f"step_{trainer.steps_done:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
+    final = root / f"{PREFIX}{step:08d}"
+    tmp, aside = root / f"{TMP_PREFIX}{final.name}", root / f"{OLD_PREFIX}{final.name}"
     if dist.get_rank() == 0:
-        for stale in root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _tidy(root)
+        FILES.make_dir(tmp)
     dist.barrier()
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, _rng_state())
     blob = io.BytesIO()
-    torch.save({"step": trainer.steps_done, "skipped": trainer.skipped_steps, "data": data_state, "rng": rng,
-                "scheduler": trainer.scheduler.state_dict()}, blob)
-    dcp.save({**_state_dicts(trainer, extras), "train_state": blob}, checkpoint_id=str(tmp))
+    torch.save({"run_step": step, "step": trainer.steps_done, "skipped": trainer.skipped_steps, "data": data_state,
+                "rng": rng, "scheduler": trainer.scheduler.state_dict()}, blob)
+    FILES.save_shards({**_state_dicts(trainer, extras), "train_state": blob}, tmp)
     dist.barrier()
+    files = _checksums(tmp)
     if dist.get_rank() == 0:
-        if final.exists():  # re-saving the same step (e.g. after a resume with nothing left to do)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        FILES.write_file(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1).encode())
+        if (final / MANIFEST).is_file():  # saving the same step again: keep the old one until the new one is in
+            FILES.rename(final, aside)
+        elif final.exists():
+            _remove(final)  # a directory without a manifest is no checkpoint
+        FILES.rename(tmp, final)
+        if aside.exists():
+            _remove(aside)
         # the one just written is kept whatever its number (a run resumed from an older checkpoint saves below
         # newer ones); keep_last - 1 of the others, newest first
         others = [p for p in complete_checkpoints(run_dir) if p != final]
         for old in others[:max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old)
+            _remove(old)
     dist.barrier()
     return final
+
+
+def _tidy(root: Path) -> None:
+    """Rank 0, before a save: finish what a crash interrupted. Unfinished saves and deletions go; a checkpoint moved
+    aside for a re-save comes back when its replacement never arrived."""
+    for stale in [*root.glob(f"{TMP_PREFIX}*"), *root.glob(f"{TRASH_PREFIX}*")]:
+        FILES.delete_tree(stale)
+    for aside in root.glob(f"{OLD_PREFIX}*"):
+        final = root / aside.name.removeprefix(OLD_PREFIX)
+        if (final / MANIFEST).is_file():
+            _remove(aside)
+        else:
+            if final.exists():
+                _remove(final)
+            FILES.rename(aside, final)
+
+
+def _remove(path: Path) -> None:
+    """Rename first, then delete: a kill halfway through leaves a `.trash-` directory, never a half checkpoint."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+    FILES.rename(path, trash)
+    FILES.delete_tree(trash)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,25 +196,104 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksums(directory: Path) -> dict[str, dict]:
+    """Collective: {file name: {size, sha256}} of every file in `directory`, each rank hashing its share."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in names[rank::world]}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {name: part[name] for part in parts for name in part}
+
+
+# ---- load ------------------------------------------------------------------------------------------------------
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Collective: what is wrong with a checkpoint (None: every file matches its manifest)."""
+    problem = None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        files, problem = {}, f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name in sorted(files)[rank::world]:
+        if problem:
+            break
+        file, expected = path / name, files[name]
+        if not file.is_file():
+            problem = f"{name} is missing"
+        elif file.stat().st_size != expected["size"]:
+            problem = f"{name} has {file.stat().st_size} bytes, the manifest says {expected['size']}"
+        elif _sha256(file) != expected["sha256"]:
+            problem = f"{name} does not match its SHA-256 in the manifest"
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
 def load_checkpoint(path: str | Path, trainer: Trainer, extras: dict | None = None) -> dict:
     """Restore model, optimizer, scheduler, counters and RNG into `trainer` (and `extras`, as saved) at any world
-    size; returns the data position that was saved."""
+    size; returns the data position that was saved. Raises CheckpointDamaged when the files do not match the
+    manifest or cannot be read."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointDamaged(problem)
     state = {**_state_dicts(trainer, extras), "train_state": io.BytesIO()}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+        blob = state["train_state"]  # DCP may hand back a new buffer rather than fill ours
+        blob.seek(0)
+        train_state = torch.load(blob, weights_only=False)
+    except Exception as err:  # noqa: BLE001  any failure to read the files means this checkpoint is unusable
+        raise CheckpointDamaged(f"{type(err).__name__}: {str(err)[:300]}") from err
     set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
     for name, (module, optimizer) in (extras or {}).items():
         set_state_dict(module, optimizer, model_state_dict=state[f"{name}.model"],
                        optim_state_dict=state[f"{name}.optimizer"])
-    blob = state["train_state"]  # DCP may hand back a new buffer rather than fill ours
-    blob.seek(0)
-    train_state = torch.load(blob, weights_only=False)
     trainer.scheduler.load_state_dict(train_state["scheduler"])
     trainer.steps_done, trainer.skipped_steps = train_state["step"], train_state["skipped"]
     rank = dist.get_rank()
     if rank < len(train_state["rng"]):  # a rank that did not exist at save time keeps its seeded RNG
         _set_rng_state(train_state["rng"][rank])
     return train_state["data"]
+
+
+def resume_newest(candidates: list[Path], trainer: Trainer, extras: dict | None = None,
+                  set_aside: bool = True) -> tuple[Path, dict] | None:
+    """Load the newest of `candidates` (oldest first) that is intact: (its path, its data position), or None when
+    there are none. A damaged one is set aside as `.bad-step_*` (when `set_aside`; else the error is raised) with a
+    warning, and the previous one is tried."""
+    bad = []
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path, trainer, extras)
+        except CheckpointDamaged as err:
+            if not set_aside:
+                raise CheckpointDamaged(f"checkpoint {path} is damaged: {err}") from None
+            moved = path.with_name(f"{BAD_PREFIX}{path.name.removeprefix(OLD_PREFIX)}")
+            if dist.get_rank() == 0:
+                while moved.exists():  # one set aside before: keep both
+                    moved = moved.with_name(moved.name + "+")
+                log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the previous one", path, err,
+                            moved.name)
+                FILES.rename(path, moved)
+            dist.barrier()
+            bad.append(moved)
+    if bad:
+        raise CheckpointDamaged(f"no intact checkpoint left; the damaged ones were set aside as "
+                                f"{', '.join(str(p) for p in bad)}; set checkpoint.resume=never to start over")
+    return None
 
 
 def export_hf(policy: PolicyModel, tokenizer, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
@@ -146,8 +313,11 @@ def export_hf(policy: PolicyModel, tokenizer, out_dir: str | Path, dtype: str = 
         model.config.use_cache = True  # training turned the KV cache off; generation wants it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        old = out_dir.with_name(OLD_PREFIX + out_dir.name)
+        if out_dir.exists():  # the previous export stays until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            FILES.rename(out_dir, old)
+        FILES.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return out_dir

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ class TrainConfig:
     stop_after_steps: int = 0
     """End this invocation after this many steps (job time slots); 0 = run to `steps`. Resume continues."""
     seed: int = 0
+    collective_timeout_s: float = 600.0
+    """Multi-rank runs: a collective that waits longer than this ends the job with a message naming the rank that
+    stopped answering (gloo's own default is 30 minutes). Long enough for the slowest step, checkpoint save and
+    weight sync."""
     mode: Literal["offline", "online"] = "offline"
     """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
     (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
@@ -198,7 +203,11 @@ class VerifierConfig:
     workers: int = 2
     """Worker processes that check answers (and run reward.functions)."""
     timeout: float = 5.0
-    """Wall-clock limit of one answer check (seconds); an overrun scores 0 and is counted."""
+    """Wall-clock limit of one answer check (seconds); an overrun scores 0 and is counted. Gold answers are parsed
+    under the same limit at load; one that takes longer is skipped and counted."""
+    numeric_tolerance: float = 0.0
+    """0: a decimal is the exact number it spells (3.14159 is not pi). > 0: a decimal also equals any value it
+    matches to this relative tolerance (1e-6 accepts 3.141593 for pi)."""
     memory_mb: int = 1024
     """Address-space cap of each worker process (0: none); a check that exceeds it scores 0."""
     check: Literal["twofold", "math_verify"] = "twofold"
@@ -252,7 +261,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Config from a YAML file (optional) and `section.key=value` overrides (values parsed as YAML), validated."""
     tree: dict = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = _read_yaml(Path(path))
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
     file_objective = dict(tree.get("objective") or {}) if isinstance(tree.get("objective"), dict) else {}
@@ -281,6 +290,23 @@ def _check_objective_override(file_objective: dict, overrides: list[str]) -> Non
                          f"objective.kwargs=... (or objective.kwargs={{}}) on the command line too")
 
 
+def _read_yaml(path: Path):
+    if not path.is_file():
+        raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
+
+
 def _apply_override(tree: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
@@ -291,7 +317,10 @@ def _apply_override(tree: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
 
 
 def _build(cls, tree: dict, prefix: str):
@@ -333,13 +362,8 @@ def _check_type(name: str, value, hint):
         if value not in typing.get_args(hint):
             raise ValueError(f"config {name} must be one of {list(typing.get_args(hint))}, got {value!r}")
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        return _check_float(name, value)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -348,7 +372,7 @@ def _check_type(name: str, value, hint):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config {name} must be a mapping, got {value!r}")
-        return value
+        return {k: _check_float(f"{name}.{k}", v) if isinstance(v, float) else v for k, v in value.items()}
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"config {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -358,6 +382,36 @@ def _type_name(hint) -> str:
     if typing.get_origin(hint) is list:
         return f"list[{_type_name(typing.get_args(hint)[0])}]"
     return getattr(hint, "__name__", str(hint))
+
+
+def _check_float(name: str, value) -> float:
+    """A finite float; YAML 1.1 reads 3e-4 (no dot) as a string, and .inf / .nan as floats."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(f"config {name} must be float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"config {name} must be a finite number, got {value!r}")
+    return float(number)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def validate_paths(config: Config) -> None:
+    """Files and directories the run reads, checked before anything loads."""
+    model = config.model
+    if model.path and Path(model.path).is_dir():
+        directory = Path(model.path)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"model.path {model.path!r} has no config.json: not a Hugging Face model directory")
+        if not model.tokenizer and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"model.path {model.path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                             "set model.tokenizer to a tokenizer directory")
 
 
 def validate(config: Config) -> None:
@@ -390,10 +444,13 @@ def validate(config: Config) -> None:
     if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
         raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
     validate_rollout(config)
+    validate_paths(config)
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
     _require(data.max_tokens_per_microbatch >= 2, "data.max_tokens_per_microbatch", ">= 2",
              data.max_tokens_per_microbatch)
     _require(optim.lr > 0, "optim.lr", "> 0", optim.lr)
+    _require(optim.weight_decay >= 0, "optim.weight_decay", ">= 0", optim.weight_decay)
+    _require(optim.eps > 0, "optim.eps", "> 0", optim.eps)
     _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)",
              optim.betas)
     updates = optimizer_steps(config)
@@ -403,6 +460,7 @@ def validate(config: Config) -> None:
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
     _require(train.steps >= 1, "train.steps", ">= 1", train.steps)
     _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)
+    _require(train.collective_timeout_s > 0, "train.collective_timeout_s", "> 0", train.collective_timeout_s)
     _require(ckpt.every >= 0, "checkpoint.every", ">= 0", ckpt.every)
     _require(ckpt.keep_last >= 1, "checkpoint.keep_last", ">= 1", ckpt.keep_last)
     if ckpt.resume not in ("auto", "never") and not Path(ckpt.resume).is_dir():
@@ -436,6 +494,12 @@ def validate_rollout(config: Config) -> None:
     _require(0 <= r.freeze_actor_steps < config.train.steps, "rollout.freeze_actor_steps",
              f"in [0, train.steps={config.train.steps})", r.freeze_actor_steps)
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
+    _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
+    sampler = config.sampler
+    _require(sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib", ">= 0 (0: gpu_memory_utilization decides)",
+             sampler.kv_cache_gib)
+    _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
+             sampler.gpu_memory_utilization)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
     if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):
@@ -453,6 +517,8 @@ def validate_rollout(config: Config) -> None:
         if not (module and sep and name):
             raise ValueError(f"config reward.functions[{i}].name must look like package.module:function, "
                              f"got {fn.name!r}")
+    _require(0 <= config.verifier.numeric_tolerance < 1, "verifier.numeric_tolerance", "in [0, 1)",
+             config.verifier.numeric_tolerance)
 
 
 def _require(ok: bool, name: str, expected: str, actual) -> None:
@@ -534,13 +600,8 @@ def _kwarg_value(name: str, value, hint):
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ValueError(f"config {name} must be a list of {len(items)} values, got {value!r}")
         return tuple(_kwarg_value(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, items)))
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 3e-4 as a string
-        except ValueError:
-            pass
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _check_float(name, value)  # finite; YAML 1.1 reads 3e-4 as a string
     if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
         raise ValueError(f"config {name} must be {_hint_name(hint)}, got {type(value).__name__} {value!r}")
     return value

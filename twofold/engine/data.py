@@ -20,16 +20,19 @@ extra_info, ...) are metadata and are ignored.
 Bad rows: a malformed row stops the run with its id (data.on_bad_row=error) or is logged and skipped (skip);
 an empty response or a sequence over the micro-batch budget is always logged and skipped.
 
-Order: epoch e visits the sequences in a permutation seeded by (seed, e). The position is the number of sequences
-consumed since the start, so resuming (at any world size) continues with exactly the next sequence, across epoch
-boundaries too. The dataset's fingerprint is saved with the position: resuming on a different dataset fails loudly
-instead of silently skipping rows.
+Order: epoch e visits the rows in a permutation seeded by (seed, e); the epochs' permutations, one after another,
+are the stream. A mini-batch takes the next rows of the stream, passing over a row it already holds (near an epoch
+boundary the next permutation may bring back a row of the previous one's tail), so every mini-batch holds distinct
+rows. The position is the number of stream slots consumed since the start, so resuming (at any world size)
+continues with exactly the next row, across epoch boundaries too. The dataset's fingerprint is saved with the
+position: resuming on a different dataset fails loudly instead of silently skipping rows.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,8 @@ log = logging.getLogger("twofold.data")
 CHAT = "chat"
 """`data.prompt_template` value: render string prompts as a user message with the tokenizer's chat template."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATASETS_MARKERS = ("dataset_dict.json", "state.json")
+"""Files `datasets.Dataset(Dict).save_to_disk` writes at the top of its directory."""
 MISSING = object()
 
 
@@ -90,6 +95,9 @@ def check_source(key: str, path: str | list[str]) -> None:
             raise ValueError(f"{key} entries must be non-empty paths, got {item!r}")
         if is_local_path(item) and not Path(item).exists():
             raise ValueError(f"{key} {item!r} does not exist")
+        if Path(item).is_dir() and not any((Path(item) / f).is_file() for f in DATASETS_MARKERS):
+            raise ValueError(f"{key} {item!r} is a directory, not a JSONL or Parquet file nor a directory written by "
+                             "datasets' save_to_disk")
         if isinstance(path, list) and not Path(item).is_file():
             raise ValueError(f"{key}: a list of sources must hold files; {item!r} is not a file")
 
@@ -100,14 +108,16 @@ def describe(path: str | list[str] | Path) -> str:
 
 def read_rows(path: str | Path | list, file_format: str = "auto", split: str = "train"
               ) -> Iterator[tuple[int, dict | str]]:
-    """(row id, row) for every row of every source; the row id is the 1-based row number over all of them. A JSONL
+    """(row id, row) for every row of every source; the row id is the 1-based row (JSONL: line) number over all of
+    them. A JSONL
     line that is not a JSON object comes back as the error message (a str) so that the caller decides to stop or
     skip."""
     row_id = 0
     for source in path if isinstance(path, list) else [path]:
         for row in _source_rows(str(source), file_format, split):
             row_id += 1
-            yield row_id, row
+            if row is not None:
+                yield row_id, row
 
 
 def _source_rows(path: str, file_format: str, split: str) -> Iterator[dict | str]:
@@ -117,15 +127,18 @@ def _source_rows(path: str, file_format: str, split: str) -> Iterator[dict | str
     elif file_format == "parquet" or (file_format == "auto" and local.suffix == ".parquet"):
         yield from _parquet_rows(local)
     elif local.is_file() or is_local_path(path):
-        with open(local, encoding="utf-8") as f:
+        with open(local, "rb") as f:  # decoded line by line: a bad byte is that row's error, not the file's
             for line in f:
-                if line.strip():
-                    yield _json_row(line)
+                yield _json_row(line) if line.strip() else None  # a blank line keeps the line numbering
     else:
         yield from _dataset_rows(_load_hub_dataset(path, split))
 
 
-def _json_row(line: str) -> dict | str:
+def _json_row(raw: bytes) -> dict | str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
@@ -318,15 +331,27 @@ def parse_row(row: dict | str, fields: Fields = DEFAULT_FIELDS, row_id: int = 0
         texts = [response_text(find_field(row, fields.response, DEFAULT_FIELDS.response), fields.response)]
     values = {}
     for key, value in row.items():
-        if key in fields.text or key in ALIASES["response"] or not isinstance(value, (int, float)):
-            continue  # text, or metadata (verl's data_source, extra_info, ...)
-        if isinstance(value, bool):
-            raise ValueError(f"field {key!r} must be a number, got {value!r}")
-        values[key] = value
+        if key in fields.text or key in ALIASES["response"]:
+            continue
+        if value is None or isinstance(value, (str, list, dict)):
+            continue  # metadata (verl's data_source, extra_info, ...)
+        values[key] = require_number(row, key)
     if not pair:
         return prompt, [(texts[0], values)]
     return prompt, [(text, {**values, "pair_id": row_id, "chosen": int(side == 0)})
                     for side, text in enumerate(texts)]
+
+
+def require_number(row: dict, key: str) -> float | int:
+    """A finite number (JSON's NaN / Infinity tokens, and Parquet's NaN, would poison the loss steps later)."""
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"field {key!r} must be a number, got {value!r}")
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        raise ValueError(f"field {key!r} is out of range for a 64-bit integer: {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"field {key!r} must be a finite number, got {value!r}")
+    return value
 
 
 def require_text(row: dict, key: str) -> str:
@@ -368,25 +393,34 @@ class BatchStream:
                 self.rows[-1].append(seq)
             else:
                 self.rows.append([seq])
+        if not 1 <= batch_size <= len(self.rows):
+            raise ValueError(f"a mini-batch of {batch_size} distinct rows needs at least that many rows; the dataset "
+                             f"has {len(self.rows)}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.consumed = 0
+        self._orders: dict[int, list[int]] = {}
         self.fingerprint = fingerprint(sequences)
 
     def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.rows)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.rows), generator=generator).tolist()
+        """Epoch `epoch`'s permutation of the rows, kept while the stream is in it (a batch spans two at most)."""
+        if epoch not in self._orders:
+            if not self.shuffle:
+                order = list(range(len(self.rows)))
+            else:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(self.rows), generator=generator).tolist()
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1} | {epoch: order}
+        return self._orders[epoch]
 
     def next_batch(self) -> list[Sequence]:
         n = len(self.rows)
-        batch, orders = [], {}
-        for position in range(self.consumed, self.consumed + self.batch_size):
-            epoch = position // n
-            order = orders.setdefault(epoch, self._order(epoch))
-            batch.extend(self.rows[order[position % n]])
-        self.consumed += self.batch_size
-        return batch
+        picked = {}  # row index -> its sequences, in stream order
+        while len(picked) < self.batch_size:  # a batch spans at most two epochs, as batch_size <= n
+            epoch, slot = divmod(self.consumed, n)
+            row = self._order(epoch)[slot]
+            picked.setdefault(row, self.rows[row])  # a row the batch already holds is passed over
+            self.consumed += 1
+        return [seq for seqs in picked.values() for seq in seqs]
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "fingerprint": self.fingerprint}

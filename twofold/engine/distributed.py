@@ -2,14 +2,28 @@
 
 A single process still gets a one-rank process group, so FSDP2, DCP checkpoints and the gradient reduction run the
 same code at every world size (and a checkpoint written by one process resumes on many, and back).
+
+Bounded hangs: every collective times out after `train.collective_timeout_s` (gloo's default is 30 minutes; a
+stopped or deadlocked rank would otherwise hold the job that long). Each rank of a multi-rank job runs a
+supervisor thread that publishes a heartbeat in the rendezvous store, so that a rank whose collective timed out
+can name the rank that stopped answering, and that ends the rank when its launcher (the torchrun agent) is gone.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("twofold")
+HEARTBEAT_KEY = "twofold/heartbeat/{rank}"
 
 
 @dataclass(frozen=True)
@@ -23,8 +37,9 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistEnv:
-    """Join (or create) the default process group and pick this rank's device."""
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Join (or create) the default process group, every collective bounded by `timeout_s`, and pick this rank's
+    device; under torchrun also start the supervisor (heartbeat, launcher watch)."""
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -35,7 +50,10 @@ def init_distributed() -> DistEnv:
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:  # launched by torchrun: env:// rendezvous
-            dist.init_process_group(backend, device_id=device if use_cuda else None)
+            dist.init_process_group(backend, device_id=device if use_cuda else None,
+                                    timeout=timedelta(seconds=timeout_s))
+            if dist.get_world_size() > 1:
+                Supervisor(dist.get_rank(), timeout_s).start()
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(dist.get_rank(), dist.get_world_size(), device)
@@ -51,3 +69,65 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _store_client(timeout_s: float) -> dist.TCPStore:
+    """A private client of the rendezvous store (MASTER_ADDR:MASTER_PORT), usable from any thread."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    return min(5.0, timeout_s / 5)
+
+
+class Supervisor(threading.Thread):
+    """Every few seconds: publish this rank's heartbeat; end the process if the launcher that started it died
+    (then nothing would stop or restart it, and its peers are gone or about to be)."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        super().__init__(name="twofold-supervisor", daemon=True)
+        self.rank, self.interval = rank, heartbeat_interval(timeout_s)
+        self.launcher = os.getppid()
+        self.key = HEARTBEAT_KEY.format(rank=rank)
+        self.store = _store_client(max(10.0, timeout_s))
+
+    def run(self) -> None:
+        me, beats = {"pid": os.getpid(), "host": socket.gethostname()}, 0
+        while True:
+            if os.getppid() != self.launcher:
+                log.error("rank %d: its launcher (pid %d) has exited; ending this rank", self.rank, self.launcher)
+                os._exit(1)  # the main thread may be blocked in a collective: no clean shutdown is possible
+            beats += 1
+            try:
+                self.store.set(self.key, json.dumps({**me, "beats": beats}))
+            except Exception:  # noqa: BLE001  the store lives in the launcher: gone means the launcher is dying
+                pass
+            time.sleep(self.interval)
+
+
+def is_timeout(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
+def describe_hang(timeout_s: float) -> str:
+    """Which ranks stopped publishing heartbeats, for the message of a timed-out collective: the store is read twice,
+    three heartbeat intervals apart (beat counters, not clocks, so hosts' clock skew does not matter)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    head = f"rank {rank}: a collective timed out after {timeout_s:g} s (train.collective_timeout_s)"
+    wait = 3 * heartbeat_interval(timeout_s)
+    try:
+        store = _store_client(min(10.0, timeout_s))
+        keys = {r: HEARTBEAT_KEY.format(rank=r) for r in range(world) if r != rank}
+        before = {r: json.loads(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
+        time.sleep(wait)
+        after = {r: json.loads(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
+    except Exception as err:  # noqa: BLE001
+        return f"{head}; the rendezvous store does not answer either ({type(err).__name__}): the launcher or " \
+               f"the store's host is gone"
+    silent = [f"rank {r} never answered" if after[r] is None else
+              f"rank {r} (pid {after[r]['pid']} on {after[r]['host']}) did not answer for {wait:g} s"
+              for r in sorted(keys) if after[r] is None or after[r] == before[r]]
+    if not silent:
+        return f"{head}; every rank is alive, so one is stuck in its own work or in a different collective"
+    return f"{head}; {', '.join(silent)}: stopped, hung or dead. Ending the job."

@@ -73,10 +73,11 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
             model_dir = resolve_model_path(str(checkpoint), "checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or model_dir)
         data = config.data
-        gold = config.verifier.check == "twofold" and config.reward.verifier_weight > 0
-        problems = load_problems(config.eval.path, tokenizer, Fields.from_config(data), config.sampler.max_model_len,
-                                 data.format, config.eval.max_prompts, data.split, check_gold=gold).problems
         own_sampler, own_pool = sampler is None, pool is None
+        pool = pool or build_pool(config)
+        golds = pool.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
+        problems = load_problems(config.eval.path, tokenizer, Fields.from_config(data), config.sampler.max_model_len,
+                                 data.format, config.eval.max_prompts, golds, data.split).problems
         if sampler is None:
             if not config.log.verbose:
                 from twofold.engine.online import quiet_vllm
@@ -86,7 +87,6 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
             from transformers import AutoModelForCausalLM
             from twofold.engine.weight_sync import sync_weights
             sync_weights(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), sampler)
-        pool = pool or build_pool(config)
         try:
             return {"eval/prompts": float(len(problems)), **evaluate(sampler, pool, problems, config)}
         finally:

@@ -18,10 +18,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from twofold.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from twofold.engine.checkpoint import export_hf, save_checkpoint
 from twofold.engine.config import Config, objective_kwargs, optimizer_steps, updates_per_step
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
@@ -82,10 +84,12 @@ class OnlineRun:
         self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
-        gold = dict(split=data.split, check_gold=config.verifier.check == "twofold" and config.reward.verifier_weight > 0)
-        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format, **gold)
+        golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
+        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format, check_golds=golds,
+                                      split=data.split)
         self.eval_problems = (load_problems(config.eval.path, tokenizer, fields, max_prompt, data.format,
-                                            config.eval.max_prompts, **gold).problems if config.eval.path else [])
+                                            config.eval.max_prompts, golds, data.split).problems
+                              if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
         self.policy = build_policy(config.model, env, seed=seed)
@@ -99,16 +103,29 @@ class OnlineRun:
                                           config.verifier.timeout, seed, config.reward)
         self.rollout_steps = 0
 
+    def check_golds(self, golds: list[str]) -> list[str | None]:
+        """Rank 0's verifier workers parse the gold answers (under its timeout); every rank gets the same verdicts,
+        so that all ranks keep the same prompts."""
+        verdicts = [self.pool.check_golds(golds) if self.env.is_main else None]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(verdicts, src=0)
+        return verdicts[0]
+
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def extras(self) -> dict:
         return {"token_rm": (self.token_rm.model, self.token_rm.optimizer)} if self.token_rm else {}
 
     def save(self) -> None:
         state = {"prompts": self.stream.state_dict(), "rollout_steps": self.rollout_steps}
-        save_checkpoint(self.config.run_dir, self.trainer, state, self.config.checkpoint.keep_last, self.extras())
+        save_checkpoint(self.config.run_dir, self.trainer, state, self.config.checkpoint.keep_last, self.extras(),
+                        step=self.rollout_steps)
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.trainer, self.extras())
+    def load(self, resume: Callable[[dict], tuple[Path, dict] | None]) -> None:
+        """`resume(extras)` loads the newest intact checkpoint into the trainer and extras (train.resume)."""
+        resumed = resume(self.extras())
+        if resumed is None:
+            return
+        path, state = resumed
         self.stream.load_state_dict(state["prompts"])
         self.rollout_steps = state["rollout_steps"]
         log.info("resumed from %s at rollout step %d", path, self.rollout_steps)
@@ -117,7 +134,7 @@ class OnlineRun:
     def step(self) -> dict[str, float]:
         start = time.perf_counter()
         groups, stats = self.collector.collect(self.stream)
-        metrics = {"step": self.rollout_steps, **stats.metrics()}
+        metrics = {"step": self.rollout_steps + 1, **stats.metrics()}  # 1..N, as offline
         batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer,
                                 self.config.reward)
         if self.token_rm is not None and batch:
@@ -166,7 +183,7 @@ class OnlineRun:
         return out
 
     # ---- the run ---------------------------------------------------------------------------------------------------
-    def run(self, resume: Path | None) -> list[dict]:
+    def run(self, resume: Callable[[dict], tuple[Path, dict] | None] | None = None) -> list[dict]:
         if resume is not None:
             self.load(resume)
         sync_weights(self.policy, self.sampler)

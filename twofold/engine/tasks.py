@@ -4,8 +4,9 @@ A prompt row holds the prompt (text or chat messages, `data.prompt_field`; a TRL
 the last assistant one) and its gold answer (`data.answer_field`, a dotted path such as verl's
 `reward_model.ground_truth`, which is also used when the default `answer` is absent; a number is taken as its
 decimal text; a `\\boxed{...}` gold is unwrapped). Rows whose gold answer the verifier cannot parse
-would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are prompts too long for the
-sampler. A row without the prompt or answer field is an error naming the field and the row.
+would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are gold answers that take
+longer than the verifier's timeout to parse (they are parsed in its worker processes, never in the trainer) and
+prompts too long for the sampler. A row without the prompt or answer field is an error naming the field and row.
 """
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from twofold.engine.data import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
-from twofold.engine.verifier.equivalence import parse_answer
 from twofold.engine.verifier.extract import last_boxed
-from twofold.engine.verifier.normalize import normalize
-from twofold.engine.verifier.parser import ParseError
+from twofold.engine.verifier.pool import VerifierPool
 
 log = logging.getLogger("twofold.tasks")
 
@@ -47,24 +47,20 @@ def gold_text(row: dict, key: str) -> str:
     return last_boxed(text) or text
 
 
-def parseable(answer: str) -> bool:
-    """Whether the verifier can compare anything with this gold answer."""
-    text = normalize(answer)
-    if not text:
-        return False
-    try:
-        parse_answer(text)
-    except ParseError:
-        return False
-    return True
+def check_golds_in_workers(golds: list[str]) -> list[str | None]:
+    """Gold answers checked by a short-lived verifier pool (callers with a pool pass its `check_golds`)."""
+    with VerifierPool(num_workers=1) as pool:
+        return pool.check_golds(golds)
 
 
 def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_format: str = "auto",
-                  limit: int = 0, split: str = "train", check_gold: bool = True) -> ProblemSet:
+                  limit: int = 0,
+                  check_golds: Callable[[list[str]], list[str | None]] | None = check_golds_in_workers,
+                  split: str = "train") -> ProblemSet:
     """Tokenized problems of a prompt source; bad gold answers and overlong prompts are skipped and counted.
-    `check_gold=False` keeps gold answers the built-in verifier cannot parse (another check, or rewards from
-    reward functions alone, may well use them)."""
-    out, name = ProblemSet([]), describe(path)
+    `check_golds` says why each gold answer is unusable (None: usable), e.g. `VerifierPool.check_golds`; None
+    keeps every gold answer (another check, or rewards from reward functions alone, may well use them)."""
+    out, rows, name = ProblemSet([]), [], describe(path)
     for row_id, row in read_rows(path, file_format, split):
         try:
             if isinstance(row, str):
@@ -73,11 +69,14 @@ def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_
             ids = tuple(prompt_ids(tokenizer, prompt, fields.template))
         except ValueError as err:
             raise ValueError(f"{name} row {row_id}: {err}") from None
-        reason = None if not check_gold or parseable(answer) else "unparseable gold answer"
+        rows.append((row_id, ids, answer))
+    golds = [answer for _, _, answer in rows]
+    reasons = check_golds(golds) if check_golds is not None else [None] * len(golds)
+    for (row_id, ids, answer), reason in zip(rows, reasons):
         if reason is None and not 0 < len(ids) < max_prompt_tokens:
             reason = "prompt too long for sampler.max_model_len"
         if reason:
-            log.warning("skipping %s row %d: %s (%r)", name, row_id, reason, answer)
+            log.warning("skipping %s row %d: %s (%r)", name, row_id, reason, answer[:200])
             out.skipped[reason] = out.skipped.get(reason, 0) + 1
             continue
         out.problems.append(Problem(row_id, ids, answer))

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,10 @@ class Tracker:
         self.jsonl = self.bar = self.tb = self.wandb = None
         if not enabled:
             return
+        # A resumed run repeats the steps after its checkpoint; a fresh start (step 0) repeats everything, the
+        # evaluation before training included.
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            drop_rows_after(self.run_dir / name, start_step if start_step else -1)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.eval_jsonl = open(self.run_dir / "eval.jsonl", "a", encoding="utf-8")
         if config.log.progress_bar:
@@ -49,7 +54,7 @@ class Tracker:
         if not self.enabled:
             return
         step = int(metrics["step"])
-        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.write(json_row(metrics) + "\n")
         self.jsonl.flush()
         if self.bar is not None:
             # refresh=False: set_postfix redraws by default, which would defeat the bar's 30 s interval
@@ -62,18 +67,14 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if metrics.get("skipped"):
-            if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-                log.info("step %d made no update (no informative group, or the actor is frozen)", step)
-            else:
-                log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g; weights unchanged", step,
-                            metrics["loss"], metrics["grad_norm"])
+            log_skip(step, metrics)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Held-out evaluation after `step` training steps (0: before training), to eval.jsonl and the console."""
         if not self.enabled:
             return
         row = {"step": step, **metrics}
-        self.eval_jsonl.write(json.dumps(row) + "\n")
+        self.eval_jsonl.write(json_row(row) + "\n")
         self.eval_jsonl.flush()
         shown = "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s")
         (self.bar.write if self.bar is not None else print)(f"eval after {step} steps: {shown}")
@@ -96,6 +97,47 @@ class Tracker:
             self.wandb.finish()
         if plot:
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png", self.run_dir / "eval.jsonl")
+
+
+def log_skip(step: int, metrics: dict[str, float]) -> None:
+    """Why a step changed no weights: the actor is frozen (OREAL), nothing was informative, or a non-finite value."""
+    if metrics.get("actor_frozen"):
+        log.info("step %d: actor frozen (rollout.freeze_actor_steps), only the token reward model trained", step)
+    elif not metrics.get("tokens"):
+        log.info("step %d: no informative group (every sample of each prompt scored the same); nothing to train on",
+                 step)
+    else:
+        log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g; weights unchanged", step,
+                    metrics["loss"], metrics["grad_norm"])
+
+
+def json_row(row: dict) -> str:
+    """Strict JSON (RFC 8259 has no NaN or Infinity): a non-finite value is written as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Keep only the rows of steps <= `step` (and no torn last line), rewriting the file atomically; returns how
+    many rows went. A resumed run logs the steps after its checkpoint again, once."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: dropped %d rows after step %d (the resumed run logs them again)", path.name,
+                 len(lines) - len(kept), step)
+    return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line torn by a kill mid-write
 
 
 def _installed(package: str, option: str) -> bool:
@@ -127,12 +169,12 @@ def plot_metrics(jsonl: Path, png: Path, eval_jsonl: Path | None = None) -> Path
     panels = len(keys) + bool(evals)
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3))
     for ax, key in zip(axes, keys):
-        ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
+        ax.plot([r["step"] for r in rows], [_value(r, key) for r in rows])
         ax.set_title(key)
         ax.set_xlabel("step")
     if evals:
         for key in [k for k in evals[0] if k.startswith("eval/") and k != "eval/time_s"]:
-            axes[-1].plot([r["step"] for r in evals], [r.get(key, float("nan")) for r in evals], marker="o",
+            axes[-1].plot([r["step"] for r in evals], [_value(r, key) for r in evals], marker="o",
                           label=key.removeprefix("eval/"))
         axes[-1].set_title("held-out pass@1")
         axes[-1].set_xlabel("step")
@@ -141,3 +183,8 @@ def plot_metrics(jsonl: Path, png: Path, eval_jsonl: Path | None = None) -> Path
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def _value(row: dict, key: str) -> float:
+    value = row.get(key)
+    return float("nan") if value is None else value

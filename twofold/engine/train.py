@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from twofold.engine.checkpoint import complete_checkpoints, export_hf, load_checkpoint, save_checkpoint
+from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
+                                       resume_newest, save_checkpoint)
 from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
                                    to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
-from twofold.engine.distributed import DistEnv, init_distributed, shutdown_distributed
+from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
 from twofold.engine.hub import resolve_model
 from twofold.engine.model import build_policy
 from twofold.engine.online import OnlineRun
@@ -69,8 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(config)
-    except RunDirError as err:
+    except (CollectiveTimeout, CheckpointDamaged, RunDirError) as err:  # the message says all
         sys.exit(f"error: {err}")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A rank of a multi-rank run stopped answering: the message names it."""
 
 
 def load_tokenizer(config: Config):
@@ -81,9 +86,13 @@ def load_tokenizer(config: Config):
 def run(config: Config, **online_kwargs) -> list[dict]:
     """Train (or continue) the run described by `config`; returns this invocation's metrics (one dict per step).
     Online runs accept a ready `sampler` and verifier `pool` (tests share one engine between runs)."""
-    env = init_distributed()
+    env = init_distributed(config.train.collective_timeout_s)
     try:
         return _run(config, env, **online_kwargs)
+    except RuntimeError as err:
+        if env.world_size > 1 and is_timeout(err):
+            raise CollectiveTimeout(describe_hang(config.train.collective_timeout_s)) from err
+        raise
     finally:
         shutdown_distributed()
 
@@ -106,7 +115,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     if config.train.mode == "online":
         online = OnlineRun(config, env, tokenizer, **online_kwargs)
         try:
-            history = online.run(resume_path(config))
+            history = online.run(lambda extras: resume(config, online.trainer, extras))
             finished = online.rollout_steps >= config.train.steps
         finally:
             online.close()
@@ -124,10 +133,10 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     if config.objective.name == "dpo" and data.precompute_ref_logp:
         add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
     stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
-    resume = resume_path(config)
-    if resume is not None:
-        stream.load_state_dict(load_checkpoint(resume, trainer))
-        log.info("resumed from %s at step %d", resume, trainer.steps_done)
+    resumed = resume(config, trainer)
+    if resumed is not None:
+        stream.load_state_dict(resumed[1])
+        log.info("resumed from %s at step %d", resumed[0], trainer.steps_done)
     history = train_loop(config, trainer, stream, env)
     finished = trainer.steps_done >= config.train.steps
     if finished and config.checkpoint.export_hf:
@@ -217,13 +226,31 @@ def add_reference_sums(policy, sequences: list[Sequence], env: DistEnv, budget: 
     log.info("reference log-probs of %d sequences in %.1f s", len(sequences), time.perf_counter() - start)
 
 
-def resume_path(config: Config) -> Path | None:
+def resume_candidates(config: Config) -> tuple[list[Path], bool]:
+    """Checkpoints to try, oldest first, and whether a damaged one is set aside for the one before it
+    (resume=auto) or stops the run (an explicit checkpoint.resume directory is never second-guessed)."""
     if config.checkpoint.resume == "never":
-        return None
+        return [], False
     if config.checkpoint.resume != "auto":
-        return Path(config.checkpoint.resume)
+        return [Path(config.checkpoint.resume)], False
     found = complete_checkpoints(config.run_dir)
-    return found[-1] if found else None
+    if not found and damaged_checkpoints(config.run_dir):  # never restart from step 0 behind the user's back
+        raise CheckpointDamaged(f"{config.run_dir} holds only damaged checkpoints "
+                                f"({', '.join(p.name for p in damaged_checkpoints(config.run_dir))}); "
+                                "set checkpoint.resume=never to start over")
+    return found, True
+
+
+def resume_path(config: Config) -> Path | None:
+    """The checkpoint a resume tries first (None: a fresh start)."""
+    candidates, _ = resume_candidates(config)
+    return candidates[-1] if candidates else None
+
+
+def resume(config: Config, trainer: Trainer, extras: dict | None = None) -> tuple[Path, dict] | None:
+    """Load the newest intact checkpoint into `trainer`: (its path, the saved data position), or None."""
+    candidates, set_aside = resume_candidates(config)
+    return resume_newest(candidates, trainer, extras, set_aside)
 
 
 def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:

@@ -60,18 +60,38 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+def fold_bias(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(hidden, weight) with an LM-head bias folded in as one more feature: [h, 1] @ [W, b]^T = h W^T + b.
+
+    The kernels stay bias-free; this costs one copy of hidden and of the weight (O(NH + VH), never O(NV)), and
+    autograd routes the gradients back to hidden, weight and bias through the concatenation.
+    """
+    if bias is None:
+        return hidden, weight
+    if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V] with V={weight.shape[0]} (weight's first dim), got {_describe(bias)}")
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        raise ValueError(f"bias must match weight's dtype and device ({weight.dtype}, {weight.device}), got "
+                         f"{bias.dtype}, {bias.device}")
+    ones = torch.ones(*hidden.shape[:-1], 1, dtype=hidden.dtype, device=hidden.device)
+    return torch.cat([hidden, ones], -1), torch.cat([weight, bias[:, None]], 1)
+
+
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False, return_lse: bool = False,
-                    chunk_size: int | None = None, backend: str = "auto", check_targets: bool = True):
-    """Per-token log-prob of `targets` under softmax(hidden @ weight.T / temperature), never forming [N, V].
+                    chunk_size: int | None = None, backend: str = "auto", check_targets: bool = True,
+                    bias: torch.Tensor | None = None):
+    """Per-token log-prob of `targets` under softmax((hidden @ weight.T + bias) / temperature), never forming [N, V].
 
-    hidden [N,H] or [B,T,H]; weight [V,H] (same dtype); targets [N] or [B,T]. Returns fp32 (fp64 for fp64 input)
+    hidden [N,H] or [B,T,H]; weight [V,H] (same dtype); targets [N] or [B,T]; bias [V] or None (see `fold_bias`).
+    Returns fp32 (fp64 for fp64 input)
     log-probs shaped like targets, then the entropy of the softmax if `return_entropy`, then the log-sum-exp of the
     tempered logits if `return_lse`. Ignored positions give 0 and get no gradient. Gradients flow to hidden and
     weight from any upstream gradient on log-probs and entropy. `check_targets` costs one host sync on CUDA; turn
     it off in loops whose token ids are known to be in range.
     """
     _check_inputs(hidden, weight, targets, temperature, ignore_index, check_targets)
+    hidden, weight = fold_bias(hidden, weight, bias)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = targets.shape
@@ -90,7 +110,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          ignore_index: int = -100, reduction: str = "mean", temperature: float = 1.0,
                          num_items_in_batch: int | torch.Tensor | None = None, chunk_size: int | None = None,
-                         backend: str = "auto", check_targets: bool = True) -> torch.Tensor:
+                         backend: str = "auto", check_targets: bool = True,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `input @ weight.T` against `target`, positional-compatible with
     `torch.nn.functional.linear_cross_entropy(input, linear_weight, target)`.
 
@@ -101,7 +122,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     nll = -linear_logprobs(input, weight, target, temperature=temperature, ignore_index=ignore_index,
-                           chunk_size=chunk_size, backend=backend, check_targets=check_targets)
+                           chunk_size=chunk_size, backend=backend, check_targets=check_targets, bias=bias)
     if reduction == "none":
         return nll
     total = nll.sum()

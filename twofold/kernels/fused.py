@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from twofold.kernels.api import fold_bias
 from twofold.kernels.chunked import chunk_logits, weight_for_compute, compute_dtype, default_chunk_size
 from twofold.objectives.token_local import TOKEN_LOCAL, with_entropy_bonus
 
@@ -87,7 +88,7 @@ def _token_step(fn, logp, per_token, shared, index, entropy=None):
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, objective, *,
                       inputs: dict, temperature: float = 1.0, ignore_index: int = -100,
                       return_entropy: bool = False, chunk_size: int | None = None,
-                      backend: str = "auto") -> FusedLoss:
+                      backend: str = "auto", bias: torch.Tensor | None = None) -> FusedLoss:
     """Token-local loss of softmax(hidden @ weight.T / temperature) evaluated at `targets`, with its gradients.
 
     objective: a name in `twofold.objectives.token_local.TOKEN_LOCAL` or a callable with that contract,
@@ -95,7 +96,8 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     are per-token (e.g. `weight` = the aggregation weight, `old_logp`, `adv`), anything else (floats, 0-d
     tensors) is passed unchanged. Ignored targets contribute nothing and cost nothing. The loss is
     sum_t loss_t; `loss.backward()` sends exact gradients to hidden and weight (tied weights included).
-    chunk_size: tokens per chunk. backend: "torch", "triton" or "auto" (Triton on CUDA).
+    chunk_size: tokens per chunk. backend: "torch", "triton" or "auto" (Triton on CUDA). bias: the LM head's [V]
+    bias or None (folded in by `twofold.kernels.api.fold_bias`; its gradient flows through autograd).
     """
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"need hidden [..., H], targets shaped like hidden[..., 0] and weight [V, H]; got "
@@ -103,6 +105,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     per_token, shared = _split_inputs(inputs, targets.shape)
+    hidden, weight = fold_bias(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     needs = (hidden.requires_grad, weight.requires_grad)  # a frozen head skips its dW GEMM entirely
     fn = _token_fn(objective, inputs)

@@ -118,6 +118,16 @@ def per_seq(name: str, x: Tensor, flat: Flat, validate: bool, dtype: torch.dtype
     return x.detach() if dtype is None else x.detach().to(dtype)
 
 
+def per_seq_or_token(name: str, x: Tensor, flat: Flat, logp: Tensor, validate: bool) -> Tensor:
+    """[N] per-token values (in logp's dtype) from a per-sequence input ([B] padded, [S] packed) or, in the padded
+    layout, a per-token one shaped like logp ([B,T]: verl's and TRL's per-token advantages; 0 where mask is false)."""
+    if logp.dim() == 2 and isinstance(x, Tensor) and x.dim() == 2:
+        check_shape(name, x, logp.shape)
+        check_float(name, x)
+        return _masked(flat, name, x.detach().to(logp.dtype), validate)
+    return flat.gather(per_seq(name, x, flat, validate, logp.dtype))
+
+
 def binary(name: str, rewards: Tensor, dtype: torch.dtype, validate: bool) -> Tensor:
     """Correctness in {0,1} from bools, 0/1 numbers or +-1 numbers (the form verl/NFT/OREAL code uses)."""
     if validate and rewards.dtype != torch.bool:

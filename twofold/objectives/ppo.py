@@ -12,7 +12,8 @@
 
 GSPO replaces R by the sequence ratio s_i = exp(mean_t (l - l_old)) (one per sequence, clipped per sequence);
 CISPO keeps every token's gradient and clips the stop-gradient IS weight instead: -sg[clip(R)] A l.
-Advantages are per sequence ([B] padded, [S] packed), computed once per rollout batch by `group_advantages`.
+Advantages are per sequence ([B] padded, [S] packed), computed once per rollout batch by `group_advantages`; the
+PPO-clip three also take them per token in the padded layout ([B,T], as verl and TRL hold them).
 old_logp=None means strictly on-policy (l_old = sg[l], R = 1), as DeepSeekMath's single update per rollout.
 entropy_coef > 0 adds -entropy_coef * H_t with the loss's own aggregation weight (needs the per-token `entropy`).
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from twofold.objectives.aggregate import token_weights
-from twofold.objectives.layout import apply_token_local, entropy_inputs, flatten, masked_mean, per_seq
+from twofold.objectives.layout import (apply_token_local, entropy_inputs, flatten, masked_mean, per_seq,
+                                      per_seq_or_token)
 from twofold.objectives.token_local import check_kl_loss, cispo_token, gspo_token, kl_token, ppo_clip_token
 
 
@@ -118,7 +120,7 @@ def ppo_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Te
         check_kl_loss(kl)
     flat, x = flatten(logp, mask, seq_index, advantages.shape[0], validate, old_logp=old_logp, ref_logp=ref_logp)
     old = x["logp"].detach() if old_logp is None else x["old_logp"]
-    adv = flat.gather(per_seq("advantages", advantages, flat, validate, logp.dtype))
+    adv = per_seq_or_token("advantages", advantages, flat, logp, validate)
     w = token_weights(flat, agg, logp.dtype, constant=constant, num_tokens=num_tokens, num_seqs=num_seqs)
     loss, _ = apply_token_local(x["logp"], ppo_clip_token, weight=w, old_logp=old, adv=adv, eps_low=eps_low,
                                 eps_high=eps_high, ref_logp=x["ref_logp"], beta=beta, kl=kl,

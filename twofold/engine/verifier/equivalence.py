@@ -7,14 +7,22 @@ rational function with rational coefficients (integers, decimals, fractions, pol
 radicals, pi, e or functions, zero-testing is undecidable in general (Richardson), so agreement to
 `RTOL` (35 significant digits) at every sample point is accepted; `simplify` is used only when a
 value does not evaluate to a number.
+
+Agreement is relative, never absolute: a value evalf tells apart from zero (pi * 10^-50) never equals
+zero. A decimal is the exact number it spells: when one side is written with a decimal point, digits
+agreeing with an irrational value are not enough (3.14159265358979323846264338327950288 is not pi) and
+only `simplify` can prove equality, unless the caller passes `numeric_tolerance` (relative), under
+which a decimal equals any value it matches to that tolerance.
 """
 
 from __future__ import annotations
 
+import contextvars
+
 import sympy
 
 from twofold.engine.verifier.normalize import normalize, text_key
-from twofold.engine.verifier.parser import Matrix, ParseError, Rel, Seq, parse, to_set
+from twofold.engine.verifier.parser import Matrix, ParseError, Rel, Seq, parse, to_set, tokenize
 
 MAX_ANSWER_CHARS = 1000
 PRECISION = 50  # digits for numeric comparison
@@ -23,10 +31,14 @@ RTOL = sympy.Float(10) ** -35
 _SAMPLES = (sympy.Rational(7, 11), sympy.Rational(-13, 7), sympy.Rational(23, 9))
 _SPECIAL = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
 _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "=": "=", "!=": "!="}
+# Set for one comparison by is_equivalent: whether a side is written with decimals, and the caller's tolerance.
+_DECIMALS: contextvars.ContextVar[bool] = contextvars.ContextVar("decimals", default=False)
+_TOLERANCE: contextvars.ContextVar[float] = contextvars.ContextVar("numeric_tolerance", default=0.0)
 
 
-def is_equivalent(answer: str | None, gold: str) -> bool:
-    """True when `answer` names the same mathematical object as `gold` (gold decides tuple vs interval)."""
+def is_equivalent(answer: str | None, gold: str, numeric_tolerance: float = 0.0) -> bool:
+    """True when `answer` names the same mathematical object as `gold` (gold decides tuple vs interval).
+    `numeric_tolerance` > 0 (relative, e.g. 1e-6) lets a decimal equal an irrational value it approximates."""
     if not answer or not gold or max(len(answer), len(gold)) > MAX_ANSWER_CHARS:
         return False
     a, g = normalize(answer), normalize(gold)
@@ -34,12 +46,36 @@ def is_equivalent(answer: str | None, gold: str) -> bool:
         return False
     if text_key(a) == text_key(g):
         return True
+    decimals, tolerance = _DECIMALS.set(_has_decimal(a) or _has_decimal(g)), _TOLERANCE.set(numeric_tolerance)
     try:
         return same(parse_answer(a), parse_answer(g))
     except ParseError:
         return False
     except Exception:  # noqa: BLE001  sympy raises many types on odd input; none of them means "equal"
         return False
+    finally:
+        _DECIMALS.reset(decimals)
+        _TOLERANCE.reset(tolerance)
+
+
+def _has_decimal(text: str) -> bool:
+    try:
+        return any(kind == "num" and ("." in value or "e" in value.lower()) for kind, value in tokenize(text))
+    except ParseError:
+        return False
+
+
+def gold_parses(_answer, gold: str) -> float:
+    """1.0 when the verifier can compare anything with this gold answer (run in a worker: parsing is bounded
+    but may still be slow, and the pool's timeout applies)."""
+    text = normalize(gold)
+    if not text or len(gold) > MAX_ANSWER_CHARS:
+        return 0.0
+    try:
+        parse_answer(text)
+    except ParseError:
+        return 0.0
+    return 1.0
 
 
 def parse_answer(text: str):
@@ -211,13 +247,16 @@ def same_scalar(a: sympy.Expr, b: sympy.Expr) -> bool:
         return True
     if a.has(*_SPECIAL) or b.has(*_SPECIAL):
         return False  # infinities and undefined values only match structurally
-    agree = _numerically_agree(a, b)  # cheap, and a clear difference is a proof of inequality
+    tolerance = _TOLERANCE.get() if _DECIMALS.get() else 0.0
+    if tolerance > 0 and _numerically_agree(a, b, sympy.Float(tolerance)):
+        return True  # the caller asked for decimals to count as approximations
+    agree = _numerically_agree(a, b, RTOL)  # cheap, and a clear difference is a proof of inequality
     if agree is False:
         return False
     difference = a - b
     if _rational_with_rational_coefficients(difference):
         return sympy.cancel(difference) == 0  # exact and decidable
-    if agree is None:  # some value would not evaluate to a number: fall back to simplify
+    if agree is None or _DECIMALS.get():  # no number to compare, or an exact decimal: only a proof will do
         return sympy.simplify(difference) == 0
     return True
 
@@ -227,16 +266,27 @@ def _rational_with_rational_coefficients(e: sympy.Expr) -> bool:
         and all(p.exp.is_Integer for p in e.atoms(sympy.Pow))
 
 
-def _numerically_agree(a: sympy.Expr, b: sympy.Expr) -> bool | None:
-    """Agreement to RTOL at every sample point; None when a value is not a finite number."""
+def _numerically_agree(a: sympy.Expr, b: sympy.Expr, rtol: sympy.Float) -> bool | None:
+    """Relative agreement to `rtol` at every sample point; None when a value is not a finite number. A value that
+    evalf cannot tell apart from zero agrees only with another such value (no absolute tolerance)."""
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     points = [{s: _SAMPLES[j] + sympy.Rational(k, 13) for k, s in enumerate(symbols)}
               for j in range(len(_SAMPLES) if symbols else 1)]
     for point in points:
         va, vb = a.evalf(PRECISION, subs=point), b.evalf(PRECISION, subs=point)
-        gap, scale = abs(va - vb), sympy.Max(abs(va), abs(vb))
-        if not (gap.is_Float or gap == 0) or not (scale.is_Float or scale == 0):
+        if not all(v.is_Float or v == 0 for v in (abs(va), abs(vb))):
             return None
-        if gap > RTOL * scale + sympy.Float(10) ** -(PRECISION - 5):
+        zero_a, zero_b = _indistinguishable_from_zero(va), _indistinguishable_from_zero(vb)
+        if zero_a or zero_b:
+            if zero_a != zero_b:
+                return False
+            continue
+        if abs(va - vb) > rtol * sympy.Max(abs(va), abs(vb)):
             return False
     return True
+
+
+def _indistinguishable_from_zero(value) -> bool:
+    """Zero, or what evalf returns when it cannot separate a value from zero: a Float of a few bits (`0.e-159`),
+    where a non-zero value comes back with all PRECISION digits."""
+    return value == 0 or (value.is_Float and value._prec < 10)

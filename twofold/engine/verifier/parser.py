@@ -25,6 +25,7 @@ MAX_BITS = 100_000  # largest magnitude (in bits) a power, factorial or binomial
 MAX_SYMBOLIC_EXPONENT = 100  # (x+y+z)^100 still expands in well under a second
 MAX_ARGUMENT = 100_000  # |constant argument| of a function: sin(10^300) would need pi to 300 digits
 MAX_FACTORIAL = 2000
+MAX_ROOT_BITS = 1024  # a root or log of a bigger integer makes sympy search for perfect powers: cubic in the bits
 MAX_TOWER = 2  # x^{x^x} is fine; x^{x^{x^x}} at x = 23/9 already has about 10^11000 digits
 
 
@@ -230,9 +231,15 @@ class _Parser:
         return sign * value
 
     def parse_postfix(self):
+        """`n!`, and `n!!` the double factorial (n(n-2)(n-4)...); three or more `!` in a row are ambiguous."""
         value = self.parse_primary()
         while self.accept("!"):
-            value = safe_factorial(_scalar(value))
+            if self.accept("!"):
+                if self.peek()[1] == "!":
+                    raise ParseError("three or more ! in a row are ambiguous")
+                value = safe_factorial(_scalar(value), double=True)
+            else:
+                value = safe_factorial(_scalar(value))
         return value
 
     def starts_primary(self) -> bool:
@@ -510,6 +517,8 @@ def safe_pow(base, exponent):
     elif base.is_Rational and exponent.is_Rational:
         if abs(exponent.p) * _size_bits(base) > MAX_BITS:
             raise ParseError("power too large")
+        if exponent.q > 1 and _size_bits(base) > MAX_ROOT_BITS:
+            raise ParseError("root of too large a number")  # sqrt(2^20000 + 1): sympy would factor it
     elif _magnitude(exponent) * max(1, abs(mpmath.log(_magnitude(base) or 1, 2))) > MAX_BITS:
         raise ParseError("power too large")
     value = sympy.Pow(base, exponent)
@@ -523,19 +532,21 @@ def safe_call(function, argument, base=None):
     argument = _scalar(argument)
     if function is not sympy.log and not argument.free_symbols and _magnitude(argument) > MAX_ARGUMENT:
         raise ParseError("function argument too large")
+    if function is sympy.log and max(_size_bits(argument), _size_bits(_scalar(base or sympy.E))) > MAX_ROOT_BITS:
+        raise ParseError("log of too large a number")  # sympy looks for perfect powers of the integer
     value = function(argument) if base is None else function(argument, _scalar(base))
     if _tower(value) > MAX_TOWER:
         raise ParseError("tower of functions too tall")
     return value
 
 
-def safe_factorial(value):
+def safe_factorial(value, double: bool = False):
     if value.is_Integer:
         if not 0 <= value <= MAX_FACTORIAL:
             raise ParseError("factorial out of range")
     elif value.is_number and value.is_real and abs(value) > MAX_FACTORIAL:
         raise ParseError("factorial out of range")
-    return sympy.factorial(value)
+    return sympy.factorial2(value) if double else sympy.factorial(value)
 
 
 def safe_binomial(n, k):

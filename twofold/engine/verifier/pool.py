@@ -56,19 +56,20 @@ class VerifierStats:
 
 
 class _Worker:
-    def __init__(self, check: str, memory_mb: int, reward_spec: str | None = None):
+    def __init__(self, check: str, memory_mb: int, spec: dict):
         # the caller's working directory too: reward functions live in the user's own modules
         path = [_REPO_ROOT, os.getcwd(), os.environ.get("PYTHONPATH")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
-        argv = [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb)]
-        self.proc = subprocess.Popen(argv + ([reward_spec] if reward_spec else []),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb), json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.fd = self.proc.stdout.fileno()
         self.born, self.ready, self.buffer = time.monotonic(), False, b""
         self.job, self.job_started = None, 0.0
 
-    def send(self, job_id: int, answer: str | None, gold: str, response: str | None = None) -> None:
-        job = {"id": job_id, "answer": answer, "gold": gold, "response": response}
+    def send(self, job_id: int, answer: str | None, gold: str, kind: str = "check",
+             response: str | None = None) -> None:
+        job = {"id": job_id, "answer": answer, "gold": gold, "kind": kind, "response": response}
         self.proc.stdin.write(json.dumps(job).encode() + b"\n")
         self.proc.stdin.flush()
         self.job, self.job_started = job_id, time.monotonic()
@@ -91,26 +92,31 @@ class _Worker:
 class VerifierPool:
     """A persistent pool of verifier workers; use one per process (it is not fork-safe).
 
-    `check` names the function `(answer, gold) -> bool | float` the workers run;
-    `memory_mb` caps each worker's address space (0: no cap). `functions` adds reward terms
-    [("module:function", weight), ...], each `function(response, gold) -> float` on the whole response, run in
-    the same workers under the same limits; the score is then `check_weight * check + sum(weight * function)`.
+    `check` names the function `(answer, gold, **check_kwargs) -> bool | float` the workers run (e.g.
+    `check_kwargs={"numeric_tolerance": 1e-6}` for the default check); `memory_mb` caps each worker's address
+    space (0: no cap). `functions` adds reward terms [("module:function", weight), ...], each
+    `function(response, gold) -> float` on the whole response, run in the same workers under the same limits;
+    the score is then `check_weight * check + sum(weight * function)`.
     """
 
     def __init__(self, num_workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024,
                  check: str = DEFAULT_CHECK, extract: ExtractConfig = DEFAULT_EXTRACT, cache_size: int = 100_000,
-                 functions: list[tuple[str, float]] = (), check_weight: float = 1.0):
+                 check_kwargs: dict | None = None, functions: list[tuple[str, float]] = (),
+                 check_weight: float = 1.0):
         if num_workers < 1 or timeout <= 0:
             raise ValueError(f"num_workers must be >= 1 and timeout > 0, got {num_workers} and {timeout}")
         self.timeout, self.memory_mb, self.check = timeout, memory_mb, check
+        self.check_kwargs = dict(check_kwargs or {})
         self.functions = [(name, float(weight)) for name, weight in functions]
-        self.reward_spec = (json.dumps({"terms": self.functions, "check_weight": float(check_weight)})
-                            if self.functions or check_weight != 1.0 else None)
+        self.rewarded = bool(self.functions) or check_weight != 1.0
+        """Reward terms or weights: scores are not the bare check, and the whole response is part of each job."""
+        self.spec = {"kwargs": self.check_kwargs, "terms": self.functions, "check_weight": float(check_weight)}
+        self._timed_out: set[int] = set()
         self.extract, self.cache_size = extract, cache_size
         self.stats, self.pid = VerifierStats(), os.getpid()
         self._cache: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._workers = [_Worker(check, memory_mb, self.reward_spec) for _ in range(num_workers)]
+        self._workers = [_Worker(check, memory_mb, self.spec) for _ in range(num_workers)]
 
     def __enter__(self):
         return self
@@ -138,6 +144,17 @@ class VerifierPool:
         finally:
             self._lock.release()
 
+    def check_golds(self, golds: list[str]) -> list[str | None]:
+        """Why each gold answer is unusable, or None when the verifier can parse it. Parsed in the workers under
+        the pool's timeout, so that no gold answer can stall the trainer process."""
+        unique = list(dict.fromkeys(golds))
+        with self._lock:
+            scores = self._run([("", gold, "gold") for gold in unique], self.timeout, None)
+            slow = set(self._timed_out)
+        reasons = {gold: None if score == 1.0 else "gold answer too slow to parse (verifier.timeout)" if k in slow
+                   else "unparseable gold answer" for k, (gold, score) in enumerate(zip(unique, scores))}
+        return [reasons[gold] for gold in golds]
+
     def _verify(self, responses, golds, timeout, deadline) -> list[float]:
         keys = [self._key(response, gold) for response, gold in zip(responses, golds)]
         todo = list(dict.fromkeys(k for k in keys if k is not None and k not in self._cache))
@@ -156,14 +173,16 @@ class VerifierPool:
         answer = extract_answer(response, self.extract)
         if answer is None or len(answer) > MAX_ANSWER_CHARS:
             self.stats.no_answer += 1
-            if self.reward_spec is None:
+            if not self.rewarded:
                 return None
             answer = None
         # reward functions read the whole response, so it is part of the job (and of the cache key)
-        return (answer, str(gold)) if self.reward_spec is None else (answer, str(gold), response)
+        return (answer, str(gold)) if not self.rewarded else (answer, str(gold), "check", response)
 
-    def _run(self, jobs: list[tuple[str, str]], timeout: float, deadline: float | None) -> list[float | None]:
+    def _run(self, jobs: list[tuple], timeout: float, deadline: float | None) -> list[float | None]:
+        """Scores of (answer, gold[, kind]) jobs; the ids of those that timed out are left in `_timed_out`."""
         scores: list[float | None] = [None] * len(jobs)
+        self._timed_out = set()
         queue = deque(range(len(jobs)))
         while queue or any(w.job is not None for w in self._workers):
             if deadline is not None and time.monotonic() >= deadline:
@@ -190,6 +209,7 @@ class VerifierPool:
         for k, worker in enumerate(self._workers):
             if worker.job is not None and now - worker.job_started >= timeout:
                 scores[worker.job] = 0.0
+                self._timed_out.add(worker.job)
                 self.stats.timeouts += 1
                 self._replace(k)
             elif not worker.ready and now - worker.born > _STARTUP_SECONDS:
@@ -218,7 +238,7 @@ class VerifierPool:
 
     def _replace(self, k: int) -> None:
         self._workers[k].kill()
-        self._workers[k] = _Worker(self.check, self.memory_mb, self.reward_spec)
+        self._workers[k] = _Worker(self.check, self.memory_mb, self.spec)
         self.stats.restarts += 1
 
     def _abandon(self, queue: deque, scores: list) -> None:
@@ -232,9 +252,11 @@ class VerifierPool:
 
 
 def build_pool(config) -> VerifierPool:
-    """The pool a run's config describes: verifier.{workers, timeout, memory_mb, check} and reward.functions."""
+    """The pool a run's config describes: verifier.{workers, timeout, memory_mb, check, numeric_tolerance} and
+    reward.functions."""
     v, r = config.verifier, config.reward
-    return VerifierPool(v.workers, v.timeout, v.memory_mb, check=CHECKS[v.check],
+    kwargs = {"numeric_tolerance": v.numeric_tolerance} if v.check == "twofold" and v.numeric_tolerance else None
+    return VerifierPool(v.workers, v.timeout, v.memory_mb, check=CHECKS[v.check], check_kwargs=kwargs,
                         functions=[(f.name, f.weight) for f in r.functions], check_weight=r.verifier_weight)
 
 

@@ -1,8 +1,9 @@
 """A verifier worker process: JSON-line jobs on stdin, JSON-line verdicts on a private copy of stdout.
 
-Started by `VerifierPool` as `python -m twofold.engine.verifier.worker <module:function> <memory_mb> [<functions>]`,
-where the optional third argument is a JSON list of [module:function, weight] reward terms (`reward.functions`,
-called on the whole response). Only JSON
+Started by `VerifierPool` as `python -m twofold.engine.verifier.worker <module:function> <memory_mb> [<spec JSON>]`,
+the spec holding the check's keyword arguments ("kwargs") and, optionally, reward terms ("terms": [module:function,
+weight] pairs from `reward.functions`, called on the whole response) with the check's weight ("check_weight"); a
+job with `"kind": "gold"` asks whether a gold answer parses instead (`equivalence.gold_parses`). Only JSON
 crosses the pipe (no pickles), the address space is capped with RLIMIT_AS so a runaway sympy
 computation raises MemoryError here instead of swapping the machine, and the wall-clock limit is
 enforced from outside by killing the process, so nothing here relies on signals.
@@ -10,6 +11,7 @@ enforced from outside by killing the process, so nothing here relies on signals.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -24,7 +26,11 @@ def load_check(path: str):
 
 
 def run_check(check, job: dict, terms: list = (), check_weight: float = 1.0) -> dict:
-    """score = check_weight * check(answer, gold) (0 without an answer) + sum of weight * fn(response, gold)."""
+    """score = check_weight * check(answer, gold) (0 without an answer) + sum of weight * fn(response, gold); a
+    "gold" job only asks whether the gold answer parses."""
+    if job.get("kind") == "gold":
+        from twofold.engine.verifier.equivalence import gold_parses
+        check, terms, check_weight = gold_parses, (), 1.0
     try:
         score = 0.0
         if job.get("answer") is not None and check_weight:
@@ -38,17 +44,17 @@ def run_check(check, job: dict, terms: list = (), check_weight: float = 1.0) -> 
 
 def main(argv: list[str]) -> None:
     check_path, memory_mb = argv[1], int(argv[2])
+    spec = json.loads(argv[3]) if len(argv) > 3 else {}
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints (library warnings) must not corrupt the protocol
-    check = load_check(check_path)
-    spec = json.loads(argv[3]) if len(argv) > 3 else {"terms": [], "check_weight": 1.0}
-    terms = [(load_check(name), float(weight)) for name, weight in spec["terms"]]
+    check = functools.partial(load_check(check_path), **spec.get("kwargs", {}))
+    terms = [(load_check(name), float(weight)) for name, weight in spec.get("terms", [])]
     if memory_mb > 0:
         limit = memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     channel.write(json.dumps({"ready": os.getpid()}) + "\n")
     for line in sys.stdin:
-        channel.write(json.dumps(run_check(check, json.loads(line), terms, spec["check_weight"])) + "\n")
+        channel.write(json.dumps(run_check(check, json.loads(line), terms, spec.get("check_weight", 1.0))) + "\n")
 
 
 if __name__ == "__main__":

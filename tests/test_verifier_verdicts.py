@@ -1,0 +1,93 @@
+"""Verdicts that were wrong once, and gold answers parsed in the verifier's workers (never in the trainer)."""
+import json
+import time
+
+import pytest
+
+from twofold.engine.data import Fields
+from twofold.engine.tasks import load_problems
+from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.verifier import VerifierPool, is_equivalent
+from twofold.engine.verifier.parser import ParseError, parse
+
+PI_36 = "3.14159265358979323846264338327950288"  # pi to 36 significant digits
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("\\pi\\cdot10^{-50}", "0", False),  # tiny but not zero: no absolute tolerance
+    ("10^{-60}", "0", False),
+    ("1+10^{-60}", "1", False),
+    ("e^{-200}", "0", False),
+    ("\\sqrt{2}+\\sqrt{3}-\\sqrt{5+2\\sqrt{6}}", "0", True),  # a true zero that evalf cannot separate from 0
+    ("\\tan(\\pi/8)", "\\sqrt{2}-1", True),
+])
+def test_no_absolute_tolerance_between_a_value_and_zero(answer, gold, expected):
+    assert is_equivalent(answer, gold) is expected
+    assert is_equivalent(gold, answer) is expected
+
+
+def test_a_decimal_is_exact_unless_a_numeric_tolerance_is_asked_for():
+    assert not is_equivalent(PI_36, "\\pi") and not is_equivalent("\\pi", PI_36)
+    assert not is_equivalent(PI_36 + "\\cdot x", "\\pi x")
+    assert is_equivalent("1.0", "\\sqrt{3+2\\sqrt{2}}-\\sqrt{2}")  # proved equal, not just close
+    assert is_equivalent("0.5", "\\sin(\\pi/6)") and is_equivalent("2.5", "\\frac{5}{2}")
+    assert is_equivalent("3.141593", "\\pi", numeric_tolerance=1e-6)
+    assert is_equivalent(PI_36, "\\pi", numeric_tolerance=1e-6)
+    assert not is_equivalent("3.14", "\\pi", numeric_tolerance=1e-6)
+    assert not is_equivalent("3", "\\pi", numeric_tolerance=0.1)  # no decimal written: exact as ever
+
+
+def test_the_pool_passes_the_numeric_tolerance_to_its_workers():
+    with VerifierPool(num_workers=1, check_kwargs={"numeric_tolerance": 1e-6}) as tolerant, \
+            VerifierPool(num_workers=1) as exact:
+        responses, golds = ["\\boxed{3.141593}", "\\boxed{3.14}"], ["\\pi", "\\pi"]
+        assert tolerant.verify_batch(responses, golds) == [1.0, 0.0]
+        assert exact.verify_batch(responses, golds) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("5!!", "15", True), ("6!!", "48", True), ("0!!", "1", True), ("5!!", "120!", False), ("(5!)!", "5!!", False),
+    ("3!!+1", "4", True), ("5!", "120", True),
+])
+def test_double_factorial(answer, gold, expected):
+    assert is_equivalent(answer, gold) is expected
+
+
+def test_three_exclamation_marks_are_ambiguous():
+    with pytest.raises(ParseError, match="ambiguous"):
+        parse("4!!!")
+
+
+@pytest.mark.parametrize("hazard", ["\\sqrt{2^{49999}+1}", "\\sqrt{2^{20000}+1}", "(2^{9000}+1)^{1/3}",
+                                    "\\log(2^{30000}+1)", "\\log_{2^{5000}+1} 7"])
+def test_roots_and_logs_of_huge_integers_are_refused_fast(hazard):
+    start = time.monotonic()
+    with pytest.raises(ParseError, match="too large a number"):
+        parse(hazard)
+    assert not is_equivalent(hazard, hazard.replace("+1", "+ 1") + "+0")
+    assert time.monotonic() - start < 1.0
+
+
+def test_roots_of_integers_up_to_the_bound_still_work():
+    start = time.monotonic()
+    assert is_equivalent("\\sqrt{2^{1000}}", "2^{500}")
+    assert is_equivalent("\\sqrt{2^{1000}+1}", "(2^{1000}+1)^{1/2}")
+    assert time.monotonic() - start < 2.0
+
+
+SLOW_GOLD = "+".join(f"\\sqrt{{2^{{1020}}+{2 * k + 1}}}" for k in range(50))  # within every bound, ~2 s to parse
+
+
+def test_gold_answers_are_parsed_in_the_workers_and_bad_or_slow_ones_are_skipped_and_counted(tmp_path):
+    rows = [{"prompt": "a", "answer": "7"}, {"prompt": "b", "answer": "\\sqrt{2^{20000}+1}"},
+            {"prompt": "c", "answer": SLOW_GOLD}, {"prompt": "d", "answer": "\\frac{"}, {"prompt": "e", "answer": "7"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with VerifierPool(num_workers=1, timeout=0.3) as pool:
+        start = time.monotonic()
+        found = load_problems(path, build_char_tokenizer(), Fields(), 64, check_golds=pool.check_golds)
+        elapsed = time.monotonic() - start
+        assert pool.stats.timeouts == 1  # the slow one was killed at the timeout, in the worker
+    assert [p.row_id for p in found.problems] == [1, 5]
+    assert found.skipped == {"unparseable gold answer": 2, "gold answer too slow to parse (verifier.timeout)": 1}
+    assert elapsed < 30  # one worker restart on a loaded machine; never the seconds of parsing in the trainer

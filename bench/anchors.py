@@ -1,4 +1,4 @@
-"""GPU anchors for the fused LM-head kernels on the KERNELS.md shapes S1-S6, ours and theirs in one run.
+"""GPU anchors for the fused LM-head kernels on the shapes S1-S6 of docs/kernels.md, ours and theirs in one run.
 
     python -m bench.anchors --device cuda                   # all shapes, writes bench/results/<device>-<date>.json
     python -m bench.anchors --device cuda --shapes S3 S6

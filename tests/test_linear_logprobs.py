@@ -1,6 +1,6 @@
 """Accuracy of kernels.linear_logprobs / linear_cross_entropy (torch backend) against a float64 reference.
 
-Primary assertion (KERNELS.md G5, Cut Cross-Entropy's three-way rule): element-wise
+Primary assertion (docs/kernels.md, the accuracy rule): element-wise
     |ours - gt| <= |torch_same_dtype - gt| + tol
 where gt is float64 math on the same (rounded) inputs and torch_same_dtype materialises logits in the test dtype.
 """

@@ -1,4 +1,4 @@
-"""The testable invariants of OBJECTIVES.md section 9 (numbers in the test docstrings), plus the global-normaliser
+"""The testable invariants of docs/objectives.md §9 (numbers in the test docstrings), plus the global-normaliser
 contract the engine relies on and the token-local interface the fused kernel uses."""
 import itertools
 import math

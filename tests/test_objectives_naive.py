@@ -1,4 +1,4 @@
-"""Independent naive references for the objectives tests, written from OBJECTIVES.md with loops and autograd.
+"""Independent naive references for the objectives tests, written from docs/objectives.md with loops and autograd.
 
 Nothing here imports `objectives`: every formula is re-derived per sequence in float64.
 """

@@ -168,11 +168,108 @@ def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path)
     informative, nothing trains, and the run goes on."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "7+0=", "answer": "7"}])
     with VerifierPool(num_workers=1, timeout=0.3, check="tests.test_online:hanging_check") as hanging:
-        config = online_config(files, warm, "nft", tmp_path, f"data.path={prompts}", "rollout.prompts_per_step=1",
+        config = online_config(files, warm, "nft", tmp_path / "run", f"data.path={prompts}", "rollout.prompts_per_step=1",
                                "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1", "verifier.timeout=0.3")
         (step,) = run(config, sampler=sampler, pool=hanging)
     assert step["rollout/no_answer"] < 4 and step["rollout/verifier_timeouts"] >= 1  # equal answers: one check
     assert step["rollout/accuracy"] == 0 and step["rollout/informative_groups"] == 0 and step["skipped"] == 1
+
+
+# ---- the layouts users bring (TRL, verl), rewards from the config, eval and export of checkpoints --------------
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(files):
+    """The model's char tokenizer with a chat template that renders a user turn as its bare text, so that chat
+    prompts tokenize exactly like the string prompts `warm` was trained on."""
+    from twofold.engine.tiny import build_char_tokenizer
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(files["root"] / "chat_tokenizer")
+    return str(files["root"] / "chat_tokenizer")
+
+
+def verl_rows(digits: range) -> list[dict]:
+    """verl's layout (its gsm8k/DAPO preprocessing): chat prompt, rule ground truth, metadata columns."""
+    return [{"data_source": "tiny_arith", "prompt": [{"role": "user", "content": f"{a}+0="}], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": str(a)},
+             "extra_info": {"split": "train", "index": a, "question": f"{a}+0=", "answer": f"\\boxed{{{a}}}"}}
+            for a in digits]
+
+
+def test_verl_parquet_trains_online_and_offline(files, warm, sampler, pool, chat_tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(verl_rows(range(10))), path)
+    online = online_config(files, warm, "nft", tmp_path / "online", f"data.path={path}",
+                           f"model.tokenizer={chat_tokenizer}")
+    (step,) = run(online, sampler=sampler, pool=pool)
+    assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
+    # verl's SFT trainer reads its columns by key (e.g. extra_info.question / extra_info.answer): dotted paths
+    offline = load_config(None, offline_overrides(files, "sft", tmp_path / "offline", "sft") + [
+        f"data.path={path}", "data.prompt_field=extra_info.question", "data.response_field=extra_info.answer",
+        "checkpoint.export_hf=false"])
+    (step,) = run(offline)
+    assert step["skipped"] == 0 and step["grad_norm"] > 0 and step["tokens"] > 0
+
+
+def test_trl_messages_train_online_and_offline(files, warm, sampler, pool, chat_tokenizer, tmp_path):
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": f"{a}+0="},
+                                                             {"role": "assistant", "content": f"\\boxed{{{a}}}"}]}
+                                               for a in range(10)])
+    offline = load_config(None, offline_overrides(files, "sft", tmp_path / "offline", "sft") + [
+        f"data.path={sft}", f"model.tokenizer={chat_tokenizer}", "checkpoint.export_hf=false"])
+    (step,) = run(offline)
+    assert step["skipped"] == 0 and step["grad_norm"] > 0
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": f"{a}+0="}],
+                                                         "answer": str(a)} for a in range(10)])
+    online = online_config(files, warm, "nft", tmp_path / "online", f"data.path={prompts}",
+                           f"model.tokenizer={chat_tokenizer}")
+    (step,) = run(online, sampler=sampler, pool=pool)
+    assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
+
+
+def boxed_bonus(response: str, gold: str) -> float:
+    """A custom reward term: 1 for a response that starts with its boxed answer."""
+    return float(response.startswith("\\boxed{"))
+
+
+def test_reward_functions_and_math_verify_from_the_config(files, warm, sampler, tmp_path):
+    """reward.functions run in the verifier's workers beside the check; GRPO trains on the graded reward;
+    verifier.check=math_verify scores the same run's samples with Math-Verify."""
+    pytest.importorskip("math_verify", reason="the math extra (pip install 'twofold[math]')")
+    from twofold.engine.verifier import build_pool
+    graded = online_config(files, warm, "grpo", tmp_path / "graded", "verifier.workers=1",
+                           "reward.functions=[{name: 'tests.test_online:boxed_bonus', weight: 0.25}]")
+    with build_pool(graded) as scorer:
+        assert scorer.verify_batch(["\\boxed{3}", "\\boxed{4}", "3"], ["3", "3", "3"]) == [1.25, 0.25, 0.0]
+        (step,) = run(graded, sampler=sampler, pool=scorer)
+    assert step["skipped"] == 0 and step["grad_norm"] > 0
+    assert step["rollout/reward_mean"] > step["rollout/accuracy"]  # most samples are boxed: the bonus shows
+    checked = online_config(files, warm, "nft", tmp_path / "math_verify", "verifier.workers=1",
+                            "verifier.check=math_verify")
+    with build_pool(checked) as math_verify:
+        assert math_verify.verify_batch(["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{3}"],
+                                        ["0.5", "\\frac12", "4"]) == [1.0, 1.0, 0.0]
+        (step,) = run(checked, sampler=sampler, pool=math_verify)
+    assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
+
+
+def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm, sampler, pool, tmp_path):
+    """`python -m twofold.engine.eval` on the starting HF directory gives the run's step-0 evaluation, and on the
+    run's step_* checkpoint (exported on the fly) its final one."""
+    from twofold.engine.checkpoint import complete_checkpoints
+    from twofold.engine.eval import evaluate_checkpoint
+    config = online_config(files, warm, "nft", tmp_path / "run", f"eval.path={files['prompts']}", "eval.samples=2",
+                           "checkpoint.export_hf=true", "checkpoint.export_dtype=float32")
+    run(config, sampler=sampler, pool=pool)
+    before, after = read_metrics(tmp_path / "run" / "eval.jsonl")
+    scores = evaluate_checkpoint(warm, config, sampler=sampler, pool=pool)
+    assert scores["eval/pass1_greedy"] == before["eval/pass1_greedy"] and scores["eval/avg@2"] == before["eval/avg@2"]
+    step = complete_checkpoints(tmp_path / "run")[-1]
+    scores = evaluate_checkpoint(step, config, sampler=sampler, pool=pool)
+    assert scores["eval/pass1_greedy"] == after["eval/pass1_greedy"] and scores["eval/avg@2"] == after["eval/avg@2"]
+    assert scores["eval/prompts"] == 10
 
 
 @pytest.mark.parametrize("objective", list(OFFLINE))

@@ -64,7 +64,7 @@ def _sft_batch(tok):
     batch = []
     for i, p in enumerate(PROMPTS):
         ids = tok(p).input_ids
-        batch.append(Sequence(ids + tok(" = 42").input_ids + [tok.eos_token_id], len(ids), row_id=i))
+        batch.append(Sequence(ids + tok("=42").input_ids + [tok.eos_token_id], len(ids), row_id=i))
     return batch
 
 
@@ -220,10 +220,8 @@ def test_prompts_use_the_chat_template_when_the_tokenizer_has_one(fp32):
     sampler = fp32["samplers"]["vllm"]
     tok = sampler.tokenizer
     assert tok.chat_template is None
-    plain = replace(sampler.cfg, prompt_template="Q: {prompt}\nA:")
-    sampler.cfg, saved = plain, sampler.cfg
     try:
-        assert sampler.format_prompt("hi") == tok("Q: hi\nA:").input_ids
+        assert sampler.format_prompt("hi") == tok("hi").input_ids
         tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
                              "{% if add_generation_prompt %}[assistant]{% endif %}")
         ids = sampler.format_prompt("hi")
@@ -231,7 +229,7 @@ def test_prompts_use_the_chat_template_when_the_tokenizer_has_one(fp32):
         by_text, by_ids = (sampler.generate([p], GREEDY)[0][0].token_ids for p in ("hi", ids))
         assert by_text == by_ids
     finally:
-        sampler.cfg, tok.chat_template = saved, None
+        tok.chat_template = None
 
 
 def test_generating_before_the_first_sync_is_refused(model_dir):

@@ -1,7 +1,9 @@
 """Triton backend of linear_logprobs: the accuracy suite of the PyTorch path, run under TRITON_INTERPRET=1 on CPU.
 
-Primary assertion (KERNELS.md G5): element-wise |ours - gt| <= |torch_same_dtype - gt| + tol (+ one rounding of
-the stored result, eps(dtype)*|gt|), where gt is float64 math on the same rounded inputs. bf16 is GPU-only (the interpreter has no bf16 dot); fp16 covers half precision here.
+Primary assertion (docs/kernels.md, the accuracy rule): element-wise
+|ours - gt| <= |torch_same_dtype - gt| + tol (+ one rounding of the stored result, eps(dtype)*|gt|), where gt is
+float64 math on the same rounded inputs. bf16 is GPU-only (the interpreter has no bf16 dot); fp16 covers half
+precision here.
 """
 import math
 

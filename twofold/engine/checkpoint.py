@@ -157,7 +157,10 @@ def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, kee
         FILES.rename(tmp, final)
         if aside.exists():
             _remove(aside)
-        for old in complete_checkpoints(run_dir)[:-keep_last]:
+        # the one just written is kept whatever its number (a run resumed from an older checkpoint saves below
+        # newer ones); keep_last - 1 of the others, newest first
+        others = [p for p in complete_checkpoints(run_dir) if p != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
             _remove(old)
     dist.barrier()
     return final

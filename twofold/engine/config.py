@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import math
 import types
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from twofold.engine.correction import bounds as correction_bounds
+from twofold.engine.data import CHAT, check_source, is_local_path
 from twofold.engine.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
 from twofold.objectives.token_local import check_kl_loss
@@ -30,7 +32,8 @@ OFFLINE_OBJECTIVES = ("sft", "rft", "redi", "dpo", "simpo")
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = ""
-    """Local Hugging Face causal-LM checkpoint directory (Qwen2/2.5/3, Llama). Exactly one of path / preset."""
+    """Hugging Face causal LM (Qwen2/2.5/3, Llama): a local checkpoint directory or a Hub id (`Qwen/Qwen2.5-0.5B`),
+    resolved through the local HF cache (downloaded when missing and online). Exactly one of path / preset."""
     preset: str = ""
     """Named random-init model from twofold.engine.tiny.PRESETS (tests, CPU demo, benchmarks)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -42,14 +45,18 @@ class ModelConfig:
     activation_checkpointing: bool = True
     """Recompute each decoder layer in backward."""
     tokenizer: str = ""
-    """Tokenizer directory; defaults to model.path, or the built-in char tokenizer for presets."""
+    """Tokenizer directory or Hub id; defaults to model.path, or the built-in char tokenizer for presets."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    path: str = ""
-    """JSONL file, one row per sequence: {"prompt": str, "response": str} plus optional numeric fields
-    (reward, advantage, group_id, ...) that the objective reads."""
+    path: str | list[str] = ""
+    """The rows: a JSONL or Parquet file, a list of such files, a directory written by `datasets`' save_to_disk,
+    or a Hub dataset name (loaded with `datasets`, from its cache when offline). Layouts read as they are:
+    prompt/response (or TRL prompt/completion), TRL messages, preference pairs (prompt/chosen/rejected) and, for
+    online prompts, verl rows (chat prompt, reward_model.ground_truth); see docs/data.md."""
+    split: str = "train"
+    """Split of a `datasets` directory or Hub dataset (ignored for files)."""
     batch_size: int = 8
     """Rows per optimizer step over all ranks (the mini-batch): sequences, or pairs for pair rows."""
     max_tokens_per_microbatch: int = 4096
@@ -59,15 +66,20 @@ class DataConfig:
     """Malformed row (bad JSON, missing or mistyped field): stop with the row id, or log it and skip it.
     Empty responses and sequences over the budget are always skipped and logged with their row id."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
-    """auto: by file suffix (.parquet is Parquet, anything else JSONL)."""
+    """File format; auto: by file suffix (.parquet is Parquet, anything else JSONL)."""
     prompt_field: str = "prompt"
+    """Prompt column: a string or a list of chat messages. Field names may be dotted paths into nested fields."""
     response_field: str = "response"
+    """Response column (TRL's `completion` is used when the default is absent)."""
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     answer_field: str = "answer"
-    """Online runs: the gold answer of each prompt row (a string or a number)."""
+    """Online runs: the gold answer of each prompt row (a string or a number); verl's
+    `reward_model.ground_truth` is used when the default is absent."""
     prompt_template: str = "{prompt}"
-    """Text around each prompt before tokenization (offline and online alike), e.g. a chat template."""
+    """How a string prompt becomes text (offline and online alike): a format string around {prompt}, or `chat`:
+    the prompt as a user message through the tokenizer's chat template. Chat-message prompts always use the
+    tokenizer's chat template."""
     precompute_ref_logp: bool = True
     """DPO: score every sequence once with the initial policy (no grad) before training, stored per row."""
 
@@ -132,9 +144,14 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class LogConfig:
     progress_bar: bool = True
+    """A progress line per step on a terminal; at most one every 30 s when the output is a file or a CI log."""
+    verbose: bool = False
+    """Also show the INFO lines of vLLM's engine start and of the data loading internals."""
     tensorboard: bool = False
-    """Write TensorBoard events when tensorboard is installed (a warning otherwise)."""
+    """Write TensorBoard events to run_dir/tensorboard (pip install 'twofold[tracking]'; a config error if
+    tensorboard is missing)."""
     wandb: bool = False
+    """Log to Weights & Biases (pip install 'twofold[tracking]'; a config error if wandb is missing)."""
     wandb_project: str = "twofold"
     plot: bool = True
     """PNG of the main curves at the end (needs matplotlib; a warning otherwise)."""
@@ -207,18 +224,48 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class VerifierConfig:
     workers: int = 2
+    """Worker processes that check answers (and run reward.functions)."""
     timeout: float = 5.0
     """Wall-clock limit of one answer check (seconds); an overrun scores 0 and is counted. Gold answers are parsed
     under the same limit at load; one that takes longer is skipped and counted."""
     numeric_tolerance: float = 0.0
     """0: a decimal is the exact number it spells (3.14159 is not pi). > 0: a decimal also equals any value it
     matches to this relative tolerance (1e-6 accepts 3.141593 for pi)."""
+    memory_mb: int = 1024
+    """Address-space cap of each worker process (0: none); a check that exceeds it scores 0."""
+    check: Literal["twofold", "math_verify"] = "twofold"
+    """Answer equivalence: twofold (the built-in sympy verifier) or math_verify (Hugging Face's Math-Verify,
+    pip install 'twofold[math]'; its own timeouts are off, `verifier.timeout` applies)."""
+
+
+@dataclass(kw_only=True)
+class RewardFunction:
+    name: str
+    """"package.module:function", called as function(response, gold) -> float (response: the full sampled text;
+    gold: the row's answer field)."""
+    weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    """Online runs: reward = verifier_weight * correct (0/1) + sum of weight * function(response, gold)."""
+    functions: list[RewardFunction] = field(default_factory=list)
+    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap)."""
+    verifier_weight: float = 1.0
+    """Weight of the verifier's 0/1 correctness (0: the reward comes from `functions` alone)."""
+    positive_threshold: float = 0.5
+    """A sample whose reward is >= this counts as correct: the 0/1 reward of the binary objectives (NFT, RFT,
+    OREAL), dynamic sampling of theirs, rollout/accuracy and held-out pass rates. GRPO, DAPO and Dr. GRPO use
+    the reward itself when it is not 0/1."""
 
 
 @dataclass(kw_only=True)
 class Config:
     run_dir: str = "runs/default"
     """Checkpoints, config.yaml, metrics.jsonl, plots and the HF export go here."""
+    run_dir_policy: Literal["error", "overwrite", "new"] = "error"
+    """A fresh run (nothing to resume) into a run_dir that already holds files: error (stop, naming it),
+    overwrite (delete its contents first) or new (use the first free sibling run_dir-1, run_dir-2, ...)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -230,6 +277,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -314,11 +362,25 @@ def _build(cls, tree: dict, prefix: str):
             kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"config {prefix.rstrip('.')} needs {', '.join(prefix + m for m in missing)}")
     return cls(**kwargs)
 
 
 def _check_type(name: str, value, hint):
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            try:
+                return _check_type(name, value, arm)
+            except ValueError:
+                pass
+        names = " or ".join(_type_name(a) for a in typing.get_args(hint))
+        raise ValueError(f"config {name} must be {names}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{name}.")
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ValueError(f"config {name} must be one of {list(typing.get_args(hint))}, got {value!r}")
@@ -328,7 +390,7 @@ def _check_type(name: str, value, hint):
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ValueError(f"config {name} must be a list of {item.__name__}, got {value!r}")
+            raise ValueError(f"config {name} must be a list of {_type_name(item)}, got {value!r}")
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -337,6 +399,12 @@ def _check_type(name: str, value, hint):
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"config {name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(typing.get_args(hint)[0])}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _check_float(name: str, value) -> float:
@@ -359,7 +427,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def validate_paths(config: Config) -> None:
     """Files and directories the run reads, checked before anything loads."""
-    model, data = config.model, config.data
+    model = config.model
     if model.path and Path(model.path).is_dir():
         directory = Path(model.path)
         if not (directory / "config.json").is_file():
@@ -367,11 +435,6 @@ def validate_paths(config: Config) -> None:
         if not model.tokenizer and not any((directory / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"model.path {model.path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
                              "set model.tokenizer to a tokenizer directory")
-    if model.tokenizer and not Path(model.tokenizer).is_dir():
-        raise ValueError(f"model.tokenizer {model.tokenizer!r} is not a directory")
-    for key, path in (("data.path", data.path), ("eval.path", config.eval.path)):
-        if path and Path(path).is_dir():
-            raise ValueError(f"{key} {path!r} is a directory, not a JSONL or Parquet file")
 
 
 def validate(config: Config) -> None:
@@ -380,13 +443,20 @@ def validate(config: Config) -> None:
     if bool(model.path) == bool(model.preset):
         raise ValueError("set exactly one of model.path (a local HF checkpoint) and model.preset, "
                          f"got path={model.path!r}, preset={model.preset!r}")
-    if model.path and not Path(model.path).is_dir():
-        raise ValueError(f"model.path {model.path!r} is not a directory")
+    for key in ("path", "tokenizer"):
+        value = getattr(model, key)
+        if value and is_local_path(value) and not Path(value).is_dir():
+            raise ValueError(f"model.{key} {value!r} is not a directory (nor a Hub id such as Qwen/Qwen2.5-0.5B)")
     if not data.path:
-        raise ValueError("data.path is required (a JSONL or Parquet file of rows)")
-    for key, path in (("data.path", data.path), ("eval.path", config.eval.path)):
-        if path and not Path(path).exists():
-            raise ValueError(f"{key} {path!r} does not exist")
+        raise ValueError("data.path is required (a JSONL or Parquet file, a list of them, a datasets directory or "
+                         "a Hub dataset name)")
+    check_source("data.path", data.path)
+    if config.eval.path:
+        check_source("eval.path", config.eval.path)
+    for option, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(config.log, option) and importlib.util.find_spec(package) is None:
+            raise ValueError(f"log.{option}=true needs the {package} package: pip install 'twofold[tracking]' "
+                             f"(or set log.{option}=false)")
     if config.objective.name not in OBJECTIVES:
         raise ValueError(f"objective.name {config.objective.name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
     allowed = ONLINE_OBJECTIVES if train.mode == "online" else OFFLINE_OBJECTIVES
@@ -394,8 +464,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
                          f"{train.mode} objectives: {', '.join(allowed)}")
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
-    if "{prompt}" not in data.prompt_template:
-        raise ValueError(f"data.prompt_template must contain {{prompt}}, got {data.prompt_template!r}")
+    if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
+        raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
     validate_rollout(config)
     validate_paths(config)
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
@@ -482,6 +552,14 @@ def validate_rollout(config: Config) -> None:
         _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
     _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
     _require(config.verifier.timeout > 0, "verifier.timeout", "> 0", config.verifier.timeout)
+    _require(config.verifier.memory_mb >= 0, "verifier.memory_mb", ">= 0", config.verifier.memory_mb)
+    if config.verifier.check == "math_verify" and importlib.util.find_spec("math_verify") is None:
+        raise ValueError("verifier.check=math_verify needs the math-verify package: pip install 'twofold[math]'")
+    for i, fn in enumerate(config.reward.functions):
+        module, sep, name = fn.name.partition(":")
+        if not (module and sep and name):
+            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function, "
+                             f"got {fn.name!r}")
     _require(0 <= config.verifier.numeric_tolerance < 1, "verifier.numeric_tolerance", "in [0, 1)",
              config.verifier.numeric_tolerance)
 
@@ -586,3 +664,76 @@ def objective_kwargs(config: Config) -> dict:
     if config.train.mode == "online" and unset:
         kwargs["constant"] = float(config.rollout.max_new_tokens)
     return kwargs
+
+
+# ---- the config, explained: `--help` and the console dump ------------------------------------------------------
+
+ONLINE_SECTIONS = ("rollout", "sampler", "eval", "verifier", "reward")
+"""Sections that only online runs read (the console dump of an offline run leaves them out)."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: docstring} from the string literal under each field of a dataclass (the source is the one place
+    the docs live; --help and docs/ read them from here)."""
+    import ast
+    import inspect
+    import textwrap
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip()
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if not dataclasses.is_dataclass(value):
+            return yaml.safe_dump(value, default_flow_style=True).strip()
+    return "required"
+
+
+def config_reference(cls=None, prefix: str = "", width: int = 116) -> str:
+    """Every config key with its type, default and docstring, section by section (the text of --help)."""
+    import textwrap
+    cls = cls or Config
+    hints, docs, lines = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += ["", f"{prefix}{f.name}:"] + [config_reference(hint, f"{prefix}{f.name}.", width)]
+            continue
+        kind = (" | ".join(map(repr, typing.get_args(hint))) if typing.get_origin(hint) is Literal
+                else _type_name(hint).replace("typing.", ""))
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item = typing.get_args(hint)[0]
+            kind = f"list of {{{', '.join(x.name for x in dataclasses.fields(item))}}}"
+        lines.append(f"  {prefix}{f.name}  ({kind}, default {_default_text(f)})")
+        doc = docs.get(f.name, "")
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item_docs = field_docs(typing.get_args(hint)[0])
+            doc += "".join(f" [{k}: {v}]" for k, v in item_docs.items())
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def console_yaml(config: Config) -> str:
+    """The resolved config, one line per section (flow style), without the sections this mode never reads; the
+    full block-style dump is run_dir/config.yaml."""
+    tree = dataclasses.asdict(config)
+    if config.train.mode == "offline":
+        for section in ONLINE_SECTIONS:
+            tree.pop(section)
+    lines = []
+    for name, value in tree.items():
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=116).strip().removesuffix("...").strip()
+        lines.append(f"{name}: {text}")
+    return "\n".join(lines) + "\n"

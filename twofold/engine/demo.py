@@ -7,7 +7,9 @@
 2. SFT warm-up (configs/demo_sft.yaml): the model imitates the teacher, carry mistakes included.
 3. Online NFT (configs/demo_nft.yaml): the real in-process vLLM sampler and the real verifier; the reward says
    which samples carried correctly, and held-out pass@1 (greedy and sampled avg@4) is measured before and after.
-Writes runs/demo/nft/{metrics.jsonl, eval.jsonl, metrics.png} and prints the before/after table.
+Writes runs/demo/nft/{metrics.jsonl, eval.jsonl, metrics.png}, exports the trained model to runs/demo/nft/hf
+(a Hugging Face directory: `python -m twofold.engine.eval runs/demo/nft/hf runs/demo/data/eval.jsonl` scores it
+again) and prints the before/after table. Each stage starts afresh (run_dir_policy=overwrite).
 """
 from __future__ import annotations
 
@@ -40,13 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = write_addition_data(root / "data", sft_rows=20_000, rl_prompts=5_000, eval_prompts=200,
                                forget_carry=args.forget_carry)
     sft = load_config(CONFIGS / "demo_sft.yaml", [f"run_dir={root / 'sft'}", f"data.path={data['sft']}",
-                                                  f"train.steps={args.sft_steps}", "checkpoint.resume=never"])
+                                                  f"train.steps={args.sft_steps}", "checkpoint.resume=never",
+                                                  "run_dir_policy=overwrite"])
     run(sft)
     rl = load_config(CONFIGS / "demo_nft.yaml", [f"run_dir={root / 'nft'}", f"model.path={root / 'sft' / 'hf'}",
                                                  f"data.path={data['prompts']}", f"eval.path={data['eval']}",
-                                                 f"train.steps={args.rl_steps}", "checkpoint.resume=never"])
-    for stale in ("metrics.jsonl", "eval.jsonl"):
-        (root / "nft" / stale).unlink(missing_ok=True)
+                                                 f"train.steps={args.rl_steps}", "checkpoint.resume=never",
+                                                 "run_dir_policy=overwrite"])
     run(rl)
     evals = [json.loads(line) for line in (root / "nft" / "eval.jsonl").read_text().splitlines()]
     report = {"before": evals[0], "after": evals[-1], "wall_s": time.perf_counter() - start}
@@ -60,6 +62,7 @@ def print_report(report: dict, run_dir: Path) -> None:
     for key in [k for k in before if k.startswith("eval/") and k != "eval/time_s"]:
         print(f"  {key.removeprefix('eval/'):<36}{before[key]:>9.3f}{after[key]:>12.3f}")
     print(f"metrics: {run_dir}/metrics.jsonl, plot: {run_dir}/metrics.png, wall time {report['wall_s']:.0f} s")
+    print(f"exported model (Hugging Face safetensors + tokenizer): {run_dir}/hf")
 
 
 if __name__ == "__main__":

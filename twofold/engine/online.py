@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,7 @@ from twofold.engine.tasks import load_problems
 from twofold.engine.token_rm import TokenRewardModel
 from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
-from twofold.engine.verifier import VerifierPool
+from twofold.engine.verifier import VerifierPool, build_pool
 from twofold.engine.weight_sync import sync_weights
 from twofold.objectives import OBJECTIVES
 
@@ -74,23 +75,31 @@ def sampler_model_dir(config: Config, tokenizer) -> str:
     return write_model_dir(load_hf_config(config.model), tokenizer, Path(config.run_dir) / "sampler_model")
 
 
+def quiet_vllm() -> None:
+    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
+    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("vllm").setLevel(logging.WARNING)
+
+
 class OnlineRun:
     def __init__(self, config: Config, env: DistEnv, tokenizer, sampler: Sampler | None = None,
                  pool: VerifierPool | None = None):
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
+        if sampler is None and not config.log.verbose:
+            quiet_vllm()
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
-        tolerance = config.verifier.numeric_tolerance
-        self.pool = pool if pool is not None or not env.is_main else VerifierPool(
-            config.verifier.workers, config.verifier.timeout,
-            check_kwargs={"numeric_tolerance": tolerance} if tolerance else None)
+        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
-        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format,
-                                      check_golds=self.check_golds)
+        # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
+        golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
+        self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format, check_golds=golds,
+                                      split=data.split)
         self.eval_problems = (load_problems(config.eval.path, tokenizer, fields, max_prompt, data.format,
-                                            config.eval.max_prompts, self.check_golds).problems
+                                            config.eval.max_prompts, golds, data.split).problems
                               if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
@@ -104,7 +113,7 @@ class OnlineRun:
         self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
                          if config.objective.name == "oreal" else None)
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
-                                          config.verifier.timeout, seed)
+                                          config.verifier.timeout, seed, config.reward)
         self.rollout_steps = 0
         self.syncs = 0
 
@@ -140,7 +149,8 @@ class OnlineRun:
         start = time.perf_counter()
         groups, stats = self.collector.collect(self.stream)
         metrics = {"step": self.rollout_steps + 1, **stats.metrics()}  # 1..N, as offline
-        batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer)
+        batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer,
+                                self.config.reward)
         if self.token_rm is not None and batch:
             metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
         t = time.perf_counter()

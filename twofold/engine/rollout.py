@@ -7,8 +7,12 @@ trains on the informative groups found (the first `prompts_per_step`). Every ran
 rank 0 verifies and broadcasts the scores, so all ranks build the same batch. Seeds follow the prompt position in
 the stream, so a resumed run samples exactly what the uninterrupted one would have.
 
-Per objective (OBJECTIVES.md): NFT/RFT read 0/1 `rewards` (+ the group's `correct_rate`); GRPO/Dr. GRPO/DAPO read
-`advantages` from `objectives.group_advantages` (DAPO on +-1 rewards plus the overlong penalty); OREAL keeps one
+Rewards (`reward.*`): the pool's score per sample, the verifier's 0/1 correctness unless reward functions or
+weights make it something else. A sample is positive when its score is >= `reward.positive_threshold`.
+
+Per objective (docs/objectives.md): NFT/RFT read 0/1 `rewards` (positive or not; + the group's `correct_rate`); GRPO/Dr. GRPO/DAPO read
+`advantages` from `objectives.group_advantages` of the scores themselves when they are not 0/1, else of the 0/1
+(or +-1) rewards (DAPO: plus the overlong penalty); OREAL keeps one
 positive and one negative per prompt with RLOO advantages of the +-1 rewards of the whole group; JEPO appends the
 gold answer after each sampled chain of thought (`cot_mask`, `answer_mask`, `valid` = format check).
 
@@ -29,12 +33,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from twofold.engine.config import RolloutConfig
+from twofold.engine.config import RewardConfig, RolloutConfig
 from twofold.engine.data import BatchStream
 from twofold.engine.packing import Sequence
 from twofold.engine.sampler import GenerationParams, Sample, Sampler, sample_distributed
 from twofold.engine.tasks import Problem
-from twofold.engine.verifier import VerifierPool, math_rewards
+from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
 from twofold.engine.verifier.extract import _BOX_RE, last_boxed
 from twofold.objectives import group_advantages
 
@@ -48,10 +52,22 @@ class Group:
     problem: Problem
     samples: list[Sample]
     correct: list[float]
+    """The pool's score of each sample (0/1 correctness, or the configured reward)."""
+    threshold: float = 0.5
+    """reward.positive_threshold: a score >= this is a positive sample."""
+
+    @property
+    def positives(self) -> list[bool]:
+        return [c >= self.threshold for c in self.correct]
 
     @property
     def informative(self) -> bool:
-        return 0 < sum(c > 0 for c in self.correct) < len(self.correct)
+        """Positives and negatives both present (what the binary objectives and the 0/1 GRPO family learn from)."""
+        return 0 < sum(self.positives) < len(self.correct)
+
+    @property
+    def rewards_differ(self) -> bool:
+        return max(self.correct) > min(self.correct)
 
 
 @dataclass
@@ -60,6 +76,9 @@ class RolloutStats:
     prompts: int = 0
     samples: int = 0
     correct: float = 0.0
+    """Positive samples (score >= reward.positive_threshold)."""
+    reward: float = 0.0
+    """Sum of the scores."""
     informative: int = 0
     response_tokens: int = 0
     truncated: int = 0
@@ -71,7 +90,8 @@ class RolloutStats:
 
     def metrics(self) -> dict[str, float]:
         n = max(self.samples, 1)
-        return {"rollout/accuracy": self.correct / n, "rollout/informative_groups": self.informative,
+        return {"rollout/accuracy": self.correct / n, "rollout/reward_mean": self.reward / n,
+                "rollout/informative_groups": self.informative,
                 "rollout/prompts": self.prompts, "rollout/gen_batches": self.gen_batches,
                 "rollout/response_len": self.response_tokens / n, "rollout/truncated_frac": self.truncated / n,
                 "rollout/verifier_timeouts": self.verifier_timeouts, "rollout/no_answer": self.no_answer,
@@ -105,10 +125,16 @@ class RolloutCollector:
     """Draws prompts from a resumable stream and returns the step's groups (dynamic sampling included)."""
 
     def __init__(self, sampler: Sampler, pool: VerifierPool, cfg: RolloutConfig, objective: str,
-                 verifier_timeout: float, seed: int):
+                 verifier_timeout: float, seed: int, reward: RewardConfig | None = None):
         self.sampler, self.pool, self.cfg = sampler, pool, cfg
         self.verifier_timeout, self.seed = verifier_timeout, seed
+        self.reward = reward or RewardConfig()
         self.filter = objective in MIXED_GROUPS_ONLY or (cfg.dynamic_sampling and objective not in NO_FILTER)
+        # the GRPO family on graded rewards learns from any group whose rewards differ
+        self.graded = objective in ADVANTAGE_KIND and objective not in MIXED_GROUPS_ONLY and not binary(self.reward)
+
+    def informative(self, group: Group) -> bool:
+        return group.rewards_differ if self.graded else group.informative
 
     def params(self, position: int) -> GenerationParams:
         # prompt i of this batch gets seed + i * n: unique per stream position, identical after a resume
@@ -127,12 +153,12 @@ class RolloutCollector:
                                          self.params(position))
             stats.generate_s += time.perf_counter() - start
             scores = verify_groups(self.pool, problems, samples, self.verifier_timeout, stats)
-            groups = [Group(p, s, c) for p, s, c in zip(problems, samples, scores)]
+            groups = [Group(p, s, c, self.reward.positive_threshold) for p, s, c in zip(problems, samples, scores)]
             self.count(groups, stats)
-            kept += [g for g in groups if g.informative or not self.filter]
+            kept += [g for g in groups if self.informative(g) or not self.filter]
             if not self.filter:
                 break
-        stats.informative = sum(g.informative for g in kept)
+        stats.informative = sum(self.informative(g) for g in kept)
         return kept[:self.cfg.prompts_per_step], stats
 
     @staticmethod
@@ -141,27 +167,36 @@ class RolloutCollector:
         stats.prompts += len(groups)
         for g in groups:
             stats.samples += len(g.samples)
-            stats.correct += sum(g.correct)
+            stats.correct += sum(g.positives)
+            stats.reward += sum(g.correct)
             stats.response_tokens += sum(len(s.token_ids) for s in g.samples)
             stats.truncated += sum(s.truncated for s in g.samples)
 
 
 # ---- groups -> training sequences ------------------------------------------------------------------------------
 
-def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
+def binary(reward: RewardConfig) -> bool:
+    """Scores are the verifier's 0/1 correctness (no reward functions, weight 1)."""
+    return not reward.functions and reward.verifier_weight == 1.0
+
+
+def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tokenizer,
+                    reward: RewardConfig | None = None) -> list[Sequence]:
     """The step's training sequences with the fields `objective` reads (group_ids = index of the group)."""
     if objective == "jepo":
         return jepo_sequences(groups, cfg, tokenizer)
     if objective == "oreal":
         return oreal_sequences(groups, cfg.mask_truncated)
+    graded = reward is not None and not binary(reward)
     seqs, rewards = [], []
     for gid, g in enumerate(groups):
-        for j, (sample, correct) in enumerate(zip(g.samples, g.correct)):
-            seqs.append(sample_sequence(g.problem, sample, j, {"group_ids": gid, "rewards": float(correct > 0)}))
-            rewards.append(shaped_reward(objective, correct, len(sample.token_ids), cfg))
+        for j, (sample, correct, positive) in enumerate(zip(g.samples, g.correct, g.positives)):
+            seqs.append(sample_sequence(g.problem, sample, j, {"group_ids": gid, "rewards": float(positive)}))
+            rewards.append(shaped_reward(objective, correct if graded else float(positive), len(sample.token_ids),
+                                         cfg, graded))
     if objective in ("nft", "rft"):
         for gid, g in enumerate(groups):
-            rate = sum(c > 0 for c in g.correct) / len(g.correct)
+            rate = sum(g.positives) / len(g.correct)
             for s in seqs:
                 if s.fields["group_ids"] == gid:
                     s.fields["correct_rate"] = rate
@@ -181,12 +216,12 @@ def untruncated(seqs: list[Sequence], groups: list[Group], mask_truncated: bool)
     return [seq for seq, cut in zip(seqs, truncated, strict=True) if not cut]
 
 
-def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfig) -> float:
-    """Correctness reward (1 / rollout.negative_reward) plus DAPO's overlong penalty when configured."""
-    shaping = {}
+def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfig, graded: bool = False) -> float:
+    """Correctness reward (1 / rollout.negative_reward; a graded score as it is) plus DAPO's overlong penalty."""
+    penalty = 0.0
     if objective == "dapo" and cfg.overlong_buffer:
-        shaping = dict(lengths=[length], max_length=cfg.max_new_tokens, cache_length=cfg.overlong_buffer)
-    return math_rewards([correct], negative=cfg.negative_reward, **shaping)[0]
+        penalty = overlong_penalty(length, cfg.max_new_tokens, cfg.overlong_buffer)
+    return (correct if graded else math_rewards([correct], negative=cfg.negative_reward)[0]) + penalty
 
 
 def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) -> Sequence:
@@ -214,7 +249,7 @@ def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[S
     mask_truncated the pair comes from the untruncated samples (a group without one on either side is dropped)."""
     seqs = []
     for gid, g in enumerate(groups):
-        pm = torch.tensor([1.0 if c > 0 else -1.0 for c in g.correct], dtype=torch.float64)
+        pm = torch.tensor([1.0 if positive else -1.0 for positive in g.positives], dtype=torch.float64)
         adv = group_advantages(pm, torch.zeros(len(pm), dtype=torch.long), "rloo").tolist()
         usable = [i for i, s in enumerate(g.samples) if not (mask_truncated and s.truncated)]
         picks = [next((i for i in usable if pm[i] == want), None) for want in (1.0, -1.0)]

@@ -1,8 +1,9 @@
 """Rollout sampler: one interface, two backends (vLLM in-process, transformers `generate`), fed by weight sync.
 
 A sampler generates n samples per prompt and returns, per prompt, a group of `Sample`s: token ids, text, why the
-sample ended and, on request, the sampler's log-prob of every sampled token. Prompts are strings (formatted with the
-tokenizer's chat template when it has one, else `SamplerConfig.prompt_template`) or token ids (used as given).
+sample ended and, on request, the sampler's log-prob of every sampled token. Prompts are strings (as a user message
+through the tokenizer's chat template when it has one, else the text itself) or token ids (used as given; the
+training loops pass ids, formatted once by `data.prompt_template`, so that there is one knob for prompts).
 Token ids go to the backend, never text, so the trainer scores exactly the tokens that were sampled.
 
 Semantics shared by both backends (tests hold them to it):
@@ -58,9 +59,6 @@ class SamplerConfig:
     """No CUDA graphs / torch.compile: faster start, no recompiles after weight updates."""
     sync_bucket_mb: int = 512
     """Weight sync sends at most this many MiB per update call (a larger single tensor goes alone)."""
-    use_chat_template: bool = True
-    prompt_template: str = "{prompt}"
-    """Used for string prompts when the tokenizer has no chat template (or use_chat_template is false)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings for every call, in addition to GenerationParams.stop."""
     seed: int = 0
@@ -147,12 +145,8 @@ class Sampler(ABC):
         return ids
 
     def format_prompt(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        if self.cfg.use_chat_template and tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return tok(text, add_special_tokens=False).input_ids  # the template already holds BOS and friends
-        return tok(self.cfg.prompt_template.format(prompt=prompt)).input_ids
+        from twofold.engine.data import CHAT, prompt_ids
+        return prompt_ids(self.tokenizer, prompt, CHAT if self.tokenizer.chat_template else "{prompt}")
 
     def check_params(self, params: GenerationParams, stop: tuple[str, ...]) -> None:
         if params.n < 1:
@@ -192,8 +186,6 @@ def check_config(cfg: SamplerConfig) -> None:
         raise ValueError(f"sampler.kv_cache_gib must be >= 0, got {cfg.kv_cache_gib}")
     if cfg.sync_bucket_mb < 1:
         raise ValueError(f"sampler.sync_bucket_mb must be >= 1, got {cfg.sync_bucket_mb}")
-    if "{prompt}" not in cfg.prompt_template:
-        raise ValueError(f"sampler.prompt_template must contain {{prompt}}, got {cfg.prompt_template!r}")
 
 
 def build_sampler(cfg: SamplerConfig, model_path: str, rank: int = 0) -> Sampler:

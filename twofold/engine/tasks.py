@@ -1,7 +1,9 @@
 """Prompts with gold answers (online training and evaluation), and the synthetic arithmetic task of the CPU demo.
 
-A prompt row holds the prompt text and its gold answer (`data.prompt_field`, `data.answer_field`; a number is
-taken as its decimal text; a `\\boxed{...}` gold is unwrapped). Rows whose gold answer the verifier cannot parse
+A prompt row holds the prompt (text or chat messages, `data.prompt_field`; a TRL `messages` row: its turns before
+the last assistant one) and its gold answer (`data.answer_field`, a dotted path such as verl's
+`reward_model.ground_truth`, which is also used when the default `answer` is absent; a number is taken as its
+decimal text; a `\\boxed{...}` gold is unwrapped). Rows whose gold answer the verifier cannot parse
 would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are gold answers that take
 longer than the verifier's timeout to parse (they are parsed in its worker processes, never in the trainer) and
 prompts too long for the sampler. A row without the prompt or answer field is an error naming the field and row.
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from twofold.engine.data import Fields, read_rows, require_text
+from twofold.engine.data import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
 from twofold.engine.verifier.extract import last_boxed
 from twofold.engine.verifier.pool import VerifierPool
 
@@ -38,9 +40,7 @@ class ProblemSet:
 
 
 def gold_text(row: dict, key: str) -> str:
-    if key not in row:
-        raise ValueError(f"missing field {key!r} (row has {sorted(row)})")
-    value = row[key]
+    value = find_field(row, key, DEFAULT_FIELDS.answer)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"field {key!r} must be a string or a number, got {value!r}")
     text = str(value).strip()
@@ -53,33 +53,38 @@ def check_golds_in_workers(golds: list[str]) -> list[str | None]:
         return pool.check_golds(golds)
 
 
-def load_problems(path: str | Path, tokenizer, fields: Fields, max_prompt_tokens: int,
-                  file_format: str = "auto", limit: int = 0,
-                  check_golds: Callable[[list[str]], list[str | None]] = check_golds_in_workers) -> ProblemSet:
-    """Tokenized problems of a prompt file; bad gold answers and overlong prompts are skipped and counted.
-    `check_golds` says why each gold answer is unusable (None: usable), e.g. `VerifierPool.check_golds`."""
-    out, rows = ProblemSet([]), []
-    for row_id, row in read_rows(path, file_format):
+def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_format: str = "auto",
+                  limit: int = 0,
+                  check_golds: Callable[[list[str]], list[str | None]] | None = check_golds_in_workers,
+                  split: str = "train") -> ProblemSet:
+    """Tokenized problems of a prompt source; bad gold answers and overlong prompts are skipped and counted.
+    `check_golds` says why each gold answer is unusable (None: usable), e.g. `VerifierPool.check_golds`; None
+    keeps every gold answer (another check, or rewards from reward functions alone, may well use them)."""
+    out, rows, name = ProblemSet([]), [], describe(path)
+    for row_id, row in read_rows(path, file_format, split):
         try:
             if isinstance(row, str):
                 raise ValueError(row)
-            prompt, answer = require_text(row, fields.prompt), gold_text(row, fields.answer)
+            prompt, answer = row_prompt(row, fields), gold_text(row, fields.answer)
+            ids = tuple(prompt_ids(tokenizer, prompt, fields.template))
         except ValueError as err:
-            raise ValueError(f"{path} row {row_id}: {err}") from None
-        rows.append((row_id, tuple(tokenizer(fields.template.format(prompt=prompt)).input_ids), answer))
-    for (row_id, ids, answer), reason in zip(rows, check_golds([answer for _, _, answer in rows])):
+            raise ValueError(f"{name} row {row_id}: {err}") from None
+        rows.append((row_id, ids, answer))
+    golds = [answer for _, _, answer in rows]
+    reasons = check_golds(golds) if check_golds is not None else [None] * len(golds)
+    for (row_id, ids, answer), reason in zip(rows, reasons):
         if reason is None and not 0 < len(ids) < max_prompt_tokens:
             reason = "prompt too long for sampler.max_model_len"
         if reason:
-            log.warning("skipping %s row %d: %s (%r)", path, row_id, reason, answer[:200])
+            log.warning("skipping %s row %d: %s (%r)", name, row_id, reason, answer[:200])
             out.skipped[reason] = out.skipped.get(reason, 0) + 1
             continue
         out.problems.append(Problem(row_id, ids, answer))
         if limit and len(out.problems) >= limit:
             break
     if not out.problems:
-        raise ValueError(f"{path}: no usable prompts (skipped: {out.skipped})")
-    log.info("loaded %d prompts from %s (skipped: %s)", len(out.problems), path, out.skipped or "none")
+        raise ValueError(f"{name}: no usable prompts (skipped: {out.skipped})")
+    log.info("loaded %d prompts from %s (skipped: %s)", len(out.problems), name, out.skipped or "none")
     return out
 
 

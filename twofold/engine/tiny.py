@@ -9,19 +9,30 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 CHARS = string.printable  # digits, letters, punctuation, whitespace: enough for arithmetic and short prose
 
 
+def _byte_level(char: str) -> str:
+    """GPT-2's byte-to-unicode mapping of one ASCII character (printable bytes are themselves, the rest 256 + n)."""
+    code = ord(char)
+    printable = [*range(ord("!"), ord("~") + 1)]
+    return char if code in printable else chr(256 + [b for b in range(256) if b not in printable].index(code))
+
+
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; ids 0-3 are <pad> <unk> <bos> <eos>."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(set(CHARS)))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    """One token per character; ids 0-3 are <pad> <unk> <bos> <eos>.
+
+    The vocabulary is spelled byte-level (a space is "Ġ", as in GPT-2 and Qwen) with no merges, so that a saved
+    copy loaded through `AutoTokenizer` (which rebuilds a Qwen2 tokenizer as byte-level BPE from the vocabulary)
+    gives the same ids for the same text."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [_byte_level(c) for c in sorted(set(CHARS))])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
                                    eos_token="<eos>")
 

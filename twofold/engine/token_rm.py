@@ -1,4 +1,4 @@
-"""OREAL's token reward model, trained alongside the policy (OBJECTIVES.md 7.2; InternLM/OREAL).
+"""OREAL's token reward model, trained alongside the policy (docs/objectives.md §7.2; InternLM/OREAL).
 
 A copy of the initial policy's trunk (FSDP2-sharded like the policy) with `objectives.TokenRewardHead` (zero-init,
 as in the paper) in place of the LM head; trained with `objectives.token_rm_loss` (BCE of the sequence-mean score

@@ -1,31 +1,39 @@
 """Training entry point.
 
-    python -m twofold.engine.train --config configs/tiny_sft.yaml [section.key=value ...]          one process (CPU or 1 GPU)
-    torchrun --nproc_per_node=8 -m twofold.engine.train --config configs/<recipe>.yaml [...]        FSDP2 over 8 ranks
+    python -m twofold.engine.train --config configs/tiny_sft.yaml [section.key=value ...]   one process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 -m twofold.engine.train --config configs/<recipe>.yaml [...] FSDP2 over 8 ranks
+    python -m twofold.engine.train --config configs/tiny_sft.yaml --print-config            the resolved config
 
 train.mode=offline (SFT, RFT, REDI, DPO, SimPO) trains on dataset rows; train.mode=online (NFT, RFT, GRPO, DAPO,
 Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (twofold.engine.online).
 
 Each step takes the next global mini-batch, runs `Trainer.step` and logs; checkpoints every `checkpoint.every`
 steps and at the end of the invocation; with checkpoint.resume=auto a rerun continues from the newest complete
-checkpoint in run_dir (at any world size). When the run reaches train.steps it exports `<run_dir>/hf`.
+checkpoint in run_dir (at any world size). When the run reaches train.steps it exports `<run_dir>/hf` and writes
+`<run_dir>/complete.json`; running it again then says it is complete and does nothing. A fresh run into a used
+run_dir stops unless `run_dir_policy` is overwrite or new.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
                                        resume_newest, save_checkpoint)
-from twofold.engine.config import Config, load_config, objective_kwargs, save_config, to_yaml
+from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
+                                   to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
 from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
+from twofold.engine.hub import resolve_model
 from twofold.engine.model import build_policy
 from twofold.engine.online import OnlineRun
 from twofold.engine.packing import Sequence
@@ -36,9 +44,17 @@ from twofold.engine.trainer import Trainer, sequence_logprobs
 log = logging.getLogger("twofold")
 
 
+COMPLETE = "complete.json"
+"""Written into run_dir when a run reaches train.steps: {"steps": ..., "outputs": [...]}."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m twofold.engine.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="python -m twofold.engine.train", description="\n\n".join(__doc__.split("\n\n")[:3]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML sections, or section.key=value on the command line):\n" + config_reference())
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-5 train.steps=20")
     return parser.parse_args(argv)
 
@@ -49,9 +65,12 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except ValueError as err:
         sys.exit(f"config error: {err}")
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return
     try:
         run(config)
-    except (CollectiveTimeout, CheckpointDamaged) as err:  # the message says all; a traceback would bury it
+    except (CollectiveTimeout, CheckpointDamaged, RunDirError) as err:  # the message says all
         sys.exit(f"error: {err}")
 
 
@@ -80,20 +99,31 @@ def run(config: Config, **online_kwargs) -> list[dict]:
 
 def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(levelname)s %(message)s")
+    start = time.perf_counter()
+    done = prepare_run_dir(config, env)
+    if done is not None:
+        if env.is_main:
+            print(f"run {config.run_dir} is complete ({done['steps']} of train.steps={config.train.steps}); "
+                  f"nothing to do. Outputs: {', '.join(done['outputs'])}", flush=True)
+        return []
     if env.is_main:
-        print(to_yaml(config), flush=True)
+        print(console_yaml(config), flush=True)
         save_config(config, config.run_dir)
+    resolve_model(config.model)
     torch.manual_seed(config.train.seed + env.rank)
     tokenizer = load_tokenizer(config)
     if config.train.mode == "online":
         online = OnlineRun(config, env, tokenizer, **online_kwargs)
         try:
-            return online.run(lambda extras: resume(config, online.trainer, extras))
+            history = online.run(lambda extras: resume(config, online.trainer, extras))
+            finished = online.rollout_steps >= config.train.steps
         finally:
             online.close()
+        finish(config, env, history, finished, start)
+        return history
     data = config.data
     sequences = load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row,
-                               Fields.from_config(data), data.format)
+                               Fields.from_config(data), data.format, data.split)
     policy = build_policy(config.model, env, seed=config.train.seed)
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
                       objective_kwargs=objective_kwargs(config), total_steps=config.train.steps,
@@ -108,10 +138,83 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
         stream.load_state_dict(resumed[1])
         log.info("resumed from %s at step %d", resumed[0], trainer.steps_done)
     history = train_loop(config, trainer, stream, env)
-    if trainer.steps_done >= config.train.steps and config.checkpoint.export_hf:
+    finished = trainer.steps_done >= config.train.steps
+    if finished and config.checkpoint.export_hf:
         out = export_hf(policy, tokenizer, Path(config.run_dir) / "hf", config.checkpoint.export_dtype)
         log.info("exported Hugging Face checkpoint to %s", out)
+    finish(config, env, history, finished, start)
     return history
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (named in the message)."""
+
+
+def prepare_run_dir(config: Config, env: DistEnv) -> dict | None:
+    """Decide, on rank 0, what this invocation does with run_dir, and tell every rank: the complete.json of a
+    finished run (then there is nothing to do), or None after making run_dir ready (resume, overwrite, or a new
+    sibling, which replaces config.run_dir)."""
+    decision: list = [None]
+    if env.is_main:
+        try:
+            decision = [_decide_run_dir(config)]
+        except RunDirError as err:
+            decision = [err]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    outcome = decision[0]
+    if isinstance(outcome, RunDirError):
+        raise outcome
+    config.run_dir, done = outcome
+    return done
+
+
+def _decide_run_dir(config: Config) -> tuple[str, dict | None]:
+    run_dir = Path(config.run_dir)
+    marker = run_dir / COMPLETE
+    if config.checkpoint.resume == "auto" and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("steps", 0) >= config.train.steps:
+            return config.run_dir, done
+    if resume_path(config) is not None or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return config.run_dir, None
+    policy = config.run_dir_policy
+    if policy == "error":
+        held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
+        raise RunDirError(
+            f"run_dir {run_dir} already holds files of another run ({held}) and there is nothing to resume "
+            f"(checkpoint.resume={config.checkpoint.resume}). Choose another run_dir, or set run_dir_policy=overwrite "
+            "(delete them) or run_dir_policy=new (use a numbered sibling)")
+    if policy == "overwrite":
+        log.warning("run_dir_policy=overwrite: deleting the contents of %s", run_dir)
+        for item in run_dir.iterdir():
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        return config.run_dir, None
+    n = 1
+    while (sibling := run_dir.with_name(f"{run_dir.name}-{n}")).exists() and any(sibling.iterdir()):
+        n += 1
+    log.info("run_dir_policy=new: %s is in use, this run goes to %s", run_dir, sibling)
+    return str(sibling), None
+
+
+def finish(config: Config, env: DistEnv, history: list[dict], finished: bool, start: float) -> None:
+    """The run's summary line (steps, final loss, time, outputs) and, once train.steps are done, complete.json."""
+    if not env.is_main:
+        return
+    run_dir = Path(config.run_dir)
+    written = [run_dir / name for name in ("metrics.jsonl", "eval.jsonl", "metrics.png", "hf")]
+    outputs = [str(p) for p in written if p.is_dir() or (p.is_file() and p.stat().st_size)]
+    checkpoints = complete_checkpoints(run_dir)
+    if checkpoints:
+        outputs.append(str(checkpoints[-1]))
+    key = "rollout/accuracy" if config.train.mode == "online" else "loss"  # NFT's loss is 0 at ratio 1
+    values = [m[key] for m in history if key in m and (key != "loss" or not m.get("skipped"))]
+    loss = f"{key} {values[0]:.4f} -> {values[-1]:.4f}" if values else "no update"
+    state = "complete" if finished else f"stopped early (train.stop_after_steps={config.train.stop_after_steps})"
+    print(f"run {run_dir} {state}: {len(history)} steps this invocation, {loss}, "
+          f"{time.perf_counter() - start:.0f} s; outputs: {', '.join(outputs)}", flush=True)
+    if finished:
+        (run_dir / COMPLETE).write_text(json.dumps({"steps": config.train.steps, "outputs": outputs}) + "\n")
 
 
 def add_reference_sums(policy, sequences: list[Sequence], env: DistEnv, budget: int, pad_token_id: int) -> None:

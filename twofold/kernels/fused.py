@@ -1,7 +1,7 @@
 """Fused token-local losses: loss and gradients straight from hidden states and the LM head, in one pass.
 
-A token-local objective's gradient dL/dlogp_t depends only on token t (OBJECTIVES.md 8), so it is known as soon as
-that token's log-prob is. Each token chunk therefore goes: logits block -> (logp, lse) -> the objective's
+A token-local objective's gradient dL/dlogp_t depends only on token t (docs/objectives.md §8), so it is known as soon
+as that token's log-prob is. Each token chunk therefore goes: logits block -> (logp, lse) -> the objective's
 elementwise step from `twofold.objectives.token_local` -> dz in place -> dX of the chunk and dW += dz^T X. That is 6NHV
 FLOPs instead of the 8NHV of log-probs + autograd, and no [N, V] tensor: the largest temporaries are [chunk, V].
 The vocab passes live here (PyTorch on any device, Triton on CUDA); the per-token math is never re-written here.

@@ -1,4 +1,4 @@
-"""Every loss as a function of per-token log-probs plus per-token / per-sequence constants (OBJECTIVES.md).
+"""Every loss as a function of per-token log-probs plus per-token / per-sequence constants (docs/objectives.md).
 
 Each `*_loss` returns (loss, metrics) with detached metric tensors, takes the padded layout ([B,T] per token,
 [B] per sequence) or the packed one ([N] per token + seq_index [N], [S] per sequence), and runs the same

@@ -1,4 +1,4 @@
-"""The one aggregation helper: per-token weights w_t so that loss = sum_t w_t * X_t (OBJECTIVES.md 0.3).
+"""The one aggregation helper: per-token weights w_t so that loss = sum_t w_t * X_t (docs/objectives.md §0.3).
 
 | agg                        | w_t (counted tokens; 0 elsewhere) |
 |----------------------------|-----------------------------------|

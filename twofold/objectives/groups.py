@@ -1,4 +1,4 @@
-"""Per-group statistics, computed once per rollout batch with no grad (OBJECTIVES.md 0.2).
+"""Per-group statistics, computed once per rollout batch with no grad (docs/objectives.md §0.2).
 
 All take per-sequence `rewards` [B] and `group_ids` [B] (any integers; equal id = same prompt) and return [B]
 (a group value broadcast to its members). Groups are found by a sort, so there is no host sync and no [B,B] matrix.

@@ -1,4 +1,4 @@
-"""JEPO: Jensen's Evidence lower bound Policy Optimization (arXiv 2503.19618, App. B.2; OBJECTIVES.md 7.4).
+"""JEPO: Jensen's Evidence lower bound Policy Optimization (arXiv 2503.19618, App. B.2; docs/objectives.md §7.4).
 
 Each sequence i of group q is one sampled CoT c_i followed by the teacher-forced answer a* (one forward gives
 both). l*_i = SUM of the answer tokens' log-probs (no 1/|a*|). With n_q valid samples in the group:
@@ -14,7 +14,7 @@ both). l*_i = SUM of the answer tokens' log-probs (no 1/|a*|). With n_q valid sa
 
 G_q = group size (all samples), Q = number of groups (override: num_prompts). Token-local after a no-grad
 pre-pass: CoT tokens g = -(A~_i + A~^ref_i)/G_q (+ KL), answer tokens g = -beta_sup softmax_q(l*)_i (single:
--beta_sup/n_q). Choices where the paper is silent (OBJECTIVES.md 10.6): std(A) is the population std over the
+-beta_sup/n_q). Choices where the paper is silent (docs/objectives.md §7.4): std(A) is the population std over the
 valid sequences of the whole mini-batch, std(A^ref) over all its sequences (A~ = 0 where a std is 0); samples
 with valid=False (bad format) leave the bound and the baselines, and their CoT gets only A~^ref.
 

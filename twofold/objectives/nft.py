@@ -1,4 +1,4 @@
-"""NFT: Negative-aware Fine-Tuning (arXiv 2505.18116, NVlabs/NFT; OBJECTIVES.md 7.1).
+"""NFT: Negative-aware Fine-Tuning (arXiv 2505.18116, NVlabs/NFT; docs/objectives.md §7.1).
 
     L = sum_q omega(q) sum_i sum_t m * l_t,   l_t = -r_i log R - (1 - r_i) log max_v((1 - r_hat R)/(1 - r_hat), eps)
 

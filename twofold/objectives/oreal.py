@@ -1,4 +1,4 @@
-"""OREAL (arXiv 2502.06781, InternLM/OREAL; OBJECTIVES.md 7.2), as in the released code.
+"""OREAL (arXiv 2502.06781, InternLM/OREAL; docs/objectives.md §7.2), as in the released code.
 
     positive s: (c+/N+) A+_s sum_t w+_t (-l_t)        (pos_mult_adv: A+ from RLOO on +-1 rewards, else 1)
     negative s: -(eta/N-) sum_t exp(l_t - sg[l_t]) A-_s w-_t     (value constant, REINFORCE gradient)

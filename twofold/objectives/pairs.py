@@ -1,4 +1,4 @@
-"""Pair objectives on (x, y_w, y_l) (OBJECTIVES.md 6, 7.3). S = sum of counted log-probs, |y| = counted tokens
+"""Pair objectives on (x, y_w, y_l) (docs/objectives.md §6, 7.3). S = sum of counted log-probs, |y| = counted tokens
 (completion incl. EOS), P = number of pairs (override with the global `num_pairs`).
 
     REDI  (eq. 5):  mean_pairs[ -S_w/|y_w| + alpha S_l/|y_l| ]                      token-local (constant g)

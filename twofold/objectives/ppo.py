@@ -1,4 +1,4 @@
-"""PPO-clip family (OBJECTIVES.md 3-5): one implementation, three published settings, and two IS variants.
+"""PPO-clip family (docs/objectives.md §3-5): one implementation, three published settings, and two IS variants.
 
     loss_t = -min(R A, clip(R, 1-eps_low, 1+eps_high) A) [+ beta k3],  R = exp(l - l_old)
 

@@ -1,4 +1,4 @@
-"""SFT and RFT (OBJECTIVES.md 1-2): negative log-likelihood on target / positive tokens.
+"""SFT and RFT (docs/objectives.md §1-2): negative log-likelihood on target / positive tokens.
 
 sft_loss: -sum m l / N_tok (TRL completion-only, token-mean).
 rft_loss: online RFT as in NFT's code: NFT with the negative term off and omega = 1, i.e.

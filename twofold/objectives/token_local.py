@@ -11,7 +11,7 @@ Contract (what a fused kernel applies in its epilogue, and what every `*_loss` h
   data-parallel factor folded in). Then  total loss = sum_t loss_t  and  dL/dlogp_t = grad_t  exactly.
 - Per-sequence constants (advantages, r_hat, prompt weights, correctness) are gathered to tokens beforehand:
   x_tok = x_seq[seq_index].
-- The kernel's logits gradient is then grad_t * (onehot(y_t) - softmax(z_t)) / temperature (OBJECTIVES.md 8).
+- The kernel's logits gradient is then grad_t * (onehot(y_t) - softmax(z_t)) / temperature (docs/objectives.md §8).
 - Entropy: a function marked `uses_entropy` (`with_entropy_bonus(fn)`, what `entropy_coef` adds to every online
   objective) also takes the per-token entropy H_t and returns (loss_t, grad_t, dL/dH_t); the kernel adds
   -softmax(z_t) * (log softmax(z_t) + H_t) * dL/dH_t / temperature to the logits gradient.

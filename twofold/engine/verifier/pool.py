@@ -1,6 +1,6 @@
 """`verify_batch`: answer checks in worker processes, each under a hard wall-clock limit.
 
-Why this shape (ENGINES.md section 3 and 5.7): signal-based timeouts only work on the main thread;
+Why this shape: signal-based timeouts only work on the main thread;
 under Ray and in worker threads they raised, the error was swallowed, and every reward was 0 (verl
 PR #5635); a hung check in a ProcessPoolExecutor used up the pool for good (AReaL PR #1426). Here
 the calling thread, whichever it is, waits on the workers' pipes with `select` and a deadline; a
@@ -27,6 +27,8 @@ from twofold.engine.verifier.equivalence import MAX_ANSWER_CHARS
 from twofold.engine.verifier.extract import DEFAULT_EXTRACT, ExtractConfig, extract_answer
 
 DEFAULT_CHECK = "twofold.engine.verifier.equivalence:is_equivalent"
+CHECKS = {"twofold": DEFAULT_CHECK, "math_verify": "twofold.engine.verifier.math_verify_check:is_equivalent"}
+"""`verifier.check` -> the function the workers run."""
 _REPO_ROOT = str(Path(__file__).resolve().parents[3])  # the folder that holds the twofold package
 _STARTUP_SECONDS = 60.0
 
@@ -54,17 +56,20 @@ class VerifierStats:
 
 
 class _Worker:
-    def __init__(self, check: str, memory_mb: int, check_kwargs: dict):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
+    def __init__(self, check: str, memory_mb: int, spec: dict):
+        # the caller's working directory too: reward functions live in the user's own modules
+        path = [_REPO_ROOT, os.getcwd(), os.environ.get("PYTHONPATH")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb), json.dumps(check_kwargs)],
+            [sys.executable, "-m", "twofold.engine.verifier.worker", check, str(memory_mb), json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.fd = self.proc.stdout.fileno()
         self.born, self.ready, self.buffer = time.monotonic(), False, b""
         self.job, self.job_started = None, 0.0
 
-    def send(self, job_id: int, answer: str, gold: str, kind: str = "check") -> None:
-        job = {"id": job_id, "answer": answer, "gold": gold, "kind": kind}
+    def send(self, job_id: int, answer: str | None, gold: str, kind: str = "check",
+             response: str | None = None) -> None:
+        job = {"id": job_id, "answer": answer, "gold": gold, "kind": kind, "response": response}
         self.proc.stdin.write(json.dumps(job).encode() + b"\n")
         self.proc.stdin.flush()
         self.job, self.job_started = job_id, time.monotonic()
@@ -89,22 +94,29 @@ class VerifierPool:
 
     `check` names the function `(answer, gold, **check_kwargs) -> bool | float` the workers run (e.g.
     `check_kwargs={"numeric_tolerance": 1e-6}` for the default check); `memory_mb` caps each worker's address
-    space (0: no cap).
+    space (0: no cap). `functions` adds reward terms [("module:function", weight), ...], each
+    `function(response, gold) -> float` on the whole response, run in the same workers under the same limits;
+    the score is then `check_weight * check + sum(weight * function)`.
     """
 
     def __init__(self, num_workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024,
                  check: str = DEFAULT_CHECK, extract: ExtractConfig = DEFAULT_EXTRACT, cache_size: int = 100_000,
-                 check_kwargs: dict | None = None):
+                 check_kwargs: dict | None = None, functions: list[tuple[str, float]] = (),
+                 check_weight: float = 1.0):
         if num_workers < 1 or timeout <= 0:
             raise ValueError(f"num_workers must be >= 1 and timeout > 0, got {num_workers} and {timeout}")
         self.timeout, self.memory_mb, self.check = timeout, memory_mb, check
         self.check_kwargs = dict(check_kwargs or {})
+        self.functions = [(name, float(weight)) for name, weight in functions]
+        self.rewarded = bool(self.functions) or check_weight != 1.0
+        """Reward terms or weights: scores are not the bare check, and the whole response is part of each job."""
+        self.spec = {"kwargs": self.check_kwargs, "terms": self.functions, "check_weight": float(check_weight)}
         self._timed_out: set[int] = set()
         self.extract, self.cache_size = extract, cache_size
         self.stats, self.pid = VerifierStats(), os.getpid()
         self._cache: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._workers = [_Worker(check, memory_mb, self.check_kwargs) for _ in range(num_workers)]
+        self._workers = [_Worker(check, memory_mb, self.spec) for _ in range(num_workers)]
 
     def __enter__(self):
         return self
@@ -157,12 +169,15 @@ class VerifierPool:
         self.stats.checks += len(keys)
         return [0.0 if k is None else fresh.get(k) or self._cache.get(k, 0.0) for k in keys]
 
-    def _key(self, response: str, gold: str) -> tuple[str, str] | None:
+    def _key(self, response: str, gold: str) -> tuple | None:
         answer = extract_answer(response, self.extract)
         if answer is None or len(answer) > MAX_ANSWER_CHARS:
             self.stats.no_answer += 1
-            return None
-        return answer, str(gold)
+            if not self.rewarded:
+                return None
+            answer = None
+        # reward functions read the whole response, so it is part of the job (and of the cache key)
+        return (answer, str(gold)) if not self.rewarded else (answer, str(gold), "check", response)
 
     def _run(self, jobs: list[tuple], timeout: float, deadline: float | None) -> list[float | None]:
         """Scores of (answer, gold[, kind]) jobs; the ids of those that timed out are left in `_timed_out`."""
@@ -223,7 +238,7 @@ class VerifierPool:
 
     def _replace(self, k: int) -> None:
         self._workers[k].kill()
-        self._workers[k] = _Worker(self.check, self.memory_mb, self.check_kwargs)
+        self._workers[k] = _Worker(self.check, self.memory_mb, self.spec)
         self.stats.restarts += 1
 
     def _abandon(self, queue: deque, scores: list) -> None:
@@ -234,6 +249,15 @@ class VerifierPool:
                 self._replace(k)
         self.stats.over_budget += len(queue)
         queue.clear()
+
+
+def build_pool(config) -> VerifierPool:
+    """The pool a run's config describes: verifier.{workers, timeout, memory_mb, check, numeric_tolerance} and
+    reward.functions."""
+    v, r = config.verifier, config.reward
+    kwargs = {"numeric_tolerance": v.numeric_tolerance} if v.check == "twofold" and v.numeric_tolerance else None
+    return VerifierPool(v.workers, v.timeout, v.memory_mb, check=CHECKS[v.check], check_kwargs=kwargs,
+                        functions=[(f.name, f.weight) for f in r.functions], check_weight=r.verifier_weight)
 
 
 _default_pool: VerifierPool | None = None

@@ -11,7 +11,7 @@ def binary_reward(correct: float | bool, *, negative: float = 0.0) -> float:
 
 
 def overlong_penalty(length: int, max_length: int, cache_length: int) -> float:
-    """DAPO eq. 13 soft overlong punishment, added to the correctness reward (OBJECTIVES.md):
+    """DAPO eq. 13 soft overlong punishment, added to the correctness reward (docs/objectives.md):
 
     0 up to L_max - L_cache, then falling linearly to -1 at L_max, and -1 beyond it.
     """

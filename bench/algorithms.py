@@ -20,6 +20,7 @@ the noise floor; writes bench/results/algorithms-<mode>-<date>.{json,md} and a l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -82,20 +83,27 @@ class Scale:
     offline_steps: int = 300
     offline_every: int = 100
     seeds: int = 3
-    train_problems: int = 6000
+    train_problems: int = 3000
+    """Distinct training problems: half for SFT and RL prompts, half for the offline pairs."""
+    sft_rows: int = 20000
     held_out: int = 300
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
     oreal_freeze: int = 5
+    """OREAL: rollout steps that train only the token reward model first (rollout.freeze_actor_steps)."""
+    sft_batch: int = 64
+    offline_batch: int = 32
+    """Stage-2 rows per optimizer step (pairs for DPO, SimPO, REDI; traces for SFT)."""
     extra: list[str] = field(default_factory=list)
 
 
 SCALES = {
     "full": Scale(),
-    "quick": Scale(sft_steps=800, rl_steps=12, eval_every=4, offline_steps=60, offline_every=20, seeds=2,
-                   held_out=200, oreal_freeze=2),
+    "quick": Scale(sft_steps=250, rl_steps=6, eval_every=3, offline_steps=20, offline_every=10, seeds=2,
+                   held_out=120, prompts_per_step=8, oreal_freeze=2, sft_batch=32, offline_batch=16),
     "tiny": Scale(sft_steps=4, rl_steps=1, eval_every=1, offline_steps=2, offline_every=1, seeds=1,
-                  train_problems=200, held_out=12, prompts_per_step=2, samples_per_prompt=4, oreal_freeze=0),
+                  train_problems=200, sft_rows=256, held_out=12, prompts_per_step=2, samples_per_prompt=4, oreal_freeze=0,
+                  sft_batch=8, offline_batch=4),
 }
 
 
@@ -106,10 +114,10 @@ def write_data(directory: Path, scale: Scale, error_rate: float, seed: int = 0) 
     rng = random.Random(seed + 1)
     half = len(train) // 2  # SFT + RL prompts on one half, the offline pairs on the other
     rows: dict[str, list[dict]] = {"sft": [], "prompts": [], "eval": [], "pairs": [], "positives": []}
-    for p in train[:half]:
-        for _ in range(2):
-            rows["sft"].append({"prompt": p.prompt, "response": sloppy_trace(p, rng, error_rate)[0]})
-        rows["prompts"].append({"prompt": p.prompt, "answer": str(p.answer)})
+    for _ in range(scale.sft_rows):  # a fresh slip (or none) per row: the teacher's distribution, not one trace
+        p = rng.choice(train[:half])
+        rows["sft"].append({"prompt": p.prompt, "response": sloppy_trace(p, rng, error_rate)[0]})
+    rows["prompts"] = [{"prompt": p.prompt, "answer": str(p.answer)} for p in train[:half]]
     for p in train[half:]:
         right = trace(p)[0]
         rows["pairs"].append({"prompt": p.prompt, "chosen": right, "rejected": wrong_trace(p, rng)[0]})
@@ -140,10 +148,10 @@ def online_config(arm: str, seed: int, run_dir: Path, start: Path, data: dict[st
 
 
 def offline_config(arm: str, seed: int, run_dir: Path, start: Path, data: dict[str, Path], steps: int,
-                   lr: float) -> Config:
+                   lr: float, batch: int) -> Config:
     objective, source, extra = OFFLINE[arm]
     overrides = [f"run_dir={run_dir}", f"model.path={start}", "model.preset=", f"data.path={data[source]}",
-                 f"objective.name={objective}", f"train.steps={steps}", f"train.seed={seed}", "data.batch_size=32",
+                 f"objective.name={objective}", f"train.steps={steps}", f"train.seed={seed}", f"data.batch_size={batch}",
                  f"optim.lr={lr}", "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.resume=auto",
                  "checkpoint.every=0", "checkpoint.keep_last=1", "checkpoint.export_hf=true",
                  "checkpoint.export_dtype=float32", "log.progress_bar=false", "log.plot=false"]
@@ -165,7 +173,7 @@ class Bench:
     def sft(self) -> Path:
         s = self.scale
         cfg = load_config(CONFIGS / "demo_sft.yaml", common(self.root / "sft", None, s) + [
-            f"data.path={self.data['sft']}", f"train.steps={s.sft_steps}", f"optim.warmup_steps={min(10, s.sft_steps)}",
+            f"data.path={self.data['sft']}", f"train.steps={s.sft_steps}", f"optim.warmup_steps={min(10, s.sft_steps)}", f"data.batch_size={s.sft_batch}",
             "data.max_tokens_per_microbatch=4096"])
         run(cfg)
         return self.root / "sft" / "hf"
@@ -204,7 +212,8 @@ class Bench:
         shutil.rmtree(run_dir, ignore_errors=True)
         s, curve, history = self.scale, {0: start_score}, []
         for steps in range(s.offline_every, s.offline_steps + 1, s.offline_every):
-            history += run(offline_config(arm, seed, run_dir, start, self.data, steps, self.offline_lr))
+            history += run(offline_config(arm, seed, run_dir, start, self.data, steps, self.offline_lr,
+                                          s.offline_batch))
             curve[steps] = self.evaluate(run_dir / "hf")
         self.record(arm, curve, history)
 
@@ -247,23 +256,22 @@ def grad_norm_ratio(metrics: dict[str, list[list[dict]]]) -> list[float]:
 
 
 def table(curves: dict[str, dict[int, list[float]]], arms: list[str]) -> str:
-    """Markdown: one row per arm, one column per checkpoint, mean +- sd over seeds."""
-    lines = []
+    """Markdown: one row per arm, one column per checkpoint, mean +- sd over seeds; the online table ends with
+    the noise floor."""
+    lines, floor = [], noise_floor(curves)
     for group in ([a for a in arms if a in ONLINE], [a for a in arms if a in OFFLINE]):
         if not group:
             continue
         steps = sorted(curves[group[0]])
         kind = "rollout step" if group[0] in ONLINE else "stage-2 step"
-        lines += [f"| arm | " + " | ".join(f"{kind} {s}" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
+        lines += ["| arm | " + " | ".join(f"{kind} {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
         for arm in group:
             cells = [("%.3f ± %.3f" % mean_sd(curves[arm][s])) if s in curves[arm] else "-" for s in steps]
             lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+        if floor and group[0] in ONLINE:
+            lines.append("| noise floor: mean abs(NFT (omega = GRPO's) - GRPO) | " +
+                         " | ".join(f"{floor[s]:.3f}" if s in floor else "-" for s in steps) + " |")
         lines.append("")
-    floor = noise_floor(curves)
-    if floor:
-        lines += ["| noise floor: mean abs(NFT(omega = GRPO's) - GRPO) | " +
-                  " | ".join(f"{floor[s]:.3f}" for s in sorted(floor)) + " |", "|---|" + "---|" * len(floor), ""]
     return "\n".join(lines)
 
 
@@ -294,14 +302,19 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--quick", action="store_true", help="a few minutes: 2 seeds, short runs")
     size.add_argument("--tiny", action="store_true", help="seconds per arm: the CI smoke configuration")
     parser.add_argument("--seeds", type=int, default=0, help="override the scale's seed count")
+    parser.add_argument("--sft-steps", type=int, default=0, help="override the scale's SFT warm-up steps")
+    parser.add_argument("--rl-steps", type=int, default=0, help="override the scale's rollout steps")
     parser.add_argument("--arms", default=",".join([*ONLINE, *OFFLINE]), help="comma-separated subset")
     parser.add_argument("--error-rate", type=float, default=0.5, help="sloppy SFT teacher's slip probability")
     parser.add_argument("--offline-lr", type=float, default=1e-4)
     parser.add_argument("--run-dir", default="runs/algorithms")
+    parser.add_argument("--sft", default="", help="reuse this exported SFT start (written by an earlier run of the "
+                                                  "same scale) instead of training it")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    scale = SCALES[mode]
+    scale = dataclasses.replace(SCALES[mode], **{k: v for k, v in (("sft_steps", args.sft_steps),
+                                                                 ("rl_steps", args.rl_steps)) if v})
     seeds = args.seeds or scale.seeds
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in LABELS]
@@ -312,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     bench = Bench(Path(args.run_dir), scale, args.error_rate, args.offline_lr)
     try:
-        sft = bench.sft()
-        start_score = bench.evaluate(sft) if set(arms) & set(OFFLINE) else None
+        sft = Path(args.sft) if args.sft else bench.sft()
+        start_score = bench.evaluate(sft)
+        print(f"shared SFT start {sft}: held-out greedy pass@1 {start_score:.3f}", flush=True)
         for seed in range(seeds):
             for arm in arms:
                 if arm in ONLINE:

@@ -123,12 +123,16 @@ def sloppy_trace(problem: Problem, rng: random.Random, error_rate: float) -> tup
 
 
 def problem_sets(seed: int, train: int, held_out: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint training and held-out problems, levels 1-3 in equal shares."""
+    """Disjoint training and held-out problems, levels 1-3 in equal shares (level 1 has ~1,500 distinct ones)."""
     rng, seen, problems = random.Random(seed), set(), []
-    while len(problems) < train + held_out:
+    for attempt in range(50 * (train + held_out)):
+        if len(problems) == train + held_out:
+            break
         p = random_problem(rng, LEVELS[len(problems) % len(LEVELS)])
         if p.prompt not in seen:
             seen.add(p.prompt)
             problems.append(p)
+    else:
+        raise ValueError(f"only {len(problems)} distinct problems found for {train} + {held_out}")
     rng.shuffle(problems)
     return problems[held_out:], problems[:held_out]

@@ -59,7 +59,7 @@ ONLINE = {
     "dapo": ["objective.name=dapo"],
     "drgrpo": ["objective.name=drgrpo"],
     "oreal": ["objective.name=oreal"],
-    "oreal_no_rm": ["objective.name=oreal", "rollout.freeze_actor_steps=0"],
+    "oreal_no_rm": ["objective.name=oreal", "rollout.token_rm=false"],
     "jepo": ["objective.name=jepo", "rollout.dynamic_sampling=false"],
 }
 # offline stage 2: (objective, data file, overrides)
@@ -143,7 +143,9 @@ def online_config(arm: str, seed: int, run_dir: Path, start: Path, data: dict[st
         f"eval.every={scale.eval_every}", "eval.samples=0", "optim.max_grad_norm=0", "checkpoint.export_hf=false",
         f"rollout.prompts_per_step={scale.prompts_per_step}", f"rollout.samples_per_prompt={scale.samples_per_prompt}",
         "rollout.max_new_tokens=40", "sampler.max_model_len=64", "data.max_tokens_per_microbatch=8192",
-        f"rollout.freeze_actor_steps={scale.oreal_freeze}", "rollout.token_rm_lr=1e-3", "objective.kwargs={}"]
+        "rollout.token_rm_lr=1e-3", "objective.kwargs={}"]
+    if arm == "oreal":  # the engine freezes the actor of any objective: only OREAL's token RM asks for it
+        overrides.append(f"rollout.freeze_actor_steps={scale.oreal_freeze}")
     return load_config(CONFIGS / "demo_nft.yaml", overrides + ONLINE[arm] + scale.extra)
 
 
@@ -196,7 +198,7 @@ class Bench:
 
     def evaluate(self, model: Path) -> float:
         """Held-out greedy pass@1 of an exported model, scored exactly as the online runs score theirs."""
-        cfg = online_config("nft", 0, self.root / "eval", model, self.data, self.scale, steps=1)
+        cfg = online_config("nft", 0, self.root / "eval", model, self.data, self.scale, self.scale.rl_steps)
         engine = self.shared_engine(cfg)
         env = init_distributed()
         try:

@@ -2,12 +2,12 @@
 the online loop does (one AdamW step per batch of 16 right + 16 wrong traces), on the teacher's traces of
 `bench.tasks`, from the shared SFT start of `bench.algorithms`, and score held-out traces.
 
-    python -m bench.token_rm --model runs/algorithms/sft/hf [--lrs 1e-4,1e-3,4e-3] [--steps 60]
+    python -m bench.token_rm --model runs/algorithms/sft/hf [--lrs 1e-3,4e-3] [--steps 40] [--label steps]
 
 Prints, per learning rate and per token alignment (`TokenScorer.score_own_token`: True scores each token with the
 hidden state that has read it, False is the former behaviour, one token early), the held-out BCE and sequence
 accuracy after 5, 10, 20, ... updates, and the mean OREAL token weights w+ on right traces and w- on wrong ones
-(what the policy's gradient is multiplied by). Writes bench/results/token-rm-<date>.json.
+(what the policy's gradient is multiplied by). Writes bench/results/token-rm-<label>-<date>.json.
 """
 from __future__ import annotations
 
@@ -31,13 +31,20 @@ from twofold.objectives import oreal_token_weights
 from twofold.objectives.layout import flatten
 
 
-def traces(tokenizer, count: int, seed: int) -> list[Sequence]:
-    """`count` problems, each as a right (reward 1) and a wrong (reward 0) trace + EOS."""
-    problems, _ = problem_sets(seed, count, 0)
+def traces(tokenizer, count: int, seed: int, label: str = "correct") -> list[Sequence]:
+    """`count` pairs (+1 then 0), traces ending in EOS. label="correct": a problem's right and wrong trace.
+    label="steps", the control: the right traces of a 3-step and of a 1-step problem (a label any trunk can read,
+    so a probe that learns it shows that the loss, optimizer and inputs work)."""
+    problems, _ = problem_sets(seed, 3 * count, 0)
     rng, out = random.Random(seed), []
-    for p in problems:
-        prompt = tokenizer(p.prompt).input_ids
-        for text, reward in ((trace(p)[0], 1.0), (wrong_trace(p, rng)[0], 0.0)):
+    if label == "correct":
+        pairs = [((p, trace(p)[0]), (p, wrong_trace(p, rng)[0])) for p in problems[:count]]
+    else:
+        long, short = [p for p in problems if p.level == 3], [p for p in problems if p.level == 1]
+        pairs = [((a, trace(a)[0]), (b, trace(b)[0])) for a, b in zip(long[:count], short)]
+    for pair in pairs:
+        for (p, text), reward in zip(pair, (1.0, 0.0)):
+            prompt = tokenizer(p.prompt).input_ids
             response = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             out.append(Sequence(prompt + response, len(prompt), fields={"rewards": reward}))
     return out
@@ -82,18 +89,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="runs/algorithms/sft/hf")
     parser.add_argument("--lrs", default="1e-4,1e-3,4e-3")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--label", choices=["correct", "steps"], default="correct",
+                        help="what the probe learns: correctness, or the control (3 steps vs 1)")
+    parser.add_argument("--alignments", default="early,own", help="early (the former scores), own, or both")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
     start = time.perf_counter()
     tokenizer = load_tokenizer(type("C", (), {"model": ModelConfig(path=args.model)})())
-    train, test = traces(tokenizer, 400, seed=11), traces(tokenizer, 100, seed=12)
+    train, test = traces(tokenizer, 400, 11, args.label), traces(tokenizer, 100, 12, args.label)
     checkpoints = [c for c in (5, 10, 20, 40, 60, 100, 200) if c <= args.steps]
     results = {}
-    for own in (False, True):
+    for own in [a == "own" for a in args.alignments.split(",")]:
         for lr in [float(x) for x in args.lrs.split(",")]:
-            key = f"lr={lr:g} {'own token' if own else 'one token early'}"
+            key = f"{args.label}: lr={lr:g} {'own token' if own else 'one token early'}"
             results[key] = probe(args.model, lr, own, args.steps, train, test, checkpoints)
             print(key, json.dumps(results[key][-1]), flush=True)
     print(f"\nheld-out BCE / accuracy / mean w+ on right / mean w- on wrong, after N updates "
@@ -103,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        f"{r['w_pos_on_right']:.2f}/{r['w_neg_on_wrong']:.2f}" for r in rows))
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"token-rm-{date}.json").write_text(json.dumps({"model": args.model, "results": results},
-                                                                     indent=1))
+    out = Path(args.out) / f"token-rm-{args.label}-{date}.json"
+    out.write_text(json.dumps({"model": args.model, "label": args.label, "results": results}, indent=1))
     return results
 
 

@@ -165,6 +165,8 @@ class RolloutConfig:
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
     """OREAL: learning rate of the token reward model (its own AdamW)."""
+    token_rm: bool = True
+    """OREAL: train the token reward model and weight tokens by it; false gives OREAL without it (w+ = w- = 1)."""
 
 
 @dataclass(kw_only=True)

@@ -101,7 +101,7 @@ SCALES = {
     "full": Scale(),
     "quick": Scale(sft_steps=250, rl_steps=6, eval_every=3, offline_steps=20, offline_every=10, seeds=2,
                    held_out=120, prompts_per_step=8, oreal_freeze=2, sft_batch=32, offline_batch=16),
-    "tiny": Scale(sft_steps=4, rl_steps=1, eval_every=1, offline_steps=2, offline_every=1, seeds=1,
+    "tiny": Scale(sft_steps=4, rl_steps=1, eval_every=1, offline_steps=1, offline_every=1, seeds=1,
                   train_problems=200, sft_rows=256, held_out=12, prompts_per_step=2, samples_per_prompt=4, oreal_freeze=0,
                   sft_batch=8, offline_batch=4),
 }
@@ -217,6 +217,7 @@ class Bench:
             history += run(offline_config(arm, seed, run_dir, start, self.data, steps, self.offline_lr,
                                           s.offline_batch))
             curve[steps] = self.evaluate(run_dir / "hf")
+        (run_dir / "eval.jsonl").write_text("".join(json.dumps({"step": k, METRIC: v}) + "\n" for k, v in curve.items()))
         self.record(arm, curve, history)
 
     def record(self, arm: str, curve: dict[int, float], history: list[dict]) -> None:

@@ -4,7 +4,7 @@ import json
 
 from bench import algorithms
 
-ARMS = ["nft", "nft_sqrt", "grpo", "oreal", "redi"]  # both table groups, the noise-floor pair, the token RM
+ARMS = ["nft_sqrt", "grpo", "oreal", "redi"]  # both table groups, the noise-floor pair, the token RM
 
 
 def test_tiny_bench_writes_the_table_curves_and_plots(tmp_path):
@@ -26,11 +26,12 @@ def test_tiny_bench_writes_the_table_curves_and_plots(tmp_path):
     assert len({saved["curves"][arm]["0"][0] for arm in ARMS}) == 1
     assert set(saved["noise_floor"]) == {"0", "1"}
     assert saved["noise_floor"]["0"] == 0  # seeds share the start: no gap before training
-    assert len(saved["token_rm"]) == 2 and "token_rm/loss" in saved["token_rm"][0][0]
+    # per seed and rollout step (an untrained model may find no informative group, hence no token-RM update)
+    assert len(saved["token_rm"]) == 2 and all("step" in m for h in saved["token_rm"] for m in h)
     table = (out / f"{stem}.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and "±" in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [algorithms.LABELS[a] for a in ARMS]
-    online = [r for r in rows if r.split(" | ")[0][2:] in {algorithms.LABELS[a] for a in ARMS[:4]}]
+    online = [r for r in rows if r.split(" | ")[0][2:] in {algorithms.LABELS[a] for a in ARMS[:3]}]
     assert all(r.count("±") == scale.rl_steps // scale.eval_every + 1 for r in online)
     assert rows[-1].count("±") == scale.offline_steps // scale.offline_every + 1
     assert any(line.startswith("| noise floor") for line in table)

@@ -102,8 +102,8 @@ SCALES = {
     "quick": Scale(sft_steps=250, rl_steps=6, eval_every=3, offline_steps=20, offline_every=10, seeds=2,
                    held_out=120, prompts_per_step=8, oreal_freeze=2, sft_batch=32, offline_batch=16),
     "tiny": Scale(sft_steps=4, rl_steps=1, eval_every=1, offline_steps=1, offline_every=1, seeds=1,
-                  train_problems=200, sft_rows=256, held_out=12, prompts_per_step=2, samples_per_prompt=4, oreal_freeze=0,
-                  sft_batch=8, offline_batch=4),
+                  train_problems=200, sft_rows=256, held_out=12, prompts_per_step=2, samples_per_prompt=4,
+                  oreal_freeze=0, sft_batch=8, offline_batch=4),
 }
 
 
@@ -131,14 +131,14 @@ def write_data(directory: Path, scale: Scale, error_rate: float, seed: int = 0) 
     return paths
 
 
-def common(run_dir: Path, model_path: Path | None, scale: Scale) -> list[str]:
+def common(run_dir: Path, model_path: Path | None) -> list[str]:
     out = [f"run_dir={run_dir}", "checkpoint.resume=never", "log.progress_bar=false", "log.plot=false"]
     return out + ([f"model.path={model_path}"] if model_path else [])
 
 
 def online_config(arm: str, seed: int, run_dir: Path, start: Path, data: dict[str, Path], scale: Scale,
                   steps: int) -> Config:
-    overrides = common(run_dir, start, scale) + [
+    overrides = common(run_dir, start) + [
         f"data.path={data['prompts']}", f"eval.path={data['eval']}", f"train.steps={steps}", f"train.seed={seed}",
         f"eval.every={scale.eval_every}", "eval.samples=0", "optim.max_grad_norm=0", "checkpoint.export_hf=false",
         f"rollout.prompts_per_step={scale.prompts_per_step}", f"rollout.samples_per_prompt={scale.samples_per_prompt}",
@@ -153,7 +153,8 @@ def offline_config(arm: str, seed: int, run_dir: Path, start: Path, data: dict[s
                    lr: float, batch: int) -> Config:
     objective, source, extra = OFFLINE[arm]
     overrides = [f"run_dir={run_dir}", f"model.path={start}", "model.preset=", f"data.path={data[source]}",
-                 f"objective.name={objective}", f"train.steps={steps}", f"train.seed={seed}", f"data.batch_size={batch}",
+                 f"objective.name={objective}", f"train.steps={steps}", f"train.seed={seed}",
+                 f"data.batch_size={batch}",
                  f"optim.lr={lr}", "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.resume=auto",
                  "checkpoint.every=0", "checkpoint.keep_last=1", "checkpoint.export_hf=true",
                  "checkpoint.export_dtype=float32", "log.progress_bar=false", "log.plot=false"]
@@ -174,8 +175,9 @@ class Bench:
 
     def sft(self) -> Path:
         s = self.scale
-        cfg = load_config(CONFIGS / "demo_sft.yaml", common(self.root / "sft", None, s) + [
-            f"data.path={self.data['sft']}", f"train.steps={s.sft_steps}", f"optim.warmup_steps={min(10, s.sft_steps)}", f"data.batch_size={s.sft_batch}",
+        cfg = load_config(CONFIGS / "demo_sft.yaml", common(self.root / "sft", None) + [
+            f"data.path={self.data['sft']}", f"train.steps={s.sft_steps}", f"optim.warmup_steps={min(10, s.sft_steps)}",
+            f"data.batch_size={s.sft_batch}",
             "data.max_tokens_per_microbatch=4096"])
         run(cfg)
         return self.root / "sft" / "hf"
@@ -217,7 +219,8 @@ class Bench:
             history += run(offline_config(arm, seed, run_dir, start, self.data, steps, self.offline_lr,
                                           s.offline_batch))
             curve[steps] = self.evaluate(run_dir / "hf")
-        (run_dir / "eval.jsonl").write_text("".join(json.dumps({"step": k, METRIC: v}) + "\n" for k, v in curve.items()))
+        rows = [json.dumps({"step": k, METRIC: v}) + "\n" for k, v in curve.items()]
+        (run_dir / "eval.jsonl").write_text("".join(rows))  # the offline runs' own eval.jsonl
         self.record(arm, curve, history)
 
     def record(self, arm: str, curve: dict[int, float], history: list[dict]) -> None:

@@ -93,7 +93,7 @@ def error_options(problem: Problem) -> list[tuple[str, int]]:
 def random_problem(rng: random.Random, level: int) -> Problem:
     """A problem of `level` steps whose intermediate results stay in 0-99 and which has some error mode."""
     while True:
-        start, ops, value = rng.randrange(10, 100), [], None
+        start, ops = rng.randrange(10, 100), []
         value = start
         for _ in range(level):
             op, b = rng.choice("+-"), rng.randrange(1, 10)

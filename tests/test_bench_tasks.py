@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from bench.tasks import LEVELS, MODES, Problem, error_options, problem_sets, random_problem, sloppy_trace, trace, \
-    wrong_trace
+from bench.tasks import (LEVELS, MODES, Problem, error_options, problem_sets, random_problem, sloppy_trace, solve,
+                         trace, wrong_trace)
 from twofold.engine.tasks import parseable
 from twofold.engine.verifier import VerifierPool
 from twofold.engine.verifier.extract import last_boxed
@@ -54,6 +54,6 @@ def test_every_problem_has_a_wrong_trace_and_the_sets_are_disjoint():
     rng = random.Random(1)
     for p in train:
         assert error_options(p) and wrong_trace(p, rng)[1] != p.answer
-        assert all(0 <= step[3] <= 99 for step in __import__("bench.tasks").tasks.solve(p))
+        assert all(0 <= step[3] <= 99 for step in solve(p))
     slips = [sloppy_trace(p, rng, 0.5)[2] for p in train]
     assert 0.4 < sum(s is not None for s in slips) / len(slips) < 0.6

@@ -6,7 +6,6 @@ import pytest
 
 from bench.tasks import (LEVELS, MODES, Problem, error_options, problem_sets, random_problem, sloppy_trace, solve,
                          trace, wrong_trace)
-from twofold.engine.tasks import parseable
 from twofold.engine.verifier import VerifierPool
 from twofold.engine.verifier.extract import last_boxed
 
@@ -20,17 +19,19 @@ def pool():
 def test_every_error_mode_gives_a_wrong_parseable_answer_and_right_traces_verify(pool):
     rng = random.Random(0)
     problems = [random_problem(rng, level) for level in LEVELS for _ in range(60)]
-    texts, golds, expected, seen = [], [], [], set()
+    texts, golds, expected, seen, wrong_answers = [], [], [], set(), []
     for p in problems:
         right, boxed = trace(p)
         assert boxed == p.answer and last_boxed(right) == str(p.answer)
         texts.append(right), golds.append(str(p.answer)), expected.append(1.0)
         for mode, at in error_options(p):
             text, wrong = trace(p, mode, at)
-            assert wrong != p.answer and parseable(last_boxed(text)), (p.prompt, mode, text)
+            assert wrong != p.answer and last_boxed(text) == str(wrong), (p.prompt, mode, text)
+            wrong_answers.append(last_boxed(text))
             texts.append(text), golds.append(str(p.answer)), expected.append(0.0)
             seen.add(mode)
     assert seen == set(MODES)
+    assert pool.check_golds(wrong_answers) == [None] * len(wrong_answers)  # every wrong answer parses
     assert pool.verify_batch(texts, golds, timeout=5.0) == expected
 
 

@@ -205,6 +205,8 @@ class RolloutConfig:
     icepop 5)."""
     correction_c_low: float = 0.0
     """Lower bound (masks only); 0 takes the mode's default (seq_mask 1/3, geo_mask 0.99, icepop 0.5)."""
+    token_rm: bool = True
+    """OREAL: train the token reward model and weight tokens by it; false gives OREAL without it (w+ = w- = 1)."""
 
 
 @dataclass(kw_only=True)

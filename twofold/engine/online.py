@@ -111,7 +111,7 @@ class OnlineRun:
                                head=config.train.head, temperature=self.temperature)
         self.ref = build_policy(config.model, env, seed=seed) if needs_ref_logp(config) else None
         self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
-                         if config.objective.name == "oreal" else None)
+                         if config.objective.name == "oreal" and config.rollout.token_rm else None)
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
                                           config.verifier.timeout, seed, config.reward)
         self.rollout_steps = 0

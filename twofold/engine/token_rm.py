@@ -20,12 +20,26 @@ from twofold.objectives import TokenRewardHead, token_rm_loss
 
 
 class TokenScorer(PolicyModel):
-    """Trunk -> hidden -> token score; same call signature as the policy (targets pick the scored positions)."""
+    """Trunk -> hidden -> token score; same call signature as the policy (targets pick the scored positions).
+
+    Position p of a packed row holds the target token p+1, so the policy's log-prob of that token comes from the
+    hidden state at p, which has not read it. A token's *score* must have read it (OREAL scores the prefix that
+    ends with the token: a slip can only be seen once it is written), so the score at p is the head applied at
+    p+1; the last position of each sequence (its final token is never an input) keeps its own hidden state.
+    """
+
+    score_own_token: bool = True
+    """False gives the former scores, one token early (kept only so bench.token_rm can measure the difference)."""
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, targets: Tensor, **_) -> Tensor:
         trunk = self.causal_lm.get_decoder()
         hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
-        return self.score_head(hidden[0].float())
+        scores = self.score_head(hidden[0].float())
+        if not self.score_own_token:
+            return scores
+        next_in_same_sequence = torch.zeros_like(position_ids, dtype=torch.bool)
+        next_in_same_sequence[:-1] = position_ids[1:] == position_ids[:-1] + 1  # positions restart per sequence
+        return torch.where(next_in_same_sequence, scores.roll(-1), scores)
 
 
 class TokenRewardModel:

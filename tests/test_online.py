@@ -373,7 +373,8 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
     print("\nbf16:", {k: (plain[k], corrected[k]) for k in plain if k.startswith(("mismatch/", "canary/"))},
           "grad_norm", plain["grad_norm"], corrected["grad_norm"])
     assert plain["mismatch/k3_kl"] > 0 and plain["mismatch/max_abs_logp_diff"] > 1e-3
-    assert corrected["mismatch/k3_kl"] == pytest.approx(plain["mismatch/k3_kl"], rel=1e-6)  # same rollouts
+    # same rollouts; "none" reads the update's own bf16 forward, token_tis a separate no-grad pass: equal to bf16 rounding
+    assert corrected["mismatch/k3_kl"] == pytest.approx(plain["mismatch/k3_kl"], rel=1e-3)
     assert plain["rollout/accuracy"] == corrected["rollout/accuracy"]
     assert abs(corrected["grad_norm"] - plain["grad_norm"]) > 1e-4 * plain["grad_norm"]
 

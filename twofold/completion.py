@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from twofold.kernels import linear_logprobs
+from twofold.kernels.chunked import no_autocast
 
 
 class CompletionHidden(NamedTuple):
@@ -89,8 +90,3 @@ def completion_logprobs(model, input_ids: Tensor, attention_mask: Tensor, comple
         return linear_logprobs(c.hidden, c.weight, c.targets, bias=c.bias, temperature=temperature / c.logit_scale,
                                return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
 
-
-def no_autocast(device: torch.device):
-    """The head runs in its inputs' dtype with fp32 accumulation, as its contract says. Under an autocast region
-    (HF Trainer's bf16=True) the forward GEMMs would run in bf16 while the backward recomputes them in fp32."""
-    return torch.autocast(device.type, enabled=False)

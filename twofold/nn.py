@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from twofold.completion import no_autocast
 from twofold.kernels import linear_logprobs
+from twofold.kernels.chunked import no_autocast
 from twofold.kernels.fused import fused_linear_loss
 from twofold.objectives.aggregate import token_weights
 from twofold.objectives.layout import Flat, per_seq_or_token

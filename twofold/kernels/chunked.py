@@ -12,6 +12,12 @@ Elementwise work per block is kept to few passes because on CPU it costs as much
 takes longer than the block's GEMM at H=512): the forward's log-softmax runs in place as one fused kernel
 (torch.logsumexp makes several passes and a temporary), and the backward forms dz in place in three passes (five
 with the entropy), with the temperature folded into the per-token coefficients.
+
+Precision: the softmax math is always fp32 (fp64 for fp64 inputs). The GEMMs run in `gemm_dtype`: bf16/fp16
+inputs use low-precision GEMMs (fp32 accumulation, the logits rounded to the input dtype, as eager's are) where
+the hardware has them, and fp32 GEMMs on a CPU without native bf16/fp16 support, where a bf16 GEMM is emulated
+and several times slower (7x on an AVX2 AMD EPYC: bench/README.md). Autocast is off inside the head in forward
+and backward alike, so the backward's recomputed logits are the forward's.
 """
 from __future__ import annotations
 
@@ -36,13 +42,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_logits(h: torch.Tensor, w_compute: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
-    """fp32 (or fp64) logits of one chunk, divided by the temperature, without a low-precision round trip.
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs `dtype` GEMMs natively (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return dtype == torch.float16 and torch.cpu._is_amx_fp16_supported()
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the head's GEMMs run in for inputs of `dtype` on `device` (see the module docstring)."""
+    if dtype in (torch.float32, torch.float64) or device.type != "cpu" or cpu_has_native(dtype):
+        return dtype
+    return torch.float32
+
+
+def no_autocast(device: torch.device):
+    """The head chooses its own precision (`gemm_dtype`). Under an autocast region (HF Trainer's bf16=True) the
+    forward GEMMs would otherwise run in bf16 while a backward outside the region recomputes them in fp32."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def chunk_logits(h: torch.Tensor, w_gemm: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """Logits of one chunk in `acc`, divided by the temperature, from a GEMM in w_gemm's dtype.
     The temperature divides the [chunk, H] hidden states, not the [chunk, V] logits: a pass over H, not V."""
-    h = h.to(acc)
     if temperature != 1.0:
-        h = h / temperature
-    return h @ w_compute.t()
+        h = h.to(acc) / temperature
+    return (h.to(w_gemm.dtype) @ w_gemm.t()).to(acc)
 
 
 def log_softmax_stats_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +78,7 @@ def log_softmax_stats_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return logp, z_target - logp
 
 
-def _chunk_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
+def chunk_stats_(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
     """(logp, entropy or None, lse) of one chunk of logits (overwrites z with its log-softmax)."""
     logp, lse = log_softmax_stats_(z, targets)
     if not want_entropy:
@@ -64,17 +89,15 @@ def _chunk_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
     return logp, entropy, lse
 
 
-def softmax_grad_(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
-                  temperature: float, grad_entropy: torch.Tensor | None = None,
-                  entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/d(h W^T) of one chunk, formed in z's storage (z: the chunk's tempered logits; lse, targets, grad_logp,
+def softmax_grad_(log_p: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, temperature: float,
+                  grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/d(h W^T) of one chunk, formed in log_p's storage (log_p: the chunk's log-softmax; targets, grad_logp,
     grad_entropy, entropy: [chunk]):  (g 1[v = y] - p_v (g + g_H (log p_v + H))) / temperature."""
     g = grad_logp / temperature
-    log_p = z.sub_(lse[:, None])
     if grad_entropy is None:
         dz = log_p.exp_().mul_(-g[:, None])
     else:
-        g_h = grad_entropy.to(z.dtype) / temperature
+        g_h = grad_entropy.to(log_p.dtype) / temperature
         p = torch.exp(log_p)
         # log_p <- -(g + g_H (log p + H)), then dz = p * log_p: no negation pass, no third block
         dz = p.mul_(log_p.mul_(-g_h[:, None]).sub_((g + g_h * entropy)[:, None]))
@@ -82,10 +105,18 @@ def softmax_grad_(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, gra
     return dz
 
 
-def weight_for_compute(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    # One upcast per call (O(VH), never O(NV)) so every chunk's GEMM runs in the accumulation dtype. On an AVX2 CPU
-    # (no AVX512-BF16/AMX) that is also the fast path: a bf16 GEMM ran 4-8x slower than fp32 on the 2-core EPYC.
-    return weight if weight.dtype == acc else weight.to(acc)
+def weight_for_gemm(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in `gemm_dtype`: at most one upcast per call (O(VH), never O(NV))."""
+    return weight.to(gemm_dtype(weight.dtype, weight.device))
+
+
+def accumulate_grad_weight_(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32/fp64) += dz^T h, the GEMM in h's dtype: addmm in place when that is grad_w's dtype, else one
+    low-precision GEMM with fp32 accumulation whose [V, H] result is added."""
+    if h.dtype == grad_w.dtype:
+        grad_w.addmm_(dz.t(), h)
+    else:
+        grad_w += dz.to(h.dtype).t() @ h
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
@@ -94,16 +125,21 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None and costs nothing
+        with no_autocast(hidden.device):
+            return ChunkedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
         acc = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
-        w = weight_for_compute(weight, acc)
+        w = weight_for_gemm(weight)
         logp = hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_zeros(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = chunk_logits(hidden[s:e], w, temperature, acc)
-            lp, ent, ls = _chunk_stats(z, targets[s:e], want_entropy)
+            lp, ent, ls = chunk_stats_(z, targets[s:e], want_entropy)
             logp[s:e], lse[s:e] = lp, ls
             if ent is not None:
                 entropy[s:e] = ent
@@ -114,25 +150,30 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        with no_autocast(ctx.saved_tensors[0].device):
+            return ChunkedLinearLogprobs._backward(ctx, grad_logp, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
-        w = weight_for_compute(weight, acc)
+        w = weight_for_gemm(weight)
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
-            z = chunk_logits(h, w, temperature, acc)
-            dz = softmax_grad_(z, lse[s:e], targets[s:e], grad_logp[s:e], temperature,
+            log_p = chunk_logits(h, w, temperature, acc).sub_(lse[s:e, None])
+            dz = softmax_grad_(log_p, targets[s:e], grad_logp[s:e], temperature,
                                None if grad_entropy is None else grad_entropy[s:e], entropy[s:e])
             if need_h:
-                grad_h[s:e] = (dz @ w).to(hidden.dtype)
+                grad_h[s:e] = (dz.to(w.dtype) @ w).to(hidden.dtype)
             if need_w:
-                grad_w.addmm_(dz.t(), h.to(acc))
+                accumulate_grad_weight_(grad_w, dz, h.to(w.dtype))
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None

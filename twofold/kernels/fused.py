@@ -20,7 +20,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from twofold.kernels.api import fold_bias
-from twofold.kernels.chunked import chunk_logits, weight_for_compute, compute_dtype, default_chunk_size
+from twofold.kernels.chunked import (accumulate_grad_weight_, chunk_logits, chunk_stats_, compute_dtype,
+                                      default_chunk_size, no_autocast, softmax_grad_, weight_for_gemm)
 from twofold.objectives.token_local import TOKEN_LOCAL, with_entropy_bonus
 
 # Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
@@ -114,7 +115,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
             entropy_mode, chunk_size, needs)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    with torch.no_grad():  # gradients are formed here by hand; autograd only sees _AttachGrads
+    with torch.no_grad(), no_autocast(h2.device):  # gradients are formed here by hand; autograd sees _AttachGrads
         if backend == "triton" or (backend == "auto" and hidden.is_cuda and h2.dtype != torch.float64):
             from twofold.kernels.triton_fused import triton_fused_pass
             value, logp, entropy, grad_h, grad_w = triton_fused_pass(*args)
@@ -135,7 +136,7 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     """
     n, dim = hidden.shape
     acc = compute_dtype(hidden.dtype)
-    w = weight_for_compute(weight, acc)
+    w = weight_for_gemm(weight)
     valid = (targets != ignore_index).nonzero().squeeze(1)
     logp_all = torch.zeros(n, dtype=acc, device=hidden.device)
     entropy_all = torch.zeros_like(logp_all)
@@ -145,28 +146,18 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     size = chunk_size or default_chunk_size(max(valid.numel(), 1), weight.shape[0], TORCH_CHUNK_BYTES)
     for s in range(0, valid.numel(), size):
         index = valid[s:s + size]
-        h = hidden.index_select(0, index).to(acc)
+        h = hidden.index_select(0, index).to(w.dtype)
         y = targets.index_select(0, index)
         z = chunk_logits(h, w, temperature, acc)
-        lse = torch.logsumexp(z, dim=1)
-        logp = (z.gather(1, y[:, None]).squeeze(1) - lse).clamp_(max=0.0)
-        log_p = z.sub_(lse[:, None])  # the logits block becomes log-softmax, then dz: no third [chunk, V] block
-        entropy = -(log_p.exp() * log_p).sum(1) if entropy_mode else None
+        logp, entropy, _ = chunk_stats_(z, y, bool(entropy_mode))  # z becomes the log-softmax: no third block
         loss, g, g_entropy = _token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
         total += loss.sum()
         if entropy_mode:
             entropy_all[index] = entropy
-        if g_entropy is not None:  # dz = -p (g + g_H (log p + H)) + g 1[v = y]
-            p = log_p.exp()
-            dz = p.mul_(log_p.add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g[:, None])).neg_()
-        else:
-            dz = log_p.exp_().mul_(-g[:, None])
-        dz[torch.arange(index.numel(), device=dz.device), y] += g
-        if temperature != 1.0:
-            dz.div_(temperature)
+        dz = softmax_grad_(z, y, g, temperature, g_entropy, entropy)
         if needs[0]:
-            grad_h[index] = (dz @ w).to(hidden.dtype)
+            grad_h[index] = (dz.to(w.dtype) @ w).to(hidden.dtype)
         if needs[1]:
-            grad_w.addmm_(dz.t(), h)
+            accumulate_grad_weight_(grad_w, dz, h)
         logp_all[index] = logp
     return total, logp_all, entropy_all, grad_h, grad_w.to(weight.dtype)

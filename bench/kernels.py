@@ -93,6 +93,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(p)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory probes (on CPU each is a fresh process running a warm-up and one call)")
     p.add_argument("--_memory-probe", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--anchors", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run bench.anchors instead (shapes S1-S6 with Liger, CCE, torch native; "
@@ -119,11 +121,9 @@ def main(argv=None):
     times = median_times(runs, device, args.warmup, args.repeats, progress="bench.kernels")
     rows = []
     for (case, mode), sec in times.items():
-        print(f"[bench.kernels] memory of {case} {mode}", file=sys.stderr, flush=True)
-        mem = (peak_extra_memory(runs[(case, mode)], device) if device.type == "cuda" else
-               memory_in_subprocess("bench.kernels", [case, mode, *shape_probe_args(args)]))
+        mem = None if args.no_memory else measure_memory(args, device, runs, case, mode)
         rows.append({"case": case, "mode": mode, "time_ms": sec * 1e3, "time_ms_min": sec.low * 1e3,
-                     "time_ms_max": sec.high * 1e3, "peak_extra_mib": mem / 2**20,
+                     "time_ms_max": sec.high * 1e3, "peak_extra_mib": None if mem is None else mem / 2**20,
                      "gflops": flops(args.n, args.h, args.v, mode, case) / sec / 1e9})
     load.stop()
     report = {
@@ -141,6 +141,13 @@ def main(argv=None):
         print(f"wrote {args.out}")
 
 
+def measure_memory(args, device, runs, case, mode):
+    print(f"[bench.kernels] memory of {case} {mode}", file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        return peak_extra_memory(runs[(case, mode)], device)
+    return memory_in_subprocess("bench.kernels", [case, mode, *shape_probe_args(args)])
+
+
 def ratios(rows, times, anchor="eager"):
     """case/mode -> time ratio to the anchor (median [min-max] of the per-repeat ratios) and memory ratio."""
     by = {(r["case"], r["mode"]): r for r in rows}
@@ -149,8 +156,9 @@ def ratios(rows, times, anchor="eager"):
         if case == anchor or (anchor, mode) not in by:
             continue
         q = ratio(times[(case, mode)], times[(anchor, mode)])
+        mem, anchor_mem = r["peak_extra_mib"], by[(anchor, mode)]["peak_extra_mib"]
         out[f"{case}/{mode}"] = {"time": float(q), "time_min": q.low, "time_max": q.high,
-                                 "memory": r["peak_extra_mib"] / max(by[(anchor, mode)]["peak_extra_mib"], 1e-9)}
+                                 "memory": None if mem is None else mem / max(anchor_mem, 1e-9)}
     return out
 
 
@@ -171,8 +179,9 @@ def print_table(report):
         t = f"{r['time_ms']:.1f} [{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}]"
         qt = f"{q['time']:.2f} [{q['time_min']:.2f}-{q['time_max']:.2f}]"
         it = f"{i['time']:.2f}" if i else "n/a"
-        print(f"{r['case']:<14}{r['mode']:<9}{t:>24}{r['gflops']:>9.1f}{r['peak_extra_mib']:>11.1f}{qt:>22}"
-              f"{q['memory']:>9.3f}x{it:>12}")
+        mib = "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+        mem = "n/a" if q["memory"] is None or r["peak_extra_mib"] is None else f"{q['memory']:.3f}x"
+        print(f"{r['case']:<14}{r['mode']:<9}{t:>24}{r['gflops']:>9.1f}{mib:>11}{qt:>22}{mem:>10}{it:>12}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,10 @@ def test_bench_modules_compares_the_module_with_liger_on_equal_values(tmp_path):
     assert set(report["seconds"]) == {"twofold", "twofold_unfused", "liger"}
     assert report["liger_over_twofold"]["median"] > 0
     assert max(report["max_abs_diff"].values()) < 1e-5  # same loss and gradients as Liger's on the same inputs
+
+
+def test_bench_kernels_without_memory_probes(tmp_path):
+    report = run_bench("bench.kernels", "--n", "64", "--h", "16", "--v", "500", "--repeats", "1", "--warmup", "0",
+                       "--cases", "eager,ours", "--no-memory", tmp_path=tmp_path)
+    assert {r["peak_extra_mib"] for r in report["rows"]} == {None}
+    assert report["ratios_vs_eager"]["ours/fwd"]["memory"] is None and report["ratios_vs_eager"]["ours/fwd"]["time"] > 0

@@ -62,12 +62,23 @@ def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def chunk_logits(h: torch.Tensor, w_gemm: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
-    """Logits of one chunk in `acc`, divided by the temperature, from a GEMM in w_gemm's dtype.
-    The temperature divides the [chunk, H] hidden states, not the [chunk, V] logits: a pass over H, not V."""
+def logits_block(rows: int, w_gemm: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The one [rows, V] buffer every chunk's logits are written into. Allocating a block per chunk would keep
+    two alive (the previous chunk's until the new one is assigned) and, on CPU, fault in fresh pages each time."""
+    return torch.empty(rows, w_gemm.shape[0], dtype=acc, device=w_gemm.device)
+
+
+def chunk_logits(h: torch.Tensor, w_gemm: torch.Tensor, temperature: float, acc: torch.dtype,
+                 block: torch.Tensor) -> torch.Tensor:
+    """Logits of one chunk in `acc`, divided by the temperature, from a GEMM in w_gemm's dtype, written into the
+    first rows of `block` (see `logits_block`). The temperature divides the [chunk, H] hidden states, not the
+    [chunk, V] logits: a pass over H, not V."""
     if temperature != 1.0:
         h = h.to(acc) / temperature
-    return (h.to(w_gemm.dtype) @ w_gemm.t()).to(acc)
+    out = block[:h.shape[0]]
+    if w_gemm.dtype == acc:
+        return torch.mm(h.to(acc), w_gemm.t(), out=out)
+    return out.copy_(h.to(w_gemm.dtype) @ w_gemm.t())  # a low-precision GEMM: its output is upcast into the block
 
 
 def log_softmax_stats_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +147,10 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         logp = hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_zeros(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
+        block = logits_block(min(chunk_size, n), w, acc)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = chunk_logits(hidden[s:e], w, temperature, acc)
+            z = chunk_logits(hidden[s:e], w, temperature, acc, block)
             lp, ent, ls = chunk_stats_(z, targets[s:e], want_entropy)
             logp[s:e], lse[s:e] = lp, ls
             if ent is not None:
@@ -164,10 +176,11 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        block = logits_block(min(chunk_size, n), w, acc)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
-            log_p = chunk_logits(h, w, temperature, acc).sub_(lse[s:e, None])
+            log_p = chunk_logits(h, w, temperature, acc, block).sub_(lse[s:e, None])
             dz = softmax_grad_(log_p, targets[s:e], grad_logp[s:e], temperature,
                                None if grad_entropy is None else grad_entropy[s:e], entropy[s:e])
             if need_h:

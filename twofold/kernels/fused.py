@@ -21,7 +21,8 @@ import torch
 
 from twofold.kernels.api import fold_bias
 from twofold.kernels.chunked import (accumulate_grad_weight_, chunk_logits, chunk_stats_, compute_dtype,
-                                      default_chunk_size, no_autocast, softmax_grad_, weight_for_gemm)
+                                      default_chunk_size, logits_block, no_autocast, softmax_grad_,
+                                      weight_for_gemm)
 from twofold.objectives.token_local import TOKEN_LOCAL, with_entropy_bonus
 
 # Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
@@ -144,11 +145,12 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     grad_w = torch.zeros(weight.shape if needs[1] else 0, dtype=acc, device=weight.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     size = chunk_size or default_chunk_size(max(valid.numel(), 1), weight.shape[0], TORCH_CHUNK_BYTES)
+    block = logits_block(min(size, max(valid.numel(), 1)), w, acc)
     for s in range(0, valid.numel(), size):
         index = valid[s:s + size]
         h = hidden.index_select(0, index).to(w.dtype)
         y = targets.index_select(0, index)
-        z = chunk_logits(h, w, temperature, acc)
+        z = chunk_logits(h, w, temperature, acc, block)
         logp, entropy, _ = chunk_stats_(z, y, bool(entropy_mode))  # z becomes the log-softmax: no third block
         loss, g, g_entropy = _token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
         total += loss.sum()

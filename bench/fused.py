@@ -8,7 +8,8 @@
 Cases on identical inputs: `eager` materialises [N, V] logits, takes log_softmax and runs the NFT token-local
 step (or GRPO's, `--objective grpo`) through `twofold.objectives.layout.apply_token_local` with autograd; `fused` is
 `twofold.kernels.fused.fused_linear_loss` on the same objective, which forms the gradients during its single pass.
-Both then backpropagate into hidden and weight.
+Both then backpropagate into hidden and weight. `ideal` is bench.kernels' anchor: the three GEMMs any exact method
+needs (6NHV: logits, dX, dW on 1024-token chunks) and nothing else, the time no fused pass beats.
 Timing and memory methods: bench/harness.py (as in bench.kernels).
 """
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 
 from bench.harness import (DTYPES, LoadWatch, add_shape_arguments, device_name, finish_shape_arguments, median_times,
                            memory_in_subprocess, memory_method, peak_extra_memory, ratio, shape_probe_args)
+from bench.kernels import ideal_gemms
 from twofold.kernels import linear_logprobs
 from twofold.kernels.fused import fused_linear_loss
 from twofold.objectives.layout import apply_token_local
 from twofold.objectives.token_local import TOKEN_LOCAL
 
-CASES = ("eager", "fused")
+CASES = ("eager", "fused", "ideal")
 OBJECTIVES = ("nft", "grpo")
 
 
@@ -62,6 +64,9 @@ STEPS = {"eager": eager_step, "fused": fused_step}
 
 
 def run_case(case, hidden, weight, targets, inputs, backend, objective="nft"):
+    if case == "ideal":
+        with torch.no_grad():
+            return ideal_gemms("fwd+bwd", hidden, weight)
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
     STEPS[case](h, w, targets, inputs, backend, objective).backward()
@@ -91,7 +96,7 @@ def main(argv=None):
     mem = {c: (peak_extra_memory(runs[c], device) if device.type == "cuda"
                else memory_in_subprocess("bench.fused", [c, *probe])) for c in CASES}
     load.stop()
-    speed = ratio(times["fused"], times["eager"])
+    speed, floor = ratio(times["fused"], times["eager"]), ratio(times["fused"], times["ideal"])
     report = {"shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype}, "objective": args.objective,
               "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "memory_method": memory_method(device), **load.as_dict(),
@@ -100,7 +105,8 @@ def main(argv=None):
                         "time_ms_max": times[c].high * 1e3, "peak_extra_mib": mem[c] / 2**20,
                         "gflops_6nhv": 6 * args.n * args.h * args.v / times[c] / 1e9} for c in CASES],
               "fused_vs_eager": {"time": float(speed), "time_min": speed.low, "time_max": speed.high,
-                                 "memory": mem["fused"] / mem["eager"]}}
+                                 "memory": mem["fused"] / mem["eager"]},
+              "fused_vs_ideal": {"time": float(floor), "time_min": floor.low, "time_max": floor.high}}
     print(f"{args.objective.upper()} loss fwd+bwd  N={args.n} H={args.h} V={args.v} {args.dtype} on {report['device']} "
           f"({report['threads']} threads), {args.repeats} repeats, cases interleaved")
     for line in load.lines():
@@ -110,6 +116,7 @@ def main(argv=None):
               f"{row['peak_extra_mib']:>9.1f} MiB extra")
     q = report["fused_vs_eager"]
     print(f"  fused / eager: time {speed.fmt('.3f')}x, peak memory {q['memory']:.4f}x")
+    print(f"  fused / ideal (the three GEMMs alone): time {floor.fmt('.3f')}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

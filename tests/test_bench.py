@@ -27,8 +27,9 @@ def test_bench_kernels_reports_time_memory_and_ratios(tmp_path):
 
 def test_bench_fused_reports_both_cases(tmp_path):
     report = run_bench("bench.fused", "--n", "256", "--h", "32", "--v", "4000", "--repeats", "1", tmp_path=tmp_path)
-    assert [r["case"] for r in report["rows"]] == ["eager", "fused"]
+    assert [r["case"] for r in report["rows"]] == ["eager", "fused", "ideal"]
     assert report["rows"][0]["peak_extra_mib"] >= 3.5 and report["fused_vs_eager"]["time"] > 0
+    assert report["fused_vs_ideal"]["time"] > 0
 
 
 def test_bench_anchors_plumbing_on_cpu(tmp_path):

@@ -8,8 +8,11 @@ so the kernel sees the full weight in the compute dtype and its gradient is redu
 model's own logits are never computed.
 
 Precision: parameters, gradients and optimizer state are fp32 shards (the master copy); FSDP2 casts to
-`model.dtype` for compute and reduces gradients in fp32. Loading at scale: every rank builds the model on the meta
-device, shards it and allocates only its shard; rank 0 alone reads the checkpoint and broadcasts it.
+`model.dtype` for compute and reduces gradients in fp32. The frozen reference policy (`build_reference`, the KL
+term's) is sharded the same way but stored in `model.dtype`, without gradients or optimizer state: in a bf16 run
+it costs 2 bytes per parameter (over the ranks) instead of the policy's 16 (fp32 weights, gradients, Adam's two
+moments). Loading at scale: every rank builds the model on the meta device, shards it and allocates only its
+shard; rank 0 alone reads the checkpoint and broadcasts it.
 """
 from __future__ import annotations
 
@@ -117,20 +120,39 @@ def resolve_attn_implementation(requested: str, device: torch.device, hf_config:
 
 
 def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type = PolicyModel) -> PolicyModel:
-    """Meta-init, shard with FSDP2, allocate shards, then load weights (rank 0 reads, everyone receives).
-    `policy_cls` swaps the head (bench.step compares against materialised logits)."""
+    """The trainable policy: fp32 shards (the master copy), in train mode. `policy_cls` swaps the head (bench.step
+    compares against materialised logits)."""
+    policy = build_sharded(cfg, env, seed, policy_cls, torch.float32, cfg.activation_checkpointing)
+    policy.train()
+    return policy
+
+
+def build_reference(cfg: ModelConfig, env: DistEnv, seed: int = 0) -> PolicyModel:
+    """The frozen reference policy (the initial weights, for the KL term): sharded like the policy, its shards
+    stored in the compute dtype (`model.dtype`, so a bf16 run keeps no fp32 copy of it), no parameter requires
+    grad, eval mode, and no optimizer. Its log-probs equal the policy's before the first update: FSDP2 casts the
+    policy's fp32 shards to the same dtype, with the same rounding, before every forward."""
+    reference = build_sharded(cfg, env, seed, PolicyModel, DTYPES[cfg.dtype], checkpointing=False)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def build_sharded(cfg: ModelConfig, env: DistEnv, seed: int, policy_cls: type, param_dtype: torch.dtype,
+                  checkpointing: bool) -> PolicyModel:
+    """Meta-init with parameters in `param_dtype`, shard with FSDP2, allocate shards, then load weights (rank 0
+    reads, everyone receives)."""
     hf_config = load_hf_config(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation, env.device, hf_config)
     with torch.device("meta"):
-        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
-    if cfg.activation_checkpointing:
+        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=param_dtype)
+    if checkpointing:
         enable_activation_checkpointing(causal_lm)
     policy = policy_cls(causal_lm)
     shard_policy(policy, env, DTYPES[cfg.dtype])
     policy.to_empty(device=env.device)
     source = _load_full_model(cfg, seed) if env.is_main else None
     load_full_weights(policy, source)
-    policy.train()
     return policy
 
 

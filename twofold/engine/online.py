@@ -2,7 +2,8 @@
 
     sample n per prompt (in-process sampler) -> verify -> dynamic sampling -> training sequences
     -> old log-probs (trainer weights, when a rollout feeds more than one update or a correction needs them)
-    -> reference log-probs (frozen initial policy, only when the objective's KL coefficient is > 0)
+    -> reference log-probs (the frozen initial policy, `model.build_reference`, only when the objective's KL
+       coefficient is > 0)
     -> [OREAL: one token-RM update on the batch, then its token scores]
     -> mismatch metrics and the rollout correction (sampler vs trainer log-probs, `engine.correction`)
     -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler -> canary
@@ -33,7 +34,7 @@ from twofold.engine.correction import correction_weights, log_ratios, mismatch_m
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
 from twofold.engine.eval import evaluate
-from twofold.engine.model import build_policy, load_hf_config
+from twofold.engine.model import build_policy, build_reference, load_hf_config
 from twofold.engine.packing import Sequence
 from twofold.engine.rollout import RolloutCollector, build_sequences
 from twofold.engine.sampler import GenerationParams, Sampler, build_sampler, sample_distributed, write_model_dir
@@ -109,7 +110,7 @@ class OnlineRun:
                                objective_kwargs=objective_kwargs(config), total_steps=optimizer_steps(config),
                                max_tokens_per_microbatch=self.budget, pad_token_id=self.pad,
                                head=config.train.head, temperature=self.temperature)
-        self.ref = build_policy(config.model, env, seed=seed) if needs_ref_logp(config) else None
+        self.ref = build_reference(config.model, env, seed=seed) if needs_ref_logp(config) else None
         self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
                          if config.objective.name == "oreal" and config.rollout.token_rm else None)
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,

@@ -83,15 +83,60 @@ def quiet_vllm() -> None:
     logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc, 10 ms resolution); None where that is unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class StartupClock:
+    """Where an online run's start-up goes: consecutive phases (`lap`), logged once as one line after the first
+    step (which adds its rollout) and written into that step's metrics row as `startup/<phase>_s`."""
+
+    LABELS = {"process": "process start to the run (imports, config, tokenizer)", "sampler": "sampler engine",
+              "data": "verifier + prompts", "policy": "policy + optimizer", "reference": "reference",
+              "token_rm": "token RM", "resume": "resume", "first_sync": "first weight sync + canary",
+              "eval": "eval before training"}
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        age = process_age_s()
+        if age is not None:
+            self.times["process"] = age
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[phase] = now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"startup/{phase}_s": seconds for phase, seconds in self.times.items()} | {
+            "startup/total_s": sum(self.times.values())}
+
+    def line(self, first_rollout_s: float) -> str:
+        parts = ", ".join(f"{self.LABELS[phase]} {seconds:.1f} s" for phase, seconds in self.times.items())
+        return (f"start-up {sum(self.times.values()):.1f} s to the first step: {parts}; then the first rollout "
+                f"{first_rollout_s:.1f} s")
+
+
 class OnlineRun:
     def __init__(self, config: Config, env: DistEnv, tokenizer, sampler: Sampler | None = None,
                  pool: VerifierPool | None = None):
+        self.clock = StartupClock()
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
         if sampler is None and not config.log.verbose:
             quiet_vllm()
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
+        self.clock.lap("sampler")
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
         self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
@@ -104,15 +149,22 @@ class OnlineRun:
                               if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
+        self.clock.lap("data")
         self.policy = build_policy(config.model, env, seed=seed)
         self.temperature = config.rollout.temperature
         self.trainer = Trainer(self.policy, env, config.optim, objective=config.objective.name,
                                objective_kwargs=objective_kwargs(config), total_steps=optimizer_steps(config),
                                max_tokens_per_microbatch=self.budget, pad_token_id=self.pad,
                                head=config.train.head, temperature=self.temperature)
-        self.ref = build_reference(config.model, env, seed=seed) if needs_ref_logp(config) else None
-        self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
-                         if config.objective.name == "oreal" and config.rollout.token_rm else None)
+        self.clock.lap("policy")
+        self.ref = None
+        if needs_ref_logp(config):
+            self.ref = build_reference(config.model, env, seed=seed)
+            self.clock.lap("reference")
+        self.token_rm = None
+        if config.objective.name == "oreal" and config.rollout.token_rm:
+            self.token_rm = TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
+            self.clock.lap("token_rm")
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
                                           config.verifier.timeout, seed, config.reward)
         self.rollout_steps = 0
@@ -268,16 +320,24 @@ class OnlineRun:
     def run(self, resume: Callable[[dict], tuple[Path, dict] | None] | None = None) -> list[dict]:
         if resume is not None:
             self.load(resume)
+            if self.rollout_steps:
+                self.clock.lap("resume")
         self.sync()
+        self.clock.lap("first_sync")
         cfg, history = self.config, []
         end = cfg.train.steps if not cfg.train.stop_after_steps else min(
             cfg.train.steps, self.rollout_steps + cfg.train.stop_after_steps)
         tracker = Tracker(cfg, self.env.is_main, self.rollout_steps)
         if self.eval_problems and self.rollout_steps == 0:
             tracker.log_eval(0, self.evaluate())
+            self.clock.lap("eval")
         saved_at = self.rollout_steps
         while self.rollout_steps < end:
             metrics = self.step()
+            if not history:
+                metrics |= self.clock.metrics()
+                if self.env.is_main:
+                    log.info(self.clock.line(metrics["time/generate_s"]))
             history.append(metrics)
             tracker.log(metrics)
             if self.eval_due():

@@ -52,6 +52,10 @@ def check_reference(dtype: str) -> None:
     ours = sequence_logprobs(reference, batch, env, budget=96, temperature=0.7)
     theirs = sequence_logprobs(policy, batch, env, budget=96, temperature=0.7)
     assert ours == theirs, "reference and policy log-probs differ at step 0"
+    # after scoring, each rank holds only its shards (FSDP2 would keep a root's parameters gathered for backward)
+    assert all(isinstance(p, DTensor) for p in reference.parameters())
+    if env.world_size > 1:
+        assert all(p.to_local().numel() < p.numel() for p in reference.parameters())
     assert all(len(v) == s.response_len for v, s in zip(ours, batch))
 
 

@@ -122,7 +122,7 @@ def resolve_attn_implementation(requested: str, device: torch.device, hf_config:
 def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type = PolicyModel) -> PolicyModel:
     """The trainable policy: fp32 shards (the master copy), in train mode. `policy_cls` swaps the head (bench.step
     compares against materialised logits)."""
-    policy = build_sharded(cfg, env, seed, policy_cls, torch.float32, cfg.activation_checkpointing)
+    policy = build_sharded(cfg, env, seed, policy_cls, torch.float32, frozen=False)
     policy.train()
     return policy
 
@@ -130,26 +130,28 @@ def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type
 def build_reference(cfg: ModelConfig, env: DistEnv, seed: int = 0) -> PolicyModel:
     """The frozen reference policy (the initial weights, for the KL term): sharded like the policy, its shards
     stored in the compute dtype (`model.dtype`, so a bf16 run keeps no fp32 copy of it), no parameter requires
-    grad, eval mode, and no optimizer. Its log-probs equal the policy's before the first update: FSDP2 casts the
-    policy's fp32 shards to the same dtype, with the same rounding, before every forward."""
-    reference = build_sharded(cfg, env, seed, PolicyModel, DTYPES[cfg.dtype], checkpointing=False)
+    grad, eval mode, no optimizer, and its root resharded after each forward (between the steps that score with
+    it, each rank holds only its shard). Its log-probs equal the policy's before the first update: FSDP2 casts
+    the policy's fp32 shards to the same dtype, with the same rounding, before every forward."""
+    reference = build_sharded(cfg, env, seed, PolicyModel, DTYPES[cfg.dtype], frozen=True)
     reference.requires_grad_(False)
     reference.eval()
     return reference
 
 
 def build_sharded(cfg: ModelConfig, env: DistEnv, seed: int, policy_cls: type, param_dtype: torch.dtype,
-                  checkpointing: bool) -> PolicyModel:
+                  frozen: bool) -> PolicyModel:
     """Meta-init with parameters in `param_dtype`, shard with FSDP2, allocate shards, then load weights (rank 0
-    reads, everyone receives)."""
+    reads, everyone receives). `frozen`: no activation checkpointing (no backward), the root resharded after
+    each forward."""
     hf_config = load_hf_config(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation, env.device, hf_config)
     with torch.device("meta"):
         causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=param_dtype)
-    if checkpointing:
+    if cfg.activation_checkpointing and not frozen:
         enable_activation_checkpointing(causal_lm)
     policy = policy_cls(causal_lm)
-    shard_policy(policy, env, DTYPES[cfg.dtype])
+    shard_policy(policy, env, DTYPES[cfg.dtype], reshard_root=frozen)
     policy.to_empty(device=env.device)
     source = _load_full_model(cfg, seed) if env.is_main else None
     load_full_weights(policy, source)
@@ -167,14 +169,16 @@ def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def shard_policy(policy: PolicyModel, env: DistEnv, compute_dtype: torch.dtype) -> None:
+def shard_policy(policy: PolicyModel, env: DistEnv, compute_dtype: torch.dtype, reshard_root: bool = False) -> None:
     """fully_shard every decoder layer, then the root; gradients are summed (not averaged) over ranks, because
-    the objectives divide by global token/sequence counts themselves."""
+    the objectives divide by global token/sequence counts themselves. FSDP2 keeps the root's parameters
+    (embeddings, final norm, LM head) gathered after a forward, for the backward that follows; `reshard_root`
+    frees them instead (a model that never runs backward)."""
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in policy.causal_lm.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=True if reshard_root else None)
     for module in policy.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -1,6 +1,7 @@
-"""The frozen reference policy (`model.build_reference`): the initial weights sharded by FSDP2 like the policy, but
-stored in the compute dtype, no parameter requiring grad, in eval mode, and no fp32 master copy; its log-probs
-equal the policy's before the first update, exactly (fp32 and bf16), at one rank and at two.
+"""The frozen reference policy (`model.build_reference`): a copy of the initial policy's shards, sharded by FSDP2
+like the policy but stored in the compute dtype, no parameter requiring grad, in eval mode, no fp32 master copy,
+its own storage; its log-probs equal the policy's before the first update, exactly (fp32 and bf16), at one rank
+and at two.
 
 Run as a module under torchrun (`python -m torch.distributed.run --nproc_per_node=2 -m tests.test_reference_model`)
 it performs the same check on every rank."""
@@ -37,7 +38,8 @@ def check_reference(dtype: str) -> None:
     policy at step 0 (identical floats)."""
     env = init_distributed()
     cfg = ModelConfig(preset="tiny-qwen2", dtype=dtype)
-    policy, reference = build_policy(cfg, env, seed=0), build_reference(cfg, env, seed=0)
+    policy = build_policy(cfg, env, seed=0)
+    reference = build_reference(cfg, env, policy)
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     params = dict(reference.named_parameters())
     assert params.keys() == dict(policy.named_parameters()).keys()
@@ -57,6 +59,11 @@ def check_reference(dtype: str) -> None:
     if env.world_size > 1:
         assert all(p.to_local().numel() < p.numel() for p in reference.parameters())
     assert all(len(v) == s.response_len for v, s in zip(ours, batch))
+    with torch.no_grad():  # the reference owns its storage: a changed policy leaves it as it was
+        for p in policy.parameters():
+            p.mul_(0.5)
+    assert sequence_logprobs(reference, batch, env, budget=96, temperature=0.7) == ours
+    assert sequence_logprobs(policy, batch, env, budget=96, temperature=0.7) != ours
 
 
 @pytest.fixture

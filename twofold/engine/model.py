@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -127,23 +128,25 @@ def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type
     return policy
 
 
-def build_reference(cfg: ModelConfig, env: DistEnv, seed: int = 0) -> PolicyModel:
-    """The frozen reference policy (the initial weights, for the KL term): sharded like the policy, its shards
-    stored in the compute dtype (`model.dtype`, so a bf16 run keeps no fp32 copy of it), no parameter requires
-    grad, eval mode, no optimizer, and its root resharded after each forward (between the steps that score with
-    it, each rank holds only its shard). Its log-probs equal the policy's before the first update: FSDP2 casts
-    the policy's fp32 shards to the same dtype, with the same rounding, before every forward."""
-    reference = build_sharded(cfg, env, seed, PolicyModel, DTYPES[cfg.dtype], frozen=True)
+def build_reference(cfg: ModelConfig, env: DistEnv, initial: PolicyModel) -> PolicyModel:
+    """The frozen reference policy (the KL term's): a copy of `initial`, a policy built from the same config that
+    still holds the initial weights (before any update or resume). Sharded like it, its shards stored in the
+    compute dtype (`model.dtype`, so a bf16 run keeps no fp32 copy of it), no parameter requires grad, eval mode,
+    no optimizer, and its root resharded after each forward (between the steps that score with it, each rank
+    holds only its shard). Each rank copies its own shards: the checkpoint is not read a second time. Its
+    log-probs equal the policy's before the first update: FSDP2 casts the policy's fp32 shards to the same
+    dtype, with the same rounding, before every forward."""
+    reference = build_sharded(cfg, env, 0, PolicyModel, DTYPES[cfg.dtype], frozen=True, copy_of=initial)
     reference.requires_grad_(False)
     reference.eval()
     return reference
 
 
 def build_sharded(cfg: ModelConfig, env: DistEnv, seed: int, policy_cls: type, param_dtype: torch.dtype,
-                  frozen: bool) -> PolicyModel:
-    """Meta-init with parameters in `param_dtype`, shard with FSDP2, allocate shards, then load weights (rank 0
-    reads, everyone receives). `frozen`: no activation checkpointing (no backward), the root resharded after
-    each forward."""
+                  frozen: bool, copy_of: PolicyModel | None = None) -> PolicyModel:
+    """Meta-init with parameters in `param_dtype`, shard with FSDP2, allocate shards, then load weights: rank 0
+    reads the checkpoint (or builds the preset) and everyone receives, or, with `copy_of`, each rank copies that
+    model's shards. `frozen`: no activation checkpointing (no backward), the root resharded after each forward."""
     hf_config = load_hf_config(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation, env.device, hf_config)
     with torch.device("meta"):
@@ -153,9 +156,24 @@ def build_sharded(cfg: ModelConfig, env: DistEnv, seed: int, policy_cls: type, p
     policy = policy_cls(causal_lm)
     shard_policy(policy, env, DTYPES[cfg.dtype], reshard_root=frozen)
     policy.to_empty(device=env.device)
-    source = _load_full_model(cfg, seed) if env.is_main else None
-    load_full_weights(policy, source)
+    if copy_of is not None:
+        copy_shards(copy_of, policy)
+    else:
+        load_full_weights(policy, _load_full_model(cfg, seed) if env.is_main else None)
     return policy
+
+
+@torch.no_grad()
+def copy_shards(source: PolicyModel, target: PolicyModel) -> None:
+    """Each rank copies its shard of every parameter (cast to the target's dtype) and the buffers: the same
+    config, mesh and per-layer wrapping give the same shard layout, so nothing is read or communicated."""
+    for (name, s), (other, t) in zip(source.named_parameters(), target.named_parameters(), strict=True):
+        if name != other or not isinstance(s, DTensor) or s.placements != t.placements or s.shape != t.shape:
+            raise ValueError(f"cannot copy the shards of {name}: the models are not sharded alike (a different "
+                             "config, or parameters still gathered after a forward)")
+        t.to_local().copy_(s.to_local())
+    for (_, s), (_, t) in zip(source.causal_lm.named_buffers(), target.causal_lm.named_buffers(), strict=True):
+        t.copy_(s)
 
 
 def enable_activation_checkpointing(causal_lm: nn.Module) -> None:

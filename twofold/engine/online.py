@@ -133,12 +133,13 @@ class OnlineRun:
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
+        self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
+        # the verifier's worker processes start (imports, ~1.5 s) while the sampler engine builds
+        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         if sampler is None and not config.log.verbose:
             quiet_vllm()
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
         self.clock.lap("sampler")
-        self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
-        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
         golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
@@ -159,7 +160,7 @@ class OnlineRun:
         self.clock.lap("policy")
         self.ref = None
         if needs_ref_logp(config):
-            self.ref = build_reference(config.model, env, seed=seed)
+            self.ref = build_reference(config.model, env, self.policy)  # before any update or resume
             self.clock.lap("reference")
         self.token_rm = None
         if config.objective.name == "oreal" and config.rollout.token_rm:

@@ -31,7 +31,10 @@ epsilon; TRL samples prompts with its `RepeatSampler` (shuffled, seed 0) and two
 (shuffled, seed 0), so the prompts of a step differ; the generators differ (vLLM vs `generate`: other random
 streams, the same distribution); twofold syncs weights into its sampler and runs the canary each step, TRL's
 generator is the policy itself; TRL's reference is a second transformers model (fp32), twofold's a frozen FSDP2
-copy in the compute dtype (fp32 here). Both stop a sample at EOS or at 12 tokens.
+copy in the compute dtype (fp32 here). Both stop a sample at EOS or at 12 tokens. This venv holds vLLM (for
+twofold) and TRL imports it at start when it is installed, without using it on this path; TRL is measured as a
+CPU install without vLLM would run it (`is_vllm_available` answers False in its process), and
+`--trl-imports-vllm` measures it as this venv runs it.
 
 **Measured per run** (fresh process, `OMP_NUM_THREADS=1`): start-up = wall time from the parent's launch of the
 process to the first training step beginning (interpreter, imports, engine and model builds, the first weight
@@ -82,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/trl_compare", help="data, SFT start and run directories")
     p.add_argument("--quick", action="store_true", help="1 pair x 5 steps from a 100-step SFT start")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--trl-imports-vllm", action="store_true",
+                   help="let TRL see the installed vLLM (it then imports it at start, unused: slower, more memory)")
     # internal: one run in this process
     p.add_argument("--_child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--_launched", type=float, help=argparse.SUPPRESS)
@@ -131,7 +136,7 @@ def run_child(side: str, pair: int, args, sft: Path, prompts: Path) -> dict:
     launched = time.time()
     cmd = [sys.executable, "-m", "bench.trl_compare", "--_child", side, "--_launched", repr(launched),
            "--_result", str(result), "--_run-dir", str(run_dir), "--_prompts", str(prompts), "--sft", str(sft),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps), *(["--trl-imports-vllm"] if args.trl_imports_vllm else [])]
     with open(run_dir / "output.log", "w") as out:
         done = subprocess.run(cmd, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
     if done.returncode != 0 or not result.is_file():
@@ -251,6 +256,11 @@ def run_twofold(args) -> dict:
 
 
 def run_trl(args) -> dict:
+    if not args.trl_imports_vllm:
+        # TRL as installed for CPU work, without vLLM (TRL's vLLM paths need a server or a GPU): this venv holds
+        # vLLM for twofold, and TRL would import it at start without ever using it here
+        import trl.import_utils
+        trl.import_utils.is_vllm_available = lambda *a, **kw: False
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback

@@ -16,6 +16,7 @@ import torch
 
 from bench.rollout import write_tiny_model
 from twofold.engine.config import load_config
+from twofold.engine.online import needs_ref_logp
 from twofold.engine.sampler import SamplerConfig, build_sampler
 from twofold.engine.tracking import read_metrics
 from twofold.engine.train import run
@@ -99,6 +100,18 @@ def online_config(files, warm, objective: str, run_dir: Path, *extra: str):
     return load_config(None, overrides + list(extra))
 
 
+def test_the_startup_clock_splits_phases_and_knows_the_process_age():
+    from twofold.engine.online import StartupClock, process_age_s
+
+    assert 0 < process_age_s() < 24 * 3600  # pytest started this process a while ago, not before boot
+    clock = StartupClock()
+    clock.lap("sampler")
+    clock.lap("first_sync", canary=0.0)
+    assert list(clock.times) == ["process", "sampler", "first_sync", "canary"]
+    assert clock.metrics()["startup/total_s"] == pytest.approx(sum(clock.times.values()))
+    assert clock.line(1.5).startswith("start-up ") and clock.line(1.5).endswith("then the first rollout 1.5 s")
+
+
 @pytest.mark.parametrize("objective", ONLINE)
 def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     extra = {"grpo": ["rollout.mini_batches=2"],  # two updates: old log-probs recomputed, ratios != 1
@@ -106,7 +119,8 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
              "gspo": ["rollout.mini_batches=2", "rollout.mask_truncated=true"],  # off-policy: s_i != 1
              "cispo": ["objective.kwargs={entropy_coef: 0.01}"],
              "oreal": ["rollout.freeze_actor_steps=0"]}.get(objective, [])
-    history = run(online_config(files, warm, objective, tmp_path, *extra), sampler=sampler, pool=pool)
+    config = online_config(files, warm, objective, tmp_path, *extra)
+    history = run(config, sampler=sampler, pool=pool)
     (step,) = history
     assert step["skipped"] == 0 and step["rollout/prompts"] >= 4
     if objective != "jepo":  # JEPO learns from the gold answer's likelihood: no reward filter
@@ -115,6 +129,9 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     for key in ("time/generate_s", "time/verify_s", "time/old_logp_s", "time/train_s", "time/sync_s"):
         assert step[key] >= 0
     assert step["rollout/generate_tokens_per_s"] > 0 and step["tokens_per_s"] > 0
+    # the start-up breakdown rides on the first row: phases up to the first step, the process's age included
+    assert step["startup/total_s"] >= step["startup/process_s"] + step["startup/first_sync_s"] + step["startup/canary_s"]
+    assert step["startup/canary_s"] > 0 and ("startup/reference_s" in step) == needs_ref_logp(config)
     if objective == "grpo":
         assert step["optimizer_steps"] == min(2, step["rollout/informative_groups"]) and "kl" in step  # beta 0.04: reference log-probs were used
     if objective == "oreal":

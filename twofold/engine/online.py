@@ -101,7 +101,7 @@ class StartupClock:
 
     LABELS = {"process": "process start to the run (imports, config, tokenizer)", "sampler": "sampler engine",
               "data": "verifier + prompts", "policy": "policy + optimizer", "reference": "reference",
-              "token_rm": "token RM", "resume": "resume", "first_sync": "first weight sync + canary",
+              "token_rm": "token RM", "resume": "resume", "first_sync": "first weight sync", "canary": "its canary",
               "eval": "eval before training"}
 
     def __init__(self):
@@ -111,9 +111,11 @@ class StartupClock:
             self.times["process"] = age
         self.last = time.perf_counter()
 
-    def lap(self, phase: str) -> None:
+    def lap(self, phase: str, **parts: float) -> None:
+        """The time since the last lap is `phase`'s, less the named `parts` of it (their own phases)."""
         now = time.perf_counter()
-        self.times[phase] = now - self.last
+        self.times[phase] = now - self.last - sum(parts.values())
+        self.times |= parts
         self.last = now
 
     def metrics(self) -> dict[str, float]:
@@ -323,8 +325,8 @@ class OnlineRun:
             self.load(resume)
             if self.rollout_steps:
                 self.clock.lap("resume")
-        self.sync()
-        self.clock.lap("first_sync")
+        first = self.sync()
+        self.clock.lap("first_sync", **({"canary": first["time/canary_s"]} if "time/canary_s" in first else {}))
         cfg, history = self.config, []
         end = cfg.train.steps if not cfg.train.stop_after_steps else min(
             cfg.train.steps, self.rollout_steps + cfg.train.stop_after_steps)

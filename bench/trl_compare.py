@@ -181,6 +181,15 @@ def table_lines(summary: dict) -> list[str]:
     return lines
 
 
+def startup_line(run: dict) -> str:
+    """A twofold run's start-up phases (the engine's own `startup/*` metrics): seconds and the resident set after."""
+    times = run["startup"]
+    phases = [k.removeprefix("startup/").removesuffix("_s") for k in times if k.endswith("_s") and k != "startup/total_s"]
+    parts = [f"{p} {times[f'startup/{p}_s']:.2f} s" + (f" -> {times[f'startup/{p}_rss_mib']:.0f} MiB"
+                                                          if f"startup/{p}_rss_mib" in times else "") for p in phases]
+    return f"twofold start-up, pair {run['pair'] + 1} (phase time -> resident set after it): " + ", ".join(parts)
+
+
 def fmt(d: dict, spec: str) -> str:
     return f"{d['median']:{spec}} [{d['min']:{spec}}-{d['max']:{spec}}]"
 
@@ -204,9 +213,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     summary = summarise(runs)
     lines = [f"twofold vs TRL GRPOTrainer, demo GRPO task: {args.pairs} interleaved pairs x {args.steps} steps, "
              f"{PROMPTS_PER_STEP} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, beta {BETA}, lr {LR}, "
-             f"one thread per run; start {sft}", f"machine: {device_name_cpu()}", *table_lines(summary), *load.lines()]
+             f"one thread per run; start {sft}", f"machine: {device_name_cpu()}", *table_lines(summary),
+             startup_line(next(r for r in runs if r["side"] == "twofold")), *load.lines()]
     print("\n".join(lines), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     results = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "sft": str(sft),
+               "commit": commit.stdout.strip() or None,
                "machine": device_name_cpu(), "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - start,
                "load": load.as_dict(), "summary": summary, "runs": runs}
     if args.out:
@@ -259,8 +271,8 @@ def run_trl(args) -> dict:
     if not args.trl_imports_vllm:
         # TRL as installed for CPU work, without vLLM (TRL's vLLM paths need a server or a GPU): this venv holds
         # vLLM for twofold, and TRL would import it at start without ever using it here
-        import trl.import_utils
-        trl.import_utils.is_vllm_available = lambda *a, **kw: False
+        import trl.import_utils as trl_imports
+        trl_imports.is_vllm_available = lambda *a, **kw: False
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback

@@ -2,7 +2,7 @@
 vLLM and TRL, takes minutes: `python -m bench.trl_compare --quick` is the smoke run, not a test)."""
 import pytest
 
-from bench.trl_compare import METRICS, parse_args, summarise, table_lines
+from bench.trl_compare import METRICS, parse_args, startup_line, summarise, table_lines
 
 
 def run(side, pair, step, train, rss, startup):
@@ -47,3 +47,10 @@ def test_arguments():
     assert parse_args(["--pairs", "2", "--steps", "10", "--sft", "runs/demo/sft/hf"]).sft == "runs/demo/sft/hf"
     with pytest.raises(SystemExit):
         parse_args(["--steps", "1"])
+
+
+def test_the_startup_line_reads_the_engines_phases():
+    run = {"pair": 0, "startup": {"startup/process_s": 7.5, "startup/process_rss_mib": 417.2,
+                                  "startup/sampler_s": 11.75, "startup/canary_s": 0.09, "startup/total_s": 19.34}}
+    assert startup_line(run) == ("twofold start-up, pair 1 (phase time -> resident set after it): process 7.50 s "
+                                 "-> 417 MiB, sampler 11.75 s, canary 0.09 s")

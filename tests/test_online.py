@@ -108,7 +108,9 @@ def test_the_startup_clock_splits_phases_and_knows_the_process_age():
     clock.lap("sampler")
     clock.lap("first_sync", canary=0.0)
     assert list(clock.times) == ["process", "sampler", "first_sync", "canary"]
-    assert clock.metrics()["startup/total_s"] == pytest.approx(sum(clock.times.values()))
+    metrics = clock.metrics()
+    assert metrics["startup/total_s"] == pytest.approx(sum(clock.times.values()))
+    assert 0 < metrics["startup/process_rss_mib"] <= metrics["startup/first_sync_rss_mib"] + 64  # MiB, now
     assert clock.line(1.5).startswith("start-up ") and clock.line(1.5).endswith("then the first rollout 1.5 s")
 
 

@@ -83,6 +83,15 @@ def quiet_vllm() -> None:
     logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
+def resident_mib() -> float | None:
+    """This process's resident set now (Linux: /proc/self/status VmRSS), in MiB; None where that is unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux: /proc, 10 ms resolution); None where that is unknown."""
     try:
@@ -97,7 +106,8 @@ def process_age_s() -> float | None:
 
 class StartupClock:
     """Where an online run's start-up goes: consecutive phases (`lap`), logged once as one line after the first
-    step (which adds its rollout) and written into that step's metrics row as `startup/<phase>_s`."""
+    step (which adds its rollout) and written into that step's metrics row as `startup/<phase>_s`, with the
+    resident set at the end of each phase as `startup/<phase>_rss_mib`."""
 
     LABELS = {"process": "process start to the run (imports, config, tokenizer)", "sampler": "sampler engine",
               "data": "verifier + prompts", "policy": "policy + optimizer", "reference": "reference",
@@ -106,9 +116,10 @@ class StartupClock:
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.rss: dict[str, float | None] = {}
         age = process_age_s()
         if age is not None:
-            self.times["process"] = age
+            self.times["process"], self.rss["process"] = age, resident_mib()
         self.last = time.perf_counter()
 
     def lap(self, phase: str, **parts: float) -> None:
@@ -116,10 +127,12 @@ class StartupClock:
         now = time.perf_counter()
         self.times[phase] = now - self.last - sum(parts.values())
         self.times |= parts
+        self.rss[phase] = resident_mib()
         self.last = now
 
     def metrics(self) -> dict[str, float]:
-        return {f"startup/{phase}_s": seconds for phase, seconds in self.times.items()} | {
+        rss = {f"startup/{phase}_rss_mib": mib for phase, mib in self.rss.items() if mib is not None}
+        return {f"startup/{phase}_s": seconds for phase, seconds in self.times.items()} | rss | {
             "startup/total_s": sum(self.times.values())}
 
     def line(self, first_rollout_s: float) -> str:

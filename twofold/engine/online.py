@@ -109,10 +109,10 @@ class StartupClock:
     step (which adds its rollout) and written into that step's metrics row as `startup/<phase>_s`, with the
     resident set at the end of each phase as `startup/<phase>_rss_mib`."""
 
-    LABELS = {"process": "process start to the run (imports, config, tokenizer)", "sampler": "sampler engine",
-              "data": "verifier + prompts", "policy": "policy + optimizer", "reference": "reference",
-              "token_rm": "token RM", "resume": "resume", "first_sync": "first weight sync", "canary": "its canary",
-              "eval": "eval before training"}
+    LABELS = {"process": "process start to the run (imports, config, tokenizer, any earlier stage)",
+              "sampler": "sampler engine", "data": "verifier + prompts", "policy": "policy + optimizer",
+              "reference": "reference", "token_rm": "token RM", "resume": "resume", "first_sync": "first weight sync",
+              "canary": "its canary", "eval": "eval before training"}
 
     def __init__(self):
         self.times: dict[str, float] = {}

@@ -169,7 +169,8 @@ def run_value(run: dict, key: str) -> float:
 
 
 def table_lines(summary: dict) -> list[str]:
-    lines = ["| metric | twofold, median [min-max] | TRL, median [min-max] | twofold / TRL, per pair | target | holds |",
+    lines = ["| metric | twofold, median [min-max] | TRL, median [min-max] | twofold / TRL, per pair | target "
+             "| holds |",
              "|---|---|---|---|---|---|"]
     for key, row in summary.items():
         spec = ".0f" if key == "peak_rss_mib" else ".3f" if key == "reward_mean" else ".2f"
@@ -184,7 +185,8 @@ def table_lines(summary: dict) -> list[str]:
 def startup_line(run: dict) -> str:
     """A twofold run's start-up phases (the engine's own `startup/*` metrics): seconds and the resident set after."""
     times = run["startup"]
-    phases = [k.removeprefix("startup/").removesuffix("_s") for k in times if k.endswith("_s") and k != "startup/total_s"]
+    phases = [k.removeprefix("startup/").removesuffix("_s") for k in times
+              if k.endswith("_s") and k != "startup/total_s"]
     parts = [f"{p} {times[f'startup/{p}_s']:.2f} s" + (f" -> {times[f'startup/{p}_rss_mib']:.0f} MiB"
                                                           if f"startup/{p}_rss_mib" in times else "") for p in phases]
     return f"twofold start-up, pair {run['pair'] + 1} (phase time -> resident set after it): " + ", ".join(parts)

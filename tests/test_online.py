@@ -16,6 +16,7 @@ import torch
 
 from bench.rollout import write_tiny_model
 from twofold.engine.config import load_config
+from twofold.engine.online import needs_ref_logp
 from twofold.engine.sampler import SamplerConfig, build_sampler
 from twofold.engine.tracking import read_metrics
 from twofold.engine.train import run
@@ -99,6 +100,20 @@ def online_config(files, warm, objective: str, run_dir: Path, *extra: str):
     return load_config(None, overrides + list(extra))
 
 
+def test_the_startup_clock_splits_phases_and_knows_the_process_age():
+    from twofold.engine.online import StartupClock, process_age_s
+
+    assert 0 < process_age_s() < 24 * 3600  # pytest started this process a while ago, not before boot
+    clock = StartupClock()
+    clock.lap("sampler")
+    clock.lap("first_sync", canary=0.0)
+    assert list(clock.times) == ["process", "sampler", "first_sync", "canary"]
+    metrics = clock.metrics()
+    assert metrics["startup/total_s"] == pytest.approx(sum(clock.times.values()))
+    assert 0 < metrics["startup/process_rss_mib"] <= metrics["startup/first_sync_rss_mib"] + 64  # MiB, now
+    assert clock.line(1.5).startswith("start-up ") and clock.line(1.5).endswith("then the first rollout 1.5 s")
+
+
 @pytest.mark.parametrize("objective", ONLINE)
 def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     extra = {"grpo": ["rollout.mini_batches=2"],  # two updates: old log-probs recomputed, ratios != 1
@@ -106,7 +121,8 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
              "gspo": ["rollout.mini_batches=2", "rollout.mask_truncated=true"],  # off-policy: s_i != 1
              "cispo": ["objective.kwargs={entropy_coef: 0.01}"],
              "oreal": ["rollout.freeze_actor_steps=0"]}.get(objective, [])
-    history = run(online_config(files, warm, objective, tmp_path, *extra), sampler=sampler, pool=pool)
+    config = online_config(files, warm, objective, tmp_path, *extra)
+    history = run(config, sampler=sampler, pool=pool)
     (step,) = history
     assert step["skipped"] == 0 and step["rollout/prompts"] >= 4
     if objective != "jepo":  # JEPO learns from the gold answer's likelihood: no reward filter
@@ -115,6 +131,10 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     for key in ("time/generate_s", "time/verify_s", "time/old_logp_s", "time/train_s", "time/sync_s"):
         assert step[key] >= 0
     assert step["rollout/generate_tokens_per_s"] > 0 and step["tokens_per_s"] > 0
+    # the start-up breakdown rides on the first row: phases up to the first step, the process's age included
+    parts = ("startup/process_s", "startup/first_sync_s", "startup/canary_s")
+    assert step["startup/total_s"] >= sum(step[k] for k in parts)
+    assert step["startup/canary_s"] > 0 and ("startup/reference_s" in step) == needs_ref_logp(config)
     if objective == "grpo":
         assert step["optimizer_steps"] == min(2, step["rollout/informative_groups"]) and "kl" in step  # beta 0.04: reference log-probs were used
     if objective == "oreal":
@@ -145,16 +165,18 @@ def test_resumed_online_run_repeats_the_uninterrupted_one(files, warm, sampler, 
     rest = run(split, sampler=sampler, pool=pool)  # resume=auto: continues from the step-2 checkpoint
     assert [m["step"] for m in first + rest] == [1, 2, 3]
     # Which steps have an informative group (and so which metrics a row holds) depends on the CPU's kernels:
-    # compare every row's full set of keys and every value that does not measure time or memory.
+    # compare every row's full set of keys and every value that does not measure time or memory. The first row of
+    # each invocation also holds that invocation's start-up (the resumed one's includes loading the checkpoint).
+    assert "startup/resume_s" in rest[0] and "startup/resume_s" not in first[0] and "startup/total_s" not in whole[2]
     for a, b in zip(whole, first + rest):
-        assert sorted(a) == sorted(b)
+        assert [k for k in sorted(a) if not k.startswith("startup/")] == [k for k in sorted(b) if "startup/" not in k]
         assert deterministic(a) == pytest.approx(deterministic(b), rel=1e-5)
 
 
 def deterministic(row: dict) -> dict:
     """A metrics row without the wall-clock, throughput and memory readings, which differ between two runs."""
-    return {k: v for k, v in row.items() if not (k.startswith("time/") or k.endswith(("_per_s", "_time_s"))
-                                                  or k in ("peak_mem_gib", "mfu"))}
+    return {k: v for k, v in row.items() if not (k.startswith(("time/", "startup/"))
+                                                  or k.endswith(("_per_s", "_time_s")) or k in ("peak_mem_gib", "mfu"))}
 
 
 def hanging_check(answer: str, gold: str) -> bool:

@@ -8,8 +8,11 @@ so the kernel sees the full weight in the compute dtype and its gradient is redu
 model's own logits are never computed.
 
 Precision: parameters, gradients and optimizer state are fp32 shards (the master copy); FSDP2 casts to
-`model.dtype` for compute and reduces gradients in fp32. Loading at scale: every rank builds the model on the meta
-device, shards it and allocates only its shard; rank 0 alone reads the checkpoint and broadcasts it.
+`model.dtype` for compute and reduces gradients in fp32. The frozen reference policy (`build_reference`, the KL
+term's) is sharded the same way but stored in `model.dtype`, without gradients or optimizer state: in a bf16 run
+it costs 2 bytes per parameter (over the ranks) instead of the policy's 16 (fp32 weights, gradients, Adam's two
+moments). Loading at scale: every rank builds the model on the meta device, shards it and allocates only its
+shard; rank 0 alone reads the checkpoint and broadcasts it.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -117,21 +121,59 @@ def resolve_attn_implementation(requested: str, device: torch.device, hf_config:
 
 
 def build_policy(cfg: ModelConfig, env: DistEnv, seed: int = 0, policy_cls: type = PolicyModel) -> PolicyModel:
-    """Meta-init, shard with FSDP2, allocate shards, then load weights (rank 0 reads, everyone receives).
-    `policy_cls` swaps the head (bench.step compares against materialised logits)."""
+    """The trainable policy: fp32 shards (the master copy), in train mode. `policy_cls` swaps the head (bench.step
+    compares against materialised logits)."""
+    policy = build_sharded(cfg, env, seed, policy_cls, torch.float32, frozen=False)
+    policy.train()
+    return policy
+
+
+def build_reference(cfg: ModelConfig, env: DistEnv, initial: PolicyModel) -> PolicyModel:
+    """The frozen reference policy (the KL term's): a copy of `initial`, a policy built from the same config that
+    still holds the initial weights (before any update or resume). Sharded like it, its shards stored in the
+    compute dtype (`model.dtype`, so a bf16 run keeps no fp32 copy of it), no parameter requires grad, eval mode,
+    no optimizer, and its root resharded after each forward (between the steps that score with it, each rank
+    holds only its shard). Each rank copies its own shards: the checkpoint is not read a second time. Its
+    log-probs equal the policy's before the first update: FSDP2 casts the policy's fp32 shards to the same
+    dtype, with the same rounding, before every forward."""
+    reference = build_sharded(cfg, env, 0, PolicyModel, DTYPES[cfg.dtype], frozen=True, copy_of=initial)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def build_sharded(cfg: ModelConfig, env: DistEnv, seed: int, policy_cls: type, param_dtype: torch.dtype,
+                  frozen: bool, copy_of: PolicyModel | None = None) -> PolicyModel:
+    """Meta-init with parameters in `param_dtype`, shard with FSDP2, allocate shards, then load weights: rank 0
+    reads the checkpoint (or builds the preset) and everyone receives, or, with `copy_of`, each rank copies that
+    model's shards. `frozen`: no activation checkpointing (no backward), the root resharded after each forward."""
     hf_config = load_hf_config(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation, env.device, hf_config)
     with torch.device("meta"):
-        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
-    if cfg.activation_checkpointing:
+        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=param_dtype)
+    if cfg.activation_checkpointing and not frozen:
         enable_activation_checkpointing(causal_lm)
     policy = policy_cls(causal_lm)
-    shard_policy(policy, env, DTYPES[cfg.dtype])
+    shard_policy(policy, env, DTYPES[cfg.dtype], reshard_root=frozen)
     policy.to_empty(device=env.device)
-    source = _load_full_model(cfg, seed) if env.is_main else None
-    load_full_weights(policy, source)
-    policy.train()
+    if copy_of is not None:
+        copy_shards(copy_of, policy)
+    else:
+        load_full_weights(policy, _load_full_model(cfg, seed) if env.is_main else None)
     return policy
+
+
+@torch.no_grad()
+def copy_shards(source: PolicyModel, target: PolicyModel) -> None:
+    """Each rank copies its shard of every parameter (cast to the target's dtype) and the buffers: the same
+    config, mesh and per-layer wrapping give the same shard layout, so nothing is read or communicated."""
+    for (name, s), (other, t) in zip(source.named_parameters(), target.named_parameters(), strict=True):
+        if name != other or not isinstance(s, DTensor) or s.placements != t.placements or s.shape != t.shape:
+            raise ValueError(f"cannot copy the shards of {name}: the models are not sharded alike (a different "
+                             "config, or parameters still gathered after a forward)")
+        t.to_local().copy_(s.to_local())
+    for (_, s), (_, t) in zip(source.causal_lm.named_buffers(), target.causal_lm.named_buffers(), strict=True):
+        t.copy_(s)
 
 
 def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
@@ -145,14 +187,16 @@ def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def shard_policy(policy: PolicyModel, env: DistEnv, compute_dtype: torch.dtype) -> None:
+def shard_policy(policy: PolicyModel, env: DistEnv, compute_dtype: torch.dtype, reshard_root: bool = False) -> None:
     """fully_shard every decoder layer, then the root; gradients are summed (not averaged) over ranks, because
-    the objectives divide by global token/sequence counts themselves."""
+    the objectives divide by global token/sequence counts themselves. FSDP2 keeps the root's parameters
+    (embeddings, final norm, LM head) gathered after a forward, for the backward that follows; `reshard_root`
+    frees them instead (a model that never runs backward)."""
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in policy.causal_lm.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=True if reshard_root else None)
     for module in policy.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

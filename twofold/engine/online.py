@@ -2,7 +2,8 @@
 
     sample n per prompt (in-process sampler) -> verify -> dynamic sampling -> training sequences
     -> old log-probs (trainer weights, when a rollout feeds more than one update or a correction needs them)
-    -> reference log-probs (frozen initial policy, only when the objective's KL coefficient is > 0)
+    -> reference log-probs (the frozen initial policy, `model.build_reference`, only when the objective's KL
+       coefficient is > 0)
     -> [OREAL: one token-RM update on the batch, then its token scores]
     -> mismatch metrics and the rollout correction (sampler vs trainer log-probs, `engine.correction`)
     -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler -> canary
@@ -33,7 +34,7 @@ from twofold.engine.correction import correction_weights, log_ratios, mismatch_m
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
 from twofold.engine.eval import evaluate
-from twofold.engine.model import build_policy, load_hf_config
+from twofold.engine.model import build_policy, build_reference, load_hf_config
 from twofold.engine.packing import Sequence
 from twofold.engine.rollout import RolloutCollector, build_sequences
 from twofold.engine.sampler import GenerationParams, Sampler, build_sampler, sample_distributed, write_model_dir
@@ -82,17 +83,78 @@ def quiet_vllm() -> None:
     logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
+def resident_mib() -> float | None:
+    """This process's resident set now (Linux: /proc/self/status VmRSS), in MiB; None where that is unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc, 10 ms resolution); None where that is unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class StartupClock:
+    """Where an online run's start-up goes: consecutive phases (`lap`), logged once as one line after the first
+    step (which adds its rollout) and written into that step's metrics row as `startup/<phase>_s`, with the
+    resident set at the end of each phase as `startup/<phase>_rss_mib`."""
+
+    LABELS = {"process": "process start to the run (imports, config, tokenizer, any earlier stage)",
+              "sampler": "sampler engine", "data": "verifier + prompts", "policy": "policy + optimizer",
+              "reference": "reference", "token_rm": "token RM", "resume": "resume", "first_sync": "first weight sync",
+              "canary": "its canary", "eval": "eval before training"}
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.rss: dict[str, float | None] = {}
+        age = process_age_s()
+        if age is not None:
+            self.times["process"], self.rss["process"] = age, resident_mib()
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str, **parts: float) -> None:
+        """The time since the last lap is `phase`'s, less the named `parts` of it (their own phases)."""
+        now = time.perf_counter()
+        self.times[phase] = now - self.last - sum(parts.values())
+        self.times |= parts
+        self.rss[phase] = resident_mib()
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        rss = {f"startup/{phase}_rss_mib": mib for phase, mib in self.rss.items() if mib is not None}
+        return {f"startup/{phase}_s": seconds for phase, seconds in self.times.items()} | rss | {
+            "startup/total_s": sum(self.times.values())}
+
+    def line(self, first_rollout_s: float) -> str:
+        parts = ", ".join(f"{self.LABELS[phase]} {seconds:.1f} s" for phase, seconds in self.times.items())
+        return (f"start-up {sum(self.times.values()):.1f} s to the first step: {parts}; then the first rollout "
+                f"{first_rollout_s:.1f} s")
+
+
 class OnlineRun:
     def __init__(self, config: Config, env: DistEnv, tokenizer, sampler: Sampler | None = None,
                  pool: VerifierPool | None = None):
+        self.clock = StartupClock()
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
+        self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
+        # the verifier's worker processes start (imports, ~1.5 s) while the sampler engine builds
+        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
         if sampler is None and not config.log.verbose:
             quiet_vllm()
         self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
-        self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
-        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
+        self.clock.lap("sampler")
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
         golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
@@ -103,15 +165,22 @@ class OnlineRun:
                               if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
+        self.clock.lap("data")
         self.policy = build_policy(config.model, env, seed=seed)
         self.temperature = config.rollout.temperature
         self.trainer = Trainer(self.policy, env, config.optim, objective=config.objective.name,
                                objective_kwargs=objective_kwargs(config), total_steps=optimizer_steps(config),
                                max_tokens_per_microbatch=self.budget, pad_token_id=self.pad,
                                head=config.train.head, temperature=self.temperature)
-        self.ref = build_policy(config.model, env, seed=seed) if needs_ref_logp(config) else None
-        self.token_rm = (TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
-                         if config.objective.name == "oreal" and config.rollout.token_rm else None)
+        self.clock.lap("policy")
+        self.ref = None
+        if needs_ref_logp(config):
+            self.ref = build_reference(config.model, env, self.policy)  # before any update or resume
+            self.clock.lap("reference")
+        self.token_rm = None
+        if config.objective.name == "oreal" and config.rollout.token_rm:
+            self.token_rm = TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
+            self.clock.lap("token_rm")
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
                                           config.verifier.timeout, seed, config.reward)
         self.rollout_steps = 0
@@ -267,16 +336,24 @@ class OnlineRun:
     def run(self, resume: Callable[[dict], tuple[Path, dict] | None] | None = None) -> list[dict]:
         if resume is not None:
             self.load(resume)
-        self.sync()
+            if self.rollout_steps:
+                self.clock.lap("resume")
+        first = self.sync()
+        self.clock.lap("first_sync", **({"canary": first["time/canary_s"]} if "time/canary_s" in first else {}))
         cfg, history = self.config, []
         end = cfg.train.steps if not cfg.train.stop_after_steps else min(
             cfg.train.steps, self.rollout_steps + cfg.train.stop_after_steps)
         tracker = Tracker(cfg, self.env.is_main, self.rollout_steps)
         if self.eval_problems and self.rollout_steps == 0:
             tracker.log_eval(0, self.evaluate())
+            self.clock.lap("eval")
         saved_at = self.rollout_steps
         while self.rollout_steps < end:
             metrics = self.step()
+            if not history:
+                metrics |= self.clock.metrics()
+                if self.env.is_main:
+                    log.info(self.clock.line(metrics["time/generate_s"]))
             history.append(metrics)
             tracker.log(metrics)
             if self.eval_due():

@@ -95,6 +95,17 @@ def refresh_tied_lm_heads(model: torch.nn.Module) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+def eager_logprob_ranks() -> None:
+    """vLLM's sampler ranks each sampled token with a `torch.compile`d count (`batched_count_greater_than`); on
+    CPU its first call traces and builds it with dynamo and inductor, 2-3 s of an online run's start-up (the first
+    weight-sync canary pays it) for one comparison and a sum. On CPU the sampler calls the same function
+    uncompiled, at the cost of one [seqs, vocab] bool temporary per decoding step."""
+    from vllm.v1.sample import sampler as vllm_sampler
+
+    compiled = vllm_sampler.batched_count_greater_than
+    vllm_sampler.batched_count_greater_than = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+
+
 def register_backend() -> None:
     if BACKEND not in WeightTransferEngineFactory._registry:  # no public "is registered" query
         WeightTransferEngineFactory.register_engine(BACKEND, InProcessWeightTransferEngine)
@@ -105,6 +116,8 @@ class VLLMSampler(Sampler):
         super().__init__(cfg, model_path, rank)
         register_backend()
         self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            eager_logprob_ranks()
         self.sleep_mode = cfg.sleep_mode and self.on_gpu
         self.llm = LLM(**self.engine_args())
         self.llm.init_weight_transfer_engine({"init_info": {}})

@@ -15,3 +15,16 @@ import torch  # noqa: E402
 # interpreter, so decide it here, before any test module is collected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: their GEMMs are tiny, so one thread is faster, and CI's cores are
+    shared (torchrun ranks and vLLM's CPU engine run beside the test process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -49,14 +49,6 @@ def deterministic(row: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, one_thread):
     return [deterministic(r) for r in _run(_config(tmp_path_factory.mktemp("straight")))]
 

@@ -30,14 +30,6 @@ def _config(run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs on shared CI cores
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, one_thread):
     run_dir = tmp_path_factory.mktemp("straight")
     return run_dir, run(_config(run_dir))

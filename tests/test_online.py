@@ -34,14 +34,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop_data")
     digits = [(f"{a}+0=", str(a)) for a in range(10)]
@@ -67,7 +59,7 @@ def offline_overrides(files, objective: str, run_dir: Path, data: str) -> list[s
 
 
 @pytest.fixture(scope="module")
-def warm(files, threads):
+def warm(files, one_thread):
     """The offline loop: 40 SFT steps teach the format; the export is the online tests' initial policy."""
     run_dir = files["root"] / "warm"
     config = load_config(None, offline_overrides(files, "sft", run_dir, "sft") + [
@@ -295,7 +287,7 @@ def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm,
 
 
 @pytest.mark.parametrize("objective", list(OFFLINE))
-def test_one_offline_step(objective, files, threads, tmp_path):
+def test_one_offline_step(objective, files, one_thread, tmp_path):
     config = load_config(None, offline_overrides(files, objective, tmp_path, "sft" if OFFLINE[objective] == "rows"
                                                  else "pairs") + ["checkpoint.export_hf=false"])
     (step,) = run(config)

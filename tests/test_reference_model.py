@@ -66,14 +66,6 @@ def check_reference(dtype: str) -> None:
     assert sequence_logprobs(policy, batch, env, budget=96, temperature=0.7) != ours
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_reference_is_frozen_in_the_compute_dtype_and_scores_as_the_initial_policy(dtype, one_thread):
     try:

@@ -269,13 +269,14 @@ def noise_floor(curves: dict[str, dict[int, list[float]]]) -> dict[int, float] |
 
 
 def grad_norm_ratio(metrics: dict[str, list[list[dict]]]) -> list[float]:
-    """Per step of seed 0 while the two runs' rollouts were identical: grad_norm(NFT sqrt) / grad_norm(GRPO);
+    """Per step of seed 0 while the two runs' rollouts were identical (same accuracy, mean length and informative
+    groups; the same accuracy alone was seen with different samples): grad_norm(NFT sqrt) / grad_norm(GRPO);
     theory: sqrt(G / (G - 1)) (GRPO's unbiased std against NFT's population form)."""
     if "nft_sqrt" not in metrics or "grpo" not in metrics:
         return []
-    out = []
+    out, same = [], ("rollout/accuracy", "rollout/response_len", "rollout/informative_groups")
     for x, y in zip(metrics["nft_sqrt"][0], metrics["grpo"][0]):
-        if x.get("rollout/accuracy") != y.get("rollout/accuracy") or not y.get("grad_norm"):
+        if any(x.get(k) != y.get(k) for k in same) or not y.get("grad_norm"):
             break
         out.append(x["grad_norm"] / y["grad_norm"])
     return out

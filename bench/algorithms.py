@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.tasks import LEVELS, problem_sets, sloppy_trace, trace, wrong_trace
+from bench.tasks import LEVELS, Problem, problem_sets, random_problem, sloppy_trace, trace, wrong_trace
 from twofold.engine.config import Config, load_config
 from twofold.engine.data import Fields
 from twofold.engine.distributed import init_distributed, shutdown_distributed
@@ -77,21 +77,22 @@ LABELS = {"nft": "NFT", "rft": "RFT", "grpo": "GRPO", "nft_sqrt": "NFT (omega = 
 @dataclass
 class Scale:
     """How big one invocation is; --quick and --tiny pick smaller ones."""
-    sft_steps: int = 1500
-    rl_steps: int = 40
-    eval_every: int = 10
-    offline_steps: int = 300
-    offline_every: int = 100
+    sft_steps: int = 3000
+    rl_steps: int = 16
+    eval_every: int = 4
+    offline_steps: int = 100
+    offline_every: int = 50
     seeds: int = 3
     train_problems: int = 3000
-    """Distinct training problems: half for SFT and RL prompts, half for the offline pairs."""
-    sft_rows: int = 20000
+    """Distinct training problems: half RL prompts, half the offline pairs (SFT draws a fresh problem per row)."""
     held_out: int = 300
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
-    oreal_freeze: int = 5
+    oreal_freeze: int = 4
     """OREAL: rollout steps that train only the token reward model first (rollout.freeze_actor_steps)."""
     sft_batch: int = 64
+    rl_lr: float = 5e-4
+    """Learning rate of every online arm."""
     offline_batch: int = 32
     """Stage-2 rows per optimizer step (pairs for DPO, SimPO, REDI; traces for SFT)."""
     extra: list[str] = field(default_factory=list)
@@ -102,33 +103,49 @@ SCALES = {
     "quick": Scale(sft_steps=250, rl_steps=6, eval_every=3, offline_steps=20, offline_every=10, seeds=2,
                    held_out=120, prompts_per_step=8, oreal_freeze=2, sft_batch=32, offline_batch=16),
     "tiny": Scale(sft_steps=4, rl_steps=1, eval_every=1, offline_steps=1, offline_every=1, seeds=1,
-                  train_problems=200, sft_rows=256, held_out=12, prompts_per_step=2, samples_per_prompt=4,
+                  train_problems=200, held_out=12, prompts_per_step=2, samples_per_prompt=4,
                   oreal_freeze=0, sft_batch=8, offline_batch=4),
 }
 
 
-def write_data(directory: Path, scale: Scale, error_rate: float, seed: int = 0) -> dict[str, Path]:
-    """sft.jsonl (sloppy teacher), prompts.jsonl / eval.jsonl (prompt, answer), pairs.jsonl (one right and one
+def write_data(directory: Path, scale: Scale, error_rate: float, seed: int = 0, sft: bool = True
+               ) -> dict[str, Path]:
+    """sft.jsonl (sloppy teacher; empty when `sft` is False, a reused start), prompts.jsonl / eval.jsonl (prompt, answer), pairs.jsonl (one right and one
     wrong trace per problem) and positives.jsonl (the same right traces), all disjoint from the held-out set."""
     train, held_out = problem_sets(seed, scale.train_problems, scale.held_out)
     rng = random.Random(seed + 1)
-    half = len(train) // 2  # SFT + RL prompts on one half, the offline pairs on the other
+    half = len(train) // 2  # RL prompts on one half, the offline pairs on the other
     rows: dict[str, list[dict]] = {"sft": [], "prompts": [], "eval": [], "pairs": [], "positives": []}
-    for _ in range(scale.sft_rows):  # a fresh slip (or none) per row: the teacher's distribution, not one trace
-        p = rng.choice(train[:half])
+    excluded = {p.prompt for p in held_out + train[half:]}
+    for _ in range(scale.sft_steps * scale.sft_batch if sft else 0):
+        # a fresh problem and a fresh slip (or none) per row: the SFT start learns the arithmetic, not a fixed
+        # set of problems (level 1 has only ~1,500 problems, so those repeat; levels 2-3 almost never do)
+        p = fresh_problem(rng, excluded)
         rows["sft"].append({"prompt": p.prompt, "response": sloppy_trace(p, rng, error_rate)[0]})
     rows["prompts"] = [{"prompt": p.prompt, "answer": str(p.answer)} for p in train[:half]]
+    rng = random.Random(seed + 2)  # the pairs do not depend on how many SFT rows were drawn
     for p in train[half:]:
         right = trace(p)[0]
         rows["pairs"].append({"prompt": p.prompt, "chosen": right, "rejected": wrong_trace(p, rng)[0]})
         rows["positives"].append({"prompt": p.prompt, "response": right})
     rows["eval"] = [{"prompt": p.prompt, "answer": str(p.answer), "level": p.level} for p in held_out]
+    for level in LEVELS:  # the start's pass@1 per level
+        rows[f"eval{level}"] = [r for r in rows["eval"] if r["level"] == level]
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, items in rows.items():
         paths[name] = directory / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in items))
     return paths
+
+
+def fresh_problem(rng: random.Random, excluded: set[str]) -> Problem:
+    """A random problem of a random level (levels in equal shares) whose prompt is not in `excluded`."""
+    level = rng.choice(LEVELS)
+    while True:
+        p = random_problem(rng, level)
+        if p.prompt not in excluded:
+            return p
 
 
 def common(run_dir: Path, model_path: Path | None) -> list[str]:
@@ -143,7 +160,7 @@ def online_config(arm: str, seed: int, run_dir: Path, start: Path, data: dict[st
         f"eval.every={scale.eval_every}", "eval.samples=0", "optim.max_grad_norm=0", "checkpoint.export_hf=false",
         f"rollout.prompts_per_step={scale.prompts_per_step}", f"rollout.samples_per_prompt={scale.samples_per_prompt}",
         "rollout.max_new_tokens=40", "sampler.max_model_len=64", "data.max_tokens_per_microbatch=8192",
-        "rollout.token_rm_lr=1e-3", "objective.kwargs={}"]
+        "rollout.token_rm_lr=1e-3", "objective.kwargs={}", f"optim.lr={scale.rl_lr}"]
     if arm == "oreal":  # the engine freezes the actor of any objective: only OREAL's token RM asks for it
         overrides.append(f"rollout.freeze_actor_steps={scale.oreal_freeze}")
     return load_config(CONFIGS / "demo_nft.yaml", overrides + ONLINE[arm] + scale.extra)
@@ -166,11 +183,12 @@ def evals(run_dir: Path) -> dict[int, float]:
 
 
 class Bench:
-    def __init__(self, root: Path, scale: Scale, error_rate: float, offline_lr: float):
+    def __init__(self, root: Path, scale: Scale, error_rate: float, offline_lr: float, sft: bool = True):
         self.root, self.scale, self.offline_lr = root, scale, offline_lr
-        self.data = write_data(root / "data", scale, error_rate)
+        self.data = write_data(root / "data", scale, error_rate, sft=sft)
         self.sampler = self.pool = None
         self.curves: dict[str, dict[int, list[float]]] = {}
+        self.start_by_level: dict[int, float] = {}
         self.metrics: dict[str, list[list[dict]]] = {}
 
     def sft(self) -> Path:
@@ -198,9 +216,11 @@ class Bench:
         history = run(cfg, **self.shared_engine(cfg))
         self.record(arm, evals(run_dir), history)
 
-    def evaluate(self, model: Path) -> float:
-        """Held-out greedy pass@1 of an exported model, scored exactly as the online runs score theirs."""
-        cfg = online_config("nft", 0, self.root / "eval", model, self.data, self.scale, self.scale.rl_steps)
+    def evaluate(self, model: Path, held_out: str = "eval") -> float:
+        """Held-out greedy pass@1 of an exported model, scored exactly as the online runs score theirs
+        (`held_out`: "eval", or "eval1".."eval3" for one level)."""
+        data = {**self.data, "eval": self.data[held_out]}
+        cfg = online_config("nft", 0, self.root / "eval", model, data, self.scale, self.scale.rl_steps)
         engine = self.shared_engine(cfg)
         env = init_distributed()
         try:
@@ -249,13 +269,14 @@ def noise_floor(curves: dict[str, dict[int, list[float]]]) -> dict[int, float] |
 
 
 def grad_norm_ratio(metrics: dict[str, list[list[dict]]]) -> list[float]:
-    """Per step of seed 0 while the two runs' rollouts were identical: grad_norm(NFT sqrt) / grad_norm(GRPO);
+    """Per step of seed 0 while the two runs' rollouts were identical (same accuracy, mean length and informative
+    groups; the same accuracy alone was seen with different samples): grad_norm(NFT sqrt) / grad_norm(GRPO);
     theory: sqrt(G / (G - 1)) (GRPO's unbiased std against NFT's population form)."""
     if "nft_sqrt" not in metrics or "grpo" not in metrics:
         return []
-    out = []
+    out, same = [], ("rollout/accuracy", "rollout/response_len", "rollout/informative_groups")
     for x, y in zip(metrics["nft_sqrt"][0], metrics["grpo"][0]):
-        if x.get("rollout/accuracy") != y.get("rollout/accuracy") or not y.get("grad_norm"):
+        if any(x.get(k) != y.get(k) for k in same) or not y.get("grad_norm"):
             break
         out.append(x["grad_norm"] / y["grad_norm"])
     return out
@@ -310,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=0, help="override the scale's seed count")
     parser.add_argument("--sft-steps", type=int, default=0, help="override the scale's SFT warm-up steps")
     parser.add_argument("--rl-steps", type=int, default=0, help="override the scale's rollout steps")
+    parser.add_argument("--rl-lr", type=float, default=0.0, help="override the online arms' learning rate")
     parser.add_argument("--arms", default=",".join([*ONLINE, *OFFLINE]), help="comma-separated subset")
     parser.add_argument("--error-rate", type=float, default=0.5, help="sloppy SFT teacher's slip probability")
     parser.add_argument("--offline-lr", type=float, default=1e-4)
@@ -320,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     scale = dataclasses.replace(SCALES[mode], **{k: v for k, v in (("sft_steps", args.sft_steps),
-                                                                 ("rl_steps", args.rl_steps)) if v})
+                                                                 ("rl_steps", args.rl_steps),
+                                                                 ("rl_lr", args.rl_lr)) if v})
     seeds = args.seeds or scale.seeds
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in LABELS]
@@ -329,11 +352,13 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    bench = Bench(Path(args.run_dir), scale, args.error_rate, args.offline_lr)
+    bench = Bench(Path(args.run_dir), scale, args.error_rate, args.offline_lr, sft=not args.sft)
     try:
         sft = Path(args.sft) if args.sft else bench.sft()
         start_score = bench.evaluate(sft)
-        print(f"shared SFT start {sft}: held-out greedy pass@1 {start_score:.3f}", flush=True)
+        bench.start_by_level = {level: bench.evaluate(sft, f"eval{level}") for level in LEVELS}
+        print(f"shared SFT start {sft}: held-out greedy pass@1 {start_score:.3f}, by level "
+              + ", ".join(f"{k}: {v:.3f}" for k, v in bench.start_by_level.items()), flush=True)
         for seed in range(seeds):
             for arm in arms:
                 if arm in ONLINE:
@@ -370,8 +395,11 @@ def report(bench: Bench, arms: list[str], mode: str, seeds: int, wall: float, ou
                                                         for a in arms},
               "noise_floor": noise_floor(bench.curves), "grad_norm_ratio": ratios,
               "token_rm": token_rm_summary(bench.metrics),
+              "start_by_level": bench.start_by_level,
               "rollout_accuracy": {a: [[m.get("rollout/accuracy") for m in h] for h in bench.metrics[a]]
-                                   for a in arms if a in ONLINE}}
+                                   for a in arms if a in ONLINE},
+              "informative_groups": {a: [[m.get("rollout/informative_groups") for m in h] for h in bench.metrics[a]]
+                                     for a in arms if a in ONLINE}}
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(f"{header}\n\n{text}\n{extra}\n")
     return result

@@ -102,8 +102,9 @@ def eager_logprob_ranks() -> None:
     uncompiled, at the cost of one [seqs, vocab] bool temporary per decoding step."""
     from vllm.v1.sample import sampler as vllm_sampler
 
-    compiled = vllm_sampler.batched_count_greater_than
-    vllm_sampler.batched_count_greater_than = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+    compiled = getattr(vllm_sampler, "batched_count_greater_than", None)  # a vLLM without it: nothing to undo
+    if compiled is not None:
+        vllm_sampler.batched_count_greater_than = getattr(compiled, "_torchdynamo_orig_callable", compiled)
 
 
 def register_backend() -> None:

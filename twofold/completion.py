@@ -10,7 +10,7 @@ marks the tokens to score: either [B, T] (aligned with input_ids) or [B, Tc] for
 `cat(prompts, responses)`). The result is shaped like `completion_mask`: entry t is log p(token t | tokens < t), 0
 where the mask is false. The model runs its decoder (`get_decoder()`); the head (`get_output_embeddings()`, bias
 included) goes through `twofold.linear_logprobs`, so no [B, T, V] tensor exists. The decoder runs under the
-caller's autocast, if any; the head never does (see `no_autocast`).
+caller's autocast, if any; the head never does (see `twofold.kernels.chunked.no_autocast`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from twofold.kernels import linear_logprobs
-from twofold.kernels.chunked import no_autocast
 
 
 class CompletionHidden(NamedTuple):
@@ -86,7 +85,6 @@ def completion_logprobs(model, input_ids: Tensor, attention_mask: Tensor, comple
     the decoder (e.g. position_ids).
     """
     c = completion_hidden(model, input_ids, attention_mask, completion_mask, **model_kwargs)
-    with no_autocast(c.hidden.device):
-        return linear_logprobs(c.hidden, c.weight, c.targets, bias=c.bias, temperature=temperature / c.logit_scale,
-                               return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+    return linear_logprobs(c.hidden, c.weight, c.targets, bias=c.bias, temperature=temperature / c.logit_scale,
+                           return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
 

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from twofold.kernels import linear_logprobs
-from twofold.kernels.chunked import no_autocast
 from twofold.kernels.fused import fused_linear_loss
 from twofold.objectives.aggregate import token_weights
 from twofold.objectives.layout import Flat, per_seq_or_token
@@ -81,10 +80,9 @@ def fused_ppo(m, hidden, weight, bias, targets, mask, advantages, old, ref_logp,
         inputs["old_logp"] = counted(old)
     if ref_logp is not None and m.beta != 0:
         inputs["ref_logp"] = counted(ref_logp)
-    with no_autocast(hidden.device):
-        out = fused_linear_loss(hidden, weight, targets.masked_fill(~mask, -100),
-                                ppo_clip_token if old is not None else _on_policy_ppo_token, inputs=inputs,
-                                temperature=m.temperature, chunk_size=m.chunk_size, backend=m.backend, bias=bias)
+    out = fused_linear_loss(hidden, weight, targets.masked_fill(~mask, -100),
+                            ppo_clip_token if old is not None else _on_policy_ppo_token, inputs=inputs,
+                            temperature=m.temperature, chunk_size=m.chunk_size, backend=m.backend, bias=bias)
     with torch.no_grad():
         _, metrics = ppo_loss(out.logp, old, advantages, mask, eps_low=m.epsilon_low, eps_high=m.epsilon_high,
                               ref_logp=ref_logp, beta=m.beta, **options, validate=m.validate)
@@ -167,9 +165,8 @@ class FusedLinearPolicyLoss(nn.Module):
 
     def logprobs(self, hidden: Tensor, weight: Tensor, token_ids: Tensor, mask: Tensor, bias: Tensor | None):
         targets = token_ids.masked_fill(~mask, -100)
-        with no_autocast(hidden.device):
-            return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
-                                   chunk_size=self.chunk_size, backend=self.backend)
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
+                               chunk_size=self.chunk_size, backend=self.backend)
 
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
                 advantages: Tensor | None = None, bias: Tensor | None = None, ref_per_token_logps: Tensor | None = None,

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from twofold.kernels.chunked import chunked_linear_logprobs
+from twofold.kernels.chunked import chunked_linear_logprobs, no_autocast
 
 _BACKENDS: dict[str, Callable] = {"torch": chunked_linear_logprobs}
 
@@ -96,9 +96,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = targets.shape
     impl = _resolve_backend(backend, hidden.device)
-    logp, entropy, lse = impl(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                              ignore_index=ignore_index, temperature=float(temperature), chunk_size=chunk_size,
-                              want_entropy=return_entropy)
+    with no_autocast(hidden.device):  # the head picks its precision; the chunked backward turns it off too
+        logp, entropy, lse = impl(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+                                  ignore_index=ignore_index, temperature=float(temperature), chunk_size=chunk_size,
+                                  want_entropy=return_entropy)
     out = [logp.view(shape)]
     if return_entropy:
         out.append(entropy.view(shape))

@@ -52,16 +52,30 @@ def outputs_and_grads(fn, hidden, weight, g_logp, g_ent):
     return [x.detach().double() for x in (logp, ent, dh, dw)]
 
 
-def three_way(hidden, weight, targets, temperature=1.0, chunk_size=None, upstream=("logp", "ent"), elementwise=True):
+def with_tile(tile, temperature):
+    """The torch backend with the backward's (rows, cols) tile pinned: (logp, entropy) of (hidden, weight, targets)."""
+    def fn(h, w, targets):
+        return chunked.chunked_linear_logprobs(h, w, targets, ignore_index=IGNORE, temperature=temperature,
+                                               chunk_size=None, want_entropy=True, tile=tile)[:2]
+    return fn
+
+
+def three_way(hidden, weight, targets, temperature=1.0, chunk_size=None, upstream=("logp", "ent"), elementwise=True,
+              tile=None):
     """The accuracy rule element by element; with `elementwise=False` (a bf16 GEMM, whose output rounding differs
-    from eager's logit by logit) ours' worst and mean errors must not exceed eager's in the same dtype (+ tol)."""
+    from eager's logit by logit) ours' worst and mean errors must not exceed eager's in the same dtype (+ tol).
+    `tile` pins the backward's (rows, cols) tile."""
     dtype = hidden.dtype
     n = targets.numel()
     g = torch.Generator().manual_seed(1)
     g_logp = torch.randn(n, generator=g, dtype=torch.float64) if "logp" in upstream else None
     g_ent = torch.randn(n, generator=g, dtype=torch.float64) if "ent" in upstream else None
-    ours = outputs_and_grads(lambda h, w: linear_logprobs(h, w, targets, temperature=temperature, return_entropy=True,
-                                                          chunk_size=chunk_size), hidden, weight, g_logp, g_ent)
+    if tile is None:
+        fn = lambda h, w: linear_logprobs(h, w, targets, temperature=temperature, return_entropy=True,
+                                          chunk_size=chunk_size)
+    else:
+        fn = lambda h, w: with_tile(tile, temperature)(h, w, targets)
+    ours = outputs_and_grads(fn, hidden, weight, g_logp, g_ent)
     gt = outputs_and_grads(lambda h, w: materialised(h, w, targets, temperature), hidden.double(), weight.double(),
                            g_logp, g_ent)
     same = outputs_and_grads(lambda h, w: materialised(h, w, targets, temperature, dtype), hidden, weight,
@@ -119,6 +133,23 @@ def test_chunk_size_invariance():
         # Per-token outputs barely depend on chunking; dW sums over chunks in another order (fp32 rounding).
         for a, b, tol in zip(results[0], other, (1e-6, 1e-6, 1e-6, 1e-5)):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (5, 7), (16, 64), (64, 1000), (37, 301)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_tiles_ragged_at_both_edges(tile, dtype):
+    """The backward walks (tokens x vocabulary) tiles: any tile, ragged in rows and columns or one tile for the
+    whole problem, meets the accuracy rule, with targets in every column tile and a temperature."""
+    hidden, weight, targets = make_case(37, 24, 301, dtype, seed=21, peaked=True)
+    assert len(set((targets[targets >= 0] // 7).tolist())) > 20  # the targets spread over many column tiles
+    three_way(hidden, weight, targets, 0.8, tile=tile)
+
+
+def test_backward_tiles_gradcheck_float64():
+    hidden, weight, targets = make_case(7, 5, 11, torch.float64, ignore_frac=0.3, seed=11)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    for tile in ((2, 3), (3, 11)):
+        assert torch.autograd.gradcheck(lambda h, w: with_tile(tile, 0.8)(h, w, targets), (h, w))
 
 
 def test_ignored_tokens_give_zero_and_no_gradient():
@@ -278,6 +309,7 @@ def test_bf16_three_way_rule_on_both_gemm_policies(bf16_gemm):
     hidden, weight, targets = make_case(45, 40, 1003, torch.bfloat16, seed=9, peaked=True)
     for temperature in (1.0, 0.8):
         three_way(hidden, weight, targets, temperature, chunk_size=16, elementwise=not bf16_gemm)
+    three_way(hidden, weight, targets, 0.8, tile=(16, 100), elementwise=not bf16_gemm)  # ragged vocabulary tiles
 
 
 def test_this_cpu_takes_the_policy_it_reports():

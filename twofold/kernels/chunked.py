@@ -2,11 +2,16 @@
 
 Per token t with logits z = h_t W^T / temperature:
     logp_t = z[y_t] - lse(z),            entropy_t = -sum_v p_v log p_v,   p = softmax(z).
-Forward walks the tokens in chunks and keeps only logp, entropy and lse per token. Backward recomputes each
-chunk's logits from the saved lse and forms the logits gradient from the upstream gradients g (of logp) and
-g_H (of entropy):
+Forward walks the tokens in chunks and keeps only logp, entropy and lse per token. Backward recomputes the
+logits from the saved lse and forms their gradient from the upstream gradients g (of logp) and g_H (of entropy):
     dL/dz_v = g * 1[v = y] - p_v * (g + g_H * (z_v - lse + H))
-so no [N, V] tensor ever exists: the largest temporaries are one [chunk, V] fp32 block (two with the entropy).
+so no [N, V] tensor ever exists: the largest temporaries are one [chunk, V] fp32 block in forward and one
+[rows, cols] tile in backward (two with the entropy).
+
+The backward walks tiles of tokens x vocabulary rather than whole-vocabulary chunks: dW [V, H] is read and written
+once per row tile and dX [rows, H] once per column tile, so the traffic is N V H (1/rows + 1/cols), least for
+square tiles, and all three GEMMs keep K >= 1024. Whole-vocabulary chunks of 128 tokens re-read the fp32 dW N/128
+times (at V=151936, H=1024 that is 594 MiB per chunk) and ran the backward's GEMMs 25% slower (bench/README.md).
 
 Elementwise work per block is kept to few passes because on CPU it costs as much as the GEMM (an exp over a block
 takes longer than the block's GEMM at H=512): the forward's log-softmax runs in place as one fused kernel
@@ -28,6 +33,9 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 # Fewest tokens per chunk: below this the GEMMs lose most of their speed (at V=151936, 16-row chunks ran the GEMM
 # 3x slower than 128-row ones), so a large vocabulary takes bigger blocks (74 MiB at V=151936) instead.
 MIN_CHUNK_ROWS = 128
+# The backward's (tokens, vocabulary) tile: 4 MiB in fp32. Square, 1024 x 1024, ran the backward fastest of the
+# shapes from 256 x 2048 to 4096 x 512 at V=151936 H=1024 and at V=32000 H=512 (bench/README.md).
+BACKWARD_TILE = (1024, 1024)
 
 
 def default_chunk_size(num_tokens: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -62,23 +70,38 @@ def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def logits_block(rows: int, w_gemm: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """The one [rows, V] buffer every chunk's logits are written into. Allocating a block per chunk would keep
-    two alive (the previous chunk's until the new one is assigned) and, on CPU, fault in fresh pages each time."""
-    return torch.empty(rows, w_gemm.shape[0], dtype=acc, device=w_gemm.device)
+def logits_block(rows: int, cols: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The one buffer every chunk's (or tile's) logits are written into, viewed per chunk by `block_view`.
+    Allocating a block per chunk would keep two alive (the previous chunk's until the new one is assigned) and,
+    on CPU, fault in fresh pages each time."""
+    return torch.empty(rows * cols, dtype=acc, device=device)
+
+
+def block_view(block: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view of the first rows * cols elements of `block` (a ragged last tile too)."""
+    return block[:rows * cols].view(rows, cols)
+
+
+def gemm_input(h: torch.Tensor, temperature: float, w_gemm: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """h / temperature in the GEMM dtype. The temperature divides the [chunk, H] hidden states, not the
+    [chunk, V] logits: a pass over H, not V."""
+    if temperature != 1.0:
+        h = h.to(acc) / temperature
+    return h.to(w_gemm.dtype)
+
+
+def logits_into(out: torch.Tensor, h_gemm: torch.Tensor, w_gemm: torch.Tensor) -> torch.Tensor:
+    """out (acc dtype) = h_gemm @ w_gemm^T, a GEMM in w_gemm's dtype; a low-precision result is upcast into out."""
+    if w_gemm.dtype == out.dtype:
+        return torch.mm(h_gemm, w_gemm.t(), out=out)
+    return out.copy_(h_gemm @ w_gemm.t())
 
 
 def chunk_logits(h: torch.Tensor, w_gemm: torch.Tensor, temperature: float, acc: torch.dtype,
                  block: torch.Tensor) -> torch.Tensor:
-    """Logits of one chunk in `acc`, divided by the temperature, from a GEMM in w_gemm's dtype, written into the
-    first rows of `block` (see `logits_block`). The temperature divides the [chunk, H] hidden states, not the
-    [chunk, V] logits: a pass over H, not V."""
-    if temperature != 1.0:
-        h = h.to(acc) / temperature
-    out = block[:h.shape[0]]
-    if w_gemm.dtype == acc:
-        return torch.mm(h.to(acc), w_gemm.t(), out=out)
-    return out.copy_(h.to(w_gemm.dtype) @ w_gemm.t())  # a low-precision GEMM: its output is upcast into the block
+    """Logits of one chunk over the whole vocabulary in `acc`, divided by the temperature, written into `block`."""
+    out = block_view(block, h.shape[0], w_gemm.shape[0])
+    return logits_into(out, gemm_input(h, temperature, w_gemm, acc), w_gemm)
 
 
 def log_softmax_stats_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,9 +124,11 @@ def chunk_stats_(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
 
 
 def softmax_grad_(log_p: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, temperature: float,
-                  grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/d(h W^T) of one chunk, formed in log_p's storage (log_p: the chunk's log-softmax; targets, grad_logp,
-    grad_entropy, entropy: [chunk]):  (g 1[v = y] - p_v (g + g_H (log p_v + H))) / temperature."""
+                  grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                  col0: int = 0) -> torch.Tensor:
+    """dL/d(h W^T) of one chunk, formed in log_p's storage (log_p: the chunk's log-softmax over vocabulary columns
+    [col0, col0 + width); targets, grad_logp, grad_entropy, entropy: [chunk]):
+        (g 1[v = y] - p_v (g + g_H (log p_v + H))) / temperature."""
     g = grad_logp / temperature
     if grad_entropy is None:
         dz = log_p.exp_().mul_(-g[:, None])
@@ -112,7 +137,10 @@ def softmax_grad_(log_p: torch.Tensor, targets: torch.Tensor, grad_logp: torch.T
         p = torch.exp(log_p)
         # log_p <- -(g + g_H (log p + H)), then dz = p * log_p: no negation pass, no third block
         dz = p.mul_(log_p.mul_(-g_h[:, None]).sub_((g + g_h * entropy)[:, None]))
-    dz[torch.arange(dz.shape[0], device=dz.device), targets] += g
+    # the target's +g, for the rows whose target falls in these columns: no host sync, no branch per tile
+    col = targets - col0
+    hit = (col >= 0) & (col < dz.shape[1])
+    dz[torch.arange(dz.shape[0], device=dz.device), col.clamp(0, dz.shape[1] - 1)] += torch.where(hit, g, 0.0)
     return dz
 
 
@@ -121,33 +149,35 @@ def weight_for_gemm(weight: torch.Tensor) -> torch.Tensor:
     return weight.to(gemm_dtype(weight.dtype, weight.device))
 
 
-def accumulate_grad_weight_(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w (fp32/fp64) += dz^T h, the GEMM in h's dtype: addmm in place when that is grad_w's dtype, else one
-    low-precision GEMM with fp32 accumulation whose [V, H] result is added."""
-    if h.dtype == grad_w.dtype:
-        grad_w.addmm_(dz.t(), h)
+def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32/fp64) += a @ b, the GEMM in b's dtype: addmm in place when that is out's dtype, else one
+    low-precision GEMM with fp32 accumulation whose result is added."""
+    if b.dtype == out.dtype:
+        out.addmm_(a, b)
     else:
-        grad_w += dz.to(h.dtype).t() @ h
+        out += a.to(b.dtype) @ b
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
-    """hidden [N,H] (valid tokens only), weight [V,H], targets [N] -> (logp [N], entropy [N], lse [N])."""
+    """hidden [N,H] (valid tokens only), weight [V,H], targets [N] -> (logp [N], entropy [N], lse [N]).
+    chunk_size: tokens per forward chunk; tile: the backward's (rows, cols)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, tile, want_entropy):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None and costs nothing
         with no_autocast(hidden.device):
-            return ChunkedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy)
+            return ChunkedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, chunk_size, tile,
+                                                  want_entropy)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
+    def _forward(ctx, hidden, weight, targets, temperature, chunk_size, tile, want_entropy):
         acc = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         w = weight_for_gemm(weight)
         logp = hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_zeros(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
-        block = logits_block(min(chunk_size, n), w, acc)
+        block = logits_block(min(chunk_size, n), w.shape[0], acc, w.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = chunk_logits(hidden[s:e], w, temperature, acc, block)
@@ -156,7 +186,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             if ent is not None:
                 entropy[s:e] = ent
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.tile = temperature, tile
         ctx.mark_non_differentiable(lse)
         return logp, entropy, lse
 
@@ -168,32 +198,38 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        temperature, (rows, cols) = ctx.temperature, ctx.tile
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = compute_dtype(hidden.dtype)
-        n = hidden.shape[0]
+        (n, dim), vocab = hidden.shape, weight.shape[0]
         w = weight_for_gemm(weight)
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_h = torch.zeros(n, dim, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        block = logits_block(min(chunk_size, n), w, acc)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            h = hidden[s:e]
-            log_p = chunk_logits(h, w, temperature, acc, block).sub_(lse[s:e, None])
-            dz = softmax_grad_(log_p, targets[s:e], grad_logp[s:e], temperature,
-                               None if grad_entropy is None else grad_entropy[s:e], entropy[s:e])
-            if need_h:
-                grad_h[s:e] = (dz.to(w.dtype) @ w).to(hidden.dtype)
-            if need_w:
-                accumulate_grad_weight_(grad_w, dz, h.to(w.dtype))
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        block = logits_block(min(rows, n), min(cols, vocab), acc, w.device)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            h = gemm_input(hidden[s:e], temperature, w, acc)  # the logits' GEMM input: h / temperature
+            h_raw = hidden[s:e].to(w.dtype)  # dW = dz^T h takes the untempered h (the 1/T is inside dz)
+            g_entropy = None if grad_entropy is None else grad_entropy[s:e]
+            for c in range(0, vocab, cols):
+                d = min(c + cols, vocab)
+                log_p = logits_into(block_view(block, e - s, d - c), h, w[c:d]).sub_(lse[s:e, None])
+                dz = softmax_grad_(log_p, targets[s:e], grad_logp[s:e], temperature, g_entropy, entropy[s:e], c)
+                if need_h:
+                    add_matmul_(grad_h[s:e], dz, w[c:d])
+                if need_w:
+                    add_matmul_(grad_w[c:d], dz.t(), h_raw)
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None)
 
 
-def chunked_linear_logprobs(hidden, weight, targets, *, ignore_index, temperature, chunk_size, want_entropy):
+def chunked_linear_logprobs(hidden, weight, targets, *, ignore_index, temperature, chunk_size, want_entropy,
+                            tile=None):
     """Backend entry point: [N,H], [V,H], [N] -> (logp, entropy, lse), each [N], zero at ignored positions.
+    chunk_size: tokens per chunk in forward and backward (default: `default_chunk_size` forward, BACKWARD_TILE's
+    rows backward); tile: the backward's (rows, cols), to test ragged tiles (default BACKWARD_TILE, its rows
+    replaced by chunk_size when that is set).
 
     Ignored tokens are dropped before any GEMM, so the cost scales with valid tokens. Finding them is one
     host sync (`nonzero`), acceptable on this path: it is the CPU path and the reference; the Triton
@@ -205,7 +241,9 @@ def chunked_linear_logprobs(hidden, weight, targets, *, ignore_index, temperatur
     h = hidden.index_select(0, valid) if compact else hidden
     y = targets.index_select(0, valid) if compact else targets
     size = chunk_size or default_chunk_size(max(h.shape[0], 1), weight.shape[0])
-    logp, entropy, lse = ChunkedLinearLogprobs.apply(h, weight, y, float(temperature), size, want_entropy)
+    tile = tile or (chunk_size or BACKWARD_TILE[0], BACKWARD_TILE[1])
+    logp, entropy, lse = ChunkedLinearLogprobs.apply(h, weight, y, float(temperature), size, tuple(tile),
+                                                     want_entropy)
     if not compact:
         return logp, entropy, lse
     return tuple(torch.zeros(n, dtype=t.dtype, device=t.device).index_copy(0, valid, t) for t in (logp, entropy, lse))

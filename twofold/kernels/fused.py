@@ -20,9 +20,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from twofold.kernels.api import fold_bias
-from twofold.kernels.chunked import (accumulate_grad_weight_, chunk_logits, chunk_stats_, compute_dtype,
-                                      default_chunk_size, logits_block, no_autocast, softmax_grad_,
-                                      weight_for_gemm)
+from twofold.kernels.chunked import (add_matmul_, chunk_logits, chunk_stats_, compute_dtype, default_chunk_size,
+                                      logits_block, no_autocast, softmax_grad_, weight_for_gemm)
 from twofold.objectives.token_local import TOKEN_LOCAL, with_entropy_bonus
 
 # Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
@@ -145,7 +144,7 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
     grad_w = torch.zeros(weight.shape if needs[1] else 0, dtype=acc, device=weight.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     size = chunk_size or default_chunk_size(max(valid.numel(), 1), weight.shape[0], TORCH_CHUNK_BYTES)
-    block = logits_block(min(size, max(valid.numel(), 1)), w, acc)
+    block = logits_block(min(size, max(valid.numel(), 1)), w.shape[0], acc, w.device)
     for s in range(0, valid.numel(), size):
         index = valid[s:s + size]
         h = hidden.index_select(0, index).to(w.dtype)
@@ -160,6 +159,6 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         if needs[0]:
             grad_h[index] = (dz.to(w.dtype) @ w).to(hidden.dtype)
         if needs[1]:
-            accumulate_grad_weight_(grad_w, dz, h)
+            add_matmul_(grad_w, dz.t(), h)
         logp_all[index] = logp
     return total, logp_all, entropy_all, grad_h, grad_w.to(weight.dtype)

@@ -2,45 +2,47 @@
 
 Per token t with logits z = h_t W^T / temperature:
     logp_t = z[y_t] - lse(z),            entropy_t = -sum_v p_v log p_v,   p = softmax(z).
-Forward walks the tokens in chunks and keeps only logp, entropy and lse per token. Backward recomputes the
-logits from the saved lse and forms their gradient from the upstream gradients g (of logp) and g_H (of entropy):
+Forward keeps only logp, entropy and lse per token. Backward recomputes the logits from the saved lse and forms
+their gradient from the upstream gradients g (of logp) and g_H (of entropy):
     dL/dz_v = g * 1[v = y] - p_v * (g + g_H * (z_v - lse + H))
-so no [N, V] tensor ever exists: the largest temporaries are one [chunk, V] fp32 block in forward and one
-[rows, cols] tile in backward (two with the entropy).
+so no [N, V] tensor ever exists: the largest temporary is one [rows, cols] tile of logits (two with the entropy).
 
-The backward walks tiles of tokens x vocabulary rather than whole-vocabulary chunks: dW [V, H] is read and written
-once per row tile and dX [rows, H] once per column tile, so the traffic is N V H (1/rows + 1/cols), least for
-square tiles, and all three GEMMs keep K >= 1024. Whole-vocabulary chunks of 128 tokens re-read the fp32 dW N/128
-times (at V=151936, H=1024 that is 594 MiB per chunk) and ran the backward's GEMMs 25% slower (bench/README.md).
+Both passes walk tiles of tokens x vocabulary (`TILE`), not whole-vocabulary chunks. The forward merges each
+tile's (lse, entropy) into the row's (`merge_tiles`, exact: no cancellation); the backward reads and writes dW
+[V, H] once per row of tiles and dX [rows, H] once per column of tiles, so its traffic is N V H (1/rows + 1/cols),
+least for square tiles, and every GEMM keeps K >= 1024 (or H). Whole-vocabulary chunks need few rows to fit a
+block (128 at V=151936, 74 MiB) and so re-read the fp32 dW (594 MiB there) every 128 tokens: the backward's
+GEMMs ran at 44 GFLOP/s against the tiles' 72 (one core, bench/README.md).
 
-Elementwise work per block is kept to few passes because on CPU it costs as much as the GEMM (an exp over a block
-takes longer than the block's GEMM at H=512): the forward's log-softmax runs in place as one fused kernel
-(torch.logsumexp makes several passes and a temporary), and the backward forms dz in place in three passes (five
-with the entropy), with the temperature folded into the per-token coefficients.
+Elementwise work per tile is kept to few passes because on CPU it costs as much as a thin GEMM: the log-softmax
+runs in place as one fused kernel, and the backward forms dz in place in three passes (five with the entropy),
+with the temperature folded into the per-token coefficients.
 
 Precision: the softmax math is always fp32 (fp64 for fp64 inputs). The GEMMs run in `gemm_dtype`: bf16/fp16
 inputs use low-precision GEMMs (fp32 accumulation, the logits rounded to the input dtype, as eager's are) where
 the hardware has them, and fp32 GEMMs on a CPU without native bf16/fp16 support, where a bf16 GEMM is emulated
 and several times slower (7x on an AVX2 AMD EPYC: bench/README.md). Autocast is off inside the head in forward
 and backward alike, so the backward's recomputed logits are the forward's.
+
+The whole-vocabulary chunk helpers (`chunk_logits`, `chunk_stats_`, `default_chunk_size`) serve the fused loss
+pass (`twofold.kernels.fused`), which needs a row's whole softmax before it can form that row's gradient.
 """
 from __future__ import annotations
 
 import torch
 
-# Bytes one [chunk, V] fp32 block may take (one block lives in backward, two when the entropy has a gradient).
-DEFAULT_CHUNK_BYTES = 16 * 2**20
-# Fewest tokens per chunk: below this the GEMMs lose most of their speed (at V=151936, 16-row chunks ran the GEMM
-# 3x slower than 128-row ones), so a large vocabulary takes bigger blocks (74 MiB at V=151936) instead.
+# The (tokens, vocabulary) tile of both passes: 4 MiB of fp32 logits. Square per the traffic above; the shapes
+# from 256 x 2048 to 4096 x 512 ran the backward within noise of each other and 1.6x faster than 128-token
+# whole-vocabulary chunks at V=151936 H=1024 (bench/README.md).
+TILE = (1024, 1024)
+# Fewest tokens per whole-vocabulary chunk (the fused pass): below this the GEMMs lose most of their speed (at
+# V=151936, 16-row chunks ran the GEMM 3x slower than 128-row ones).
 MIN_CHUNK_ROWS = 128
-# The backward's (tokens, vocabulary) tile: 4 MiB in fp32. Square, 1024 x 1024, ran the backward fastest of the
-# shapes from 256 x 2048 to 4096 x 512 at V=151936 H=1024 and at V=32000 H=512 (bench/README.md).
-BACKWARD_TILE = (1024, 1024)
 
 
-def default_chunk_size(num_tokens: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so one fp32 [chunk, V] block stays under `chunk_bytes` (a multiple of 16), but never fewer
-    than MIN_CHUNK_ROWS."""
+def default_chunk_size(num_tokens: int, vocab: int, chunk_bytes: int) -> int:
+    """Tokens per whole-vocabulary chunk so one fp32 [chunk, V] block stays under `chunk_bytes` (a multiple of 16),
+    but never fewer than MIN_CHUNK_ROWS."""
     rows = max(MIN_CHUNK_ROWS, (chunk_bytes // (4 * vocab)) // 16 * 16)
     return max(1, min(rows, num_tokens))
 
@@ -104,23 +106,36 @@ def chunk_logits(h: torch.Tensor, w_gemm: torch.Tensor, temperature: float, acc:
     return logits_into(out, gemm_input(h, temperature, w_gemm, acc), w_gemm)
 
 
-def log_softmax_stats_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp of the targets, lse) of one chunk of logits; z becomes the log-softmax, in place (one fused kernel)."""
-    z_target = z.gather(1, targets[:, None]).squeeze(1)
-    log_p = torch.log_softmax(z, dim=1, out=z)  # a whole row is read before it is written: safe in place
-    logp = log_p.gather(1, targets[:, None]).squeeze(1)
-    return logp, z_target - logp
+def tile_stats_(z: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lse, entropy or None) of a block of logits, each row's softmax over the block's columns alone; z becomes
+    that log-softmax, in place (one fused kernel; a row is read before it is written). The lse is read at the
+    row's maximum (max - log_softmax there, at most log(cols) in magnitude): no cancellation. The entropy is
+    -sum p log p on the log-softmax, no difference of two large terms; torch's sum reduces pairwise (a BLAS dot
+    over V=32k drifts 10x more)."""
+    top, where = z.max(1, keepdim=True)
+    log_q = torch.log_softmax(z, dim=1, out=z)
+    lse = (top - log_q.gather(1, where)).squeeze(1)
+    return lse, (-torch.exp(log_q).mul_(log_q).sum(1) if want_entropy else None)
 
 
 def chunk_stats_(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
-    """(logp, entropy or None, lse) of one chunk of logits (overwrites z with its log-softmax)."""
-    logp, lse = log_softmax_stats_(z, targets)
-    if not want_entropy:
+    """(logp, entropy or None, lse) of a whole-vocabulary chunk of logits (overwrites z with its log-softmax)."""
+    lse, entropy = tile_stats_(z, want_entropy)
+    return z.gather(1, targets[:, None]).squeeze(1), entropy, lse
+
+
+def merge_tiles(tile_lse: torch.Tensor, tile_entropy: torch.Tensor | None, tile_logp: torch.Tensor,
+                target_tile: torch.Tensor):
+    """(logp, entropy or None, lse) of rows split into column tiles k with per-tile (lse_k, H_k) [rows, tiles] and
+    the target's in-tile log-prob: with tile masses w_k = exp(lse_k - lse),
+        lse = log sum_k exp(lse_k),  logp = log q(y) + log w_k(y),  H = sum_k w_k (H_k - log w_k),
+    every term non-negative: no cancellation."""
+    lse = torch.logsumexp(tile_lse, 1)
+    log_w = tile_lse - lse[:, None]
+    logp = tile_logp + log_w.gather(1, target_tile[:, None]).squeeze(1)
+    if tile_entropy is None:
         return logp, None, lse
-    # H = -sum_v p_v log p_v on the log-softmax: no cancellation between two large terms. torch's sum reduces
-    # pairwise; a BLAS dot over V=32k drifts 10x more.
-    entropy = -torch.exp(z).mul_(z).sum(1)
-    return logp, entropy, lse
+    return logp, (log_w.exp() * (tile_entropy - log_w)).sum(1), lse
 
 
 def softmax_grad_(log_p: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, temperature: float,
@@ -159,29 +174,41 @@ def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
-    """hidden [N,H] (valid tokens only), weight [V,H], targets [N] -> (logp [N], entropy [N], lse [N]).
-    chunk_size: tokens per forward chunk; tile: the backward's (rows, cols)."""
+    """hidden [N,H] (valid tokens only), weight [V,H], targets [N] -> (logp [N], entropy [N], lse [N]), walking
+    (rows, cols) = `tile` tiles of tokens x vocabulary in forward and backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, tile, want_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, tile, want_entropy):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None and costs nothing
         with no_autocast(hidden.device):
-            return ChunkedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, chunk_size, tile,
-                                                  want_entropy)
+            return ChunkedLinearLogprobs._forward(ctx, hidden, weight, targets, temperature, tile, want_entropy)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, temperature, chunk_size, tile, want_entropy):
+    def _forward(ctx, hidden, weight, targets, temperature, tile, want_entropy):
         acc = compute_dtype(hidden.dtype)
-        n = hidden.shape[0]
+        (n, _), vocab = hidden.shape, weight.shape[0]
+        rows, cols = tile
         w = weight_for_gemm(weight)
-        logp = hidden.new_empty(n, dtype=acc)
+        logp, lse = hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_zeros(n, dtype=acc)
-        lse = hidden.new_empty(n, dtype=acc)
-        block = logits_block(min(chunk_size, n), w.shape[0], acc, w.device)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = chunk_logits(hidden[s:e], w, temperature, acc, block)
-            lp, ent, ls = chunk_stats_(z, targets[s:e], want_entropy)
+        block = logits_block(min(rows, n), min(cols, vocab), acc, w.device)
+        starts = range(0, vocab, cols)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            h, y = gemm_input(hidden[s:e], temperature, w, acc), targets[s:e]
+            tile_lse = torch.empty(e - s, len(starts), dtype=acc, device=w.device)
+            tile_entropy = torch.empty_like(tile_lse) if want_entropy else None
+            tile_logp = torch.empty(e - s, dtype=acc, device=w.device)
+            for k, c in enumerate(starts):
+                d = min(c + cols, vocab)
+                log_q = logits_into(block_view(block, e - s, d - c), h, w[c:d])
+                tile_lse[:, k], ent = tile_stats_(log_q, want_entropy)
+                if ent is not None:
+                    tile_entropy[:, k] = ent
+                col = y - c
+                hit = (col >= 0) & (col < d - c)
+                tile_logp = torch.where(hit, log_q.gather(1, col.clamp(0, d - c - 1)[:, None]).squeeze(1), tile_logp)
+            lp, ent, ls = merge_tiles(tile_lse, tile_entropy, tile_logp, y // cols)
             logp[s:e], lse[s:e] = lp, ls
             if ent is not None:
                 entropy[s:e] = ent
@@ -221,15 +248,13 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 if need_w:
                     add_matmul_(grad_w[c:d], dz.t(), h_raw)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None)
+                None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None)
 
 
 def chunked_linear_logprobs(hidden, weight, targets, *, ignore_index, temperature, chunk_size, want_entropy,
                             tile=None):
     """Backend entry point: [N,H], [V,H], [N] -> (logp, entropy, lse), each [N], zero at ignored positions.
-    chunk_size: tokens per chunk in forward and backward (default: `default_chunk_size` forward, BACKWARD_TILE's
-    rows backward); tile: the backward's (rows, cols), to test ragged tiles (default BACKWARD_TILE, its rows
-    replaced by chunk_size when that is set).
+    chunk_size: tokens per tile (default TILE's rows); tile: (rows, cols), to test ragged tiles (default TILE).
 
     Ignored tokens are dropped before any GEMM, so the cost scales with valid tokens. Finding them is one
     host sync (`nonzero`), acceptable on this path: it is the CPU path and the reference; the Triton
@@ -240,10 +265,8 @@ def chunked_linear_logprobs(hidden, weight, targets, *, ignore_index, temperatur
     compact = valid.numel() != n
     h = hidden.index_select(0, valid) if compact else hidden
     y = targets.index_select(0, valid) if compact else targets
-    size = chunk_size or default_chunk_size(max(h.shape[0], 1), weight.shape[0])
-    tile = tile or (chunk_size or BACKWARD_TILE[0], BACKWARD_TILE[1])
-    logp, entropy, lse = ChunkedLinearLogprobs.apply(h, weight, y, float(temperature), size, tuple(tile),
-                                                     want_entropy)
+    tile = tuple(tile or (chunk_size or TILE[0], TILE[1]))
+    logp, entropy, lse = ChunkedLinearLogprobs.apply(h, weight, y, float(temperature), tile, want_entropy)
     if not compact:
         return logp, entropy, lse
     return tuple(torch.zeros(n, dtype=t.dtype, device=t.device).index_copy(0, valid, t) for t in (logp, entropy, lse))

@@ -236,3 +236,26 @@ def test_generating_before_the_first_sync_is_refused(model_dir):
     sampler = build_sampler(SamplerConfig(backend="transformers", dtype="float32"), model_dir)
     with pytest.raises(RuntimeError, match="dummy weights"):
         sampler.generate(PROMPTS, GREEDY)
+
+
+def test_vllm_text_decoded_without_its_detokenizer_is_vllms_text(fp32):
+    """Without stop strings vLLM does not detokenize (`VLLMSampler.sampling_params`) and the sampler decodes the
+    text itself: it must be the text vLLM's own detokenizer gives, for samples ending at EOS, at a stop token id
+    and at the length limit."""
+    sampler = fp32["samplers"]["vllm"]
+    stop_id = sampler.tokenizer.convert_tokens_to_ids("1")
+    params = GenerationParams(n=4, temperature=1.0, max_new_tokens=12, seed=11, stop_token_ids=(stop_id,),
+                              logprobs=True)
+    mine = [s for g in sampler.generate(PROMPTS, params) for s in g]
+    requests = [{"prompt_token_ids": sampler.prompt_ids(p, i)} for i, p in enumerate(PROMPTS)]
+    sampling = []
+    for i, r in enumerate(requests):
+        sp = sampler.sampling_params(len(r["prompt_token_ids"]), params, (), params.seed + i * params.n)
+        assert not sp.detokenize
+        sp.detokenize = True
+        sampling.append(sp)
+    theirs = [c for out in sampler.llm.generate(requests, sampling, use_tqdm=False)
+              for c in sorted(out.outputs, key=lambda c: c.index)]
+    assert [s.token_ids for s in mine] == [list(c.token_ids) for c in theirs]
+    assert [s.text for s in mine] == [c.text for c in theirs]
+    assert {s.finish_reason for s in mine} == {"eos", "stop", "length"}

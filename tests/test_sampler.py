@@ -16,7 +16,7 @@ from twofold.engine.config import ModelConfig, OptimConfig
 from twofold.engine.distributed import init_distributed, shutdown_distributed
 from twofold.engine.model import build_policy
 from twofold.engine.packing import Sequence, collate
-from twofold.engine.sampler import GenerationParams, SamplerConfig, build_sampler
+from twofold.engine.sampler import GenerationParams, SamplerConfig, build_sampler, workload_kv_blocks
 from twofold.engine.trainer import Trainer
 from twofold.engine.weight_sync import sync_weights
 
@@ -46,7 +46,7 @@ def _setup(env, model_dir, dtype):
                                       activation_checkpointing=False), env)
     trainer = Trainer(policy, env, OptimConfig(lr=1e-3), objective="sft", total_steps=1,
                       max_tokens_per_microbatch=512)
-    cfg = SamplerConfig(dtype=dtype, max_model_len=128, kv_cache_gib=1 / 32, sync_bucket_mb=1, seed=3)
+    cfg = SamplerConfig(dtype=dtype, max_model_len=128, sync_bucket_mb=1, seed=3)  # the KV cache sized by default
     samplers = {b: build_sampler(replace(cfg, backend=b), model_dir) for b in BACKENDS}
     for s in samplers.values():
         sync_weights(policy, s)
@@ -259,3 +259,13 @@ def test_vllm_text_decoded_without_its_detokenizer_is_vllms_text(fp32):
     assert [s.token_ids for s in mine] == [list(c.token_ids) for c in theirs]
     assert [s.text for s in mine] == [c.text for c in theirs]
     assert {s.finish_reason for s in mine} == {"eos", "stop", "length"}
+
+
+def test_the_default_kv_cache_holds_max_num_seqs_sequences_of_max_model_len(fp32):
+    sampler = fp32["samplers"]["vllm"]
+    cache = sampler.llm.llm_engine.vllm_config.cache_config
+    per_sequence = -(-sampler.cfg.max_model_len // cache.block_size)
+    assert cache.num_gpu_blocks == sampler.cfg.max_num_seqs * per_sequence + 1  # + vLLM's null block
+    assert workload_kv_blocks(4, 300, 128, 1 << 20) == 4 * 3 + 1
+    assert workload_kv_blocks(1000, 64, 16, 1 << 20) == 1024  # at most 1 GiB...
+    assert workload_kv_blocks(256, 4096, 16, 1 << 29) == 256 + 1  # ...but never less than one whole sequence

@@ -529,7 +529,8 @@ def validate_rollout(config: Config) -> None:
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
     _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
     sampler = config.sampler
-    _require(sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib", ">= 0 (0: gpu_memory_utilization decides)",
+    _require(sampler.kv_cache_gib is None or sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib",
+             ">= 0 (0: gpu_memory_utilization decides) or null (sized from max_num_seqs x max_model_len)",
              sampler.kv_cache_gib)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)

@@ -46,8 +46,12 @@ class SamplerConfig:
     load_format: Literal["dummy", "auto"] = "dummy"
     """dummy: random weights until the first `sync_weights` (nothing is read from disk; generating before a sync
     raises); auto: load the checkpoint at the model path once at start."""
-    kv_cache_gib: float = 1.0
-    """KV-cache size. Required on CPU (vLLM's RAM fraction counts the whole trainer's RSS); 0 on GPU means
+    kv_cache_gib: float | None = None
+    """KV-cache size in GiB. None (default): sized from the workload, room for `max_num_seqs` sequences of
+    `max_model_len` tokens each in whole blocks of the engine's block size (the most one engine step can hold; the
+    prefix cache is reset at every weight sync, so more blocks would stay unused), never more than
+    `AUTO_KV_CACHE_MAX_GIB` (1 GiB) and never less than one sequence of `max_model_len`. A number sets the size
+    (on CPU vLLM's own default, a fraction of RAM, would count the trainer's memory); 0 on GPU means
     `gpu_memory_utilization` decides."""
     gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory for vLLM when kv_cache_gib is 0; leave room for training."""
@@ -182,10 +186,22 @@ class Sampler(ABC):
 def check_config(cfg: SamplerConfig) -> None:
     if cfg.max_model_len < 2:
         raise ValueError(f"sampler.max_model_len must be >= 2, got {cfg.max_model_len}")
-    if cfg.kv_cache_gib < 0:
+    if cfg.kv_cache_gib is not None and cfg.kv_cache_gib < 0:
         raise ValueError(f"sampler.kv_cache_gib must be >= 0, got {cfg.kv_cache_gib}")
     if cfg.sync_bucket_mb < 1:
         raise ValueError(f"sampler.sync_bucket_mb must be >= 1, got {cfg.sync_bucket_mb}")
+
+
+AUTO_KV_CACHE_MAX_GIB = 1.0
+"""The most a workload-sized KV cache (`SamplerConfig.kv_cache_gib=None`) takes."""
+
+
+def workload_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, block_bytes: int) -> int:
+    """KV-cache blocks for `max_num_seqs` sequences of `max_model_len` tokens, plus the null block vLLM's block
+    pool holds back, within `AUTO_KV_CACHE_MAX_GIB` but never below one whole sequence."""
+    per_sequence = -(-max_model_len // block_size)
+    cap = int(AUTO_KV_CACHE_MAX_GIB * 2**30) // block_bytes
+    return max(per_sequence, min(max_num_seqs * per_sequence, cap - 1)) + 1
 
 
 def build_sampler(cfg: SamplerConfig, model_path: str, rank: int = 0) -> Sampler:

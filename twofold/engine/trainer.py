@@ -197,10 +197,14 @@ def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, b
 
 
 def split_by_sequence(logp: torch.Tensor, mb: MicroBatch) -> dict[int, list[float]]:
-    """[N] per-token values of a micro-batch -> {sequence index in the mini-batch: its loss-position values}."""
-    out = {}
-    for s, index in enumerate(mb.sequence_ids):
-        out[index] = logp[(mb.seq_index == s) & (mb.targets != IGNORE_INDEX)].tolist()
+    """[N] per-token values of a micro-batch -> {sequence index in the mini-batch: its loss-position values}.
+    `collate` lays each sequence's tokens out contiguously, in order: one selection and one `tolist` for the
+    micro-batch, then list slices (a mask per sequence cost ~3 ms per call at the demo's 128 sequences)."""
+    keep = mb.targets != IGNORE_INDEX
+    counts = torch.bincount(mb.seq_index[keep], minlength=len(mb.sequence_ids)).tolist()
+    values, out, start = logp[keep].tolist(), {}, 0
+    for index, count in zip(mb.sequence_ids, counts):
+        out[index], start = values[start:start + count], start + count
     return out
 
 
@@ -227,8 +231,10 @@ class Trainer:
         self.loss_fn = resolve_objective(objective)
         self.objective_name, self.objective_kwargs = objective, dict(objective_kwargs or {})
         self.budget, self.pad_token_id = max_tokens_per_microbatch, pad_token_id
+        # foreach: torch picks the per-tensor loop for CPU (and DTensor) parameters, ~3x the Python time per step
+        # for the same arithmetic (a test checks the two bitwise)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                           eps=optim.eps, weight_decay=optim.weight_decay)
+                                           eps=optim.eps, weight_decay=optim.weight_decay, foreach=True)
         schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))

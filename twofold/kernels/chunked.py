@@ -11,8 +11,8 @@ Both passes walk tiles of tokens x vocabulary (`TILE`), not whole-vocabulary chu
 tile's (lse, entropy) into the row's (`merge_tiles`, exact: no cancellation); the backward reads and writes dW
 [V, H] once per row of tiles and dX [rows, H] once per column of tiles, so its traffic is N V H (1/rows + 1/cols),
 least for square tiles, and every GEMM keeps K >= 1024 (or H). Whole-vocabulary chunks need few rows to fit a
-block (128 at V=151936, 74 MiB) and so re-read the fp32 dW (594 MiB there) every 128 tokens: the backward's
-GEMMs ran at 44 GFLOP/s against the tiles' 72 (one core, bench/README.md).
+block (128 at V=151936, 74 MiB) and so re-read the fp32 dW (594 MiB there) every 128 tokens: at N=4096 H=1024
+V=151936 the head's fwd+bwd ran its GEMMs at 45 GFLOP/s that way and at 71 in tiles (one core, bench/README.md).
 
 Elementwise work per tile is kept to few passes because on CPU it costs as much as a thin GEMM: the log-softmax
 runs in place as one fused kernel, and the backward forms dz in place in three passes (five with the entropy),
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import torch
 
-# The (tokens, vocabulary) tile of both passes: 4 MiB of fp32 logits. Square per the traffic above; the shapes
-# from 256 x 2048 to 4096 x 512 ran the backward within noise of each other and 1.6x faster than 128-token
-# whole-vocabulary chunks at V=151936 H=1024 (bench/README.md).
+# The (tokens, vocabulary) tile of both passes: 4 MiB of fp32 logits. Square per the traffic above; in a one-off
+# sweep of the backward alone (N=2048 H=1024 V=151936, one core, load ~3) the tiles from 256 x 2048 to 4096 x 512
+# ran within noise of each other, 1.6x faster than 128-token whole-vocabulary chunks.
 TILE = (1024, 1024)
 # Fewest tokens per whole-vocabulary chunk (the fused pass): below this the GEMMs lose most of their speed (at
 # V=151936, 16-row chunks ran the GEMM 3x slower than 128-row ones).

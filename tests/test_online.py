@@ -171,17 +171,11 @@ def deterministic(row: dict) -> dict:
                                                   or k.endswith(("_per_s", "_time_s")) or k in ("peak_mem_gib", "mfu"))}
 
 
-def hanging_check(answer: str, gold: str) -> bool:
-    """An answer check that never returns (what a pathological sympy input does), run in the verifier's workers."""
-    while True:
-        pass
-
-
 def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path):
     """Every check hangs: each is killed at the limit and scores 0, the timeouts are counted, the group is not
     informative, nothing trains, and the run goes on."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "7+0=", "answer": "7"}])
-    with VerifierPool(num_workers=1, timeout=0.3, check="tests.test_online:hanging_check") as hanging:
+    with VerifierPool(num_workers=1, timeout=0.3, check="tests.verifier_functions:hanging_check") as hanging:
         config = online_config(files, warm, "nft", tmp_path / "run", f"data.path={prompts}", "rollout.prompts_per_step=1",
                                "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1", "verifier.timeout=0.3")
         (step,) = run(config, sampler=sampler, pool=hanging)
@@ -243,18 +237,13 @@ def test_trl_messages_train_online_and_offline(files, warm, sampler, pool, chat_
     assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
 
 
-def boxed_bonus(response: str, gold: str) -> float:
-    """A custom reward term: 1 for a response that starts with its boxed answer."""
-    return float(response.startswith("\\boxed{"))
-
-
 def test_reward_functions_and_math_verify_from_the_config(files, warm, sampler, tmp_path):
     """reward.functions run in the verifier's workers beside the check; GRPO trains on the graded reward;
     verifier.check=math_verify scores the same run's samples with Math-Verify."""
     pytest.importorskip("math_verify", reason="the math extra (pip install 'twofold[math]')")
     from twofold.engine.verifier import build_pool
     graded = online_config(files, warm, "grpo", tmp_path / "graded", "verifier.workers=1",
-                           "reward.functions=[{name: 'tests.test_online:boxed_bonus', weight: 0.25}]")
+                           "reward.functions=[{name: 'tests.verifier_functions:boxed_bonus', weight: 0.25}]")
     with build_pool(graded) as scorer:
         assert scorer.verify_batch(["\\boxed{3}", "\\boxed{4}", "3"], ["3", "3", "3"]) == [1.25, 0.25, 0.0]
         (step,) = run(graded, sampler=sampler, pool=scorer)

@@ -285,21 +285,20 @@ def test_one_offline_step(objective, files, one_thread, tmp_path):
         assert step["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
-def test_two_ranks_nft_and_redi(files, warm, tmp_path):
-    """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies; then offline REDI."""
+def test_two_ranks_nft(files, warm, tmp_path):
+    """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies. (Offline preference pairs on
+    two ranks: tests/test_engine_distributed.py.)"""
+    from twofold.engine.config import to_yaml
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    nft = online_config(files, warm, "nft", tmp_path / "nft")
-    redi = load_config(None, offline_overrides(files, "redi", tmp_path / "redi", "pairs"))
-    for config, name in ((nft, "nft"), (redi, "redi")):
-        recipe = tmp_path / f"{name}.yaml"
-        from twofold.engine.config import to_yaml
-        recipe.write_text(to_yaml(config))
-        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
-                               str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        (step,) = read_metrics(Path(config.run_dir) / "metrics.jsonl")
-        assert step["skipped"] == 0 and step["grad_norm"] > 0
+    config = online_config(files, warm, "nft", tmp_path / "nft")
+    recipe = tmp_path / "nft.yaml"
+    recipe.write_text(to_yaml(config))
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
+                           str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (step,) = read_metrics(Path(config.run_dir) / "metrics.jsonl")
+    assert step["skipped"] == 0 and step["grad_norm"] > 0
 
 
 # ---- sampler / trainer agreement, corrections, the weight-sync canary -----------------------------------------------

@@ -1,14 +1,16 @@
-"""The kernel benchmarks run end to end on CPU at a tiny shape and report what they claim to measure."""
+"""The kernel benchmarks run end to end on CPU at a tiny shape and report what they claim to measure.
+
+Each runs its `main` in this process (no fresh interpreter to start); the memory probes are fresh processes of
+their own (`python -m bench.kernels --_memory-probe ...`), as from the command line."""
+import importlib
 import json
-import subprocess
-import sys
 
 import pytest
 
 
 def run_bench(module, *args, tmp_path):
     out = tmp_path / f"{module}.json"
-    subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], check=True, capture_output=True)
+    importlib.import_module(module).main([*args, "--out", str(out)])
     return json.loads(out.read_text())
 
 

@@ -3,6 +3,7 @@
     python -m bench.fused                     # CPU, N=8192 H=512 V=32000 fp32 (the issue's must-show shape)
     python -m bench.fused --quick             # small shape, seconds
     python -m bench.fused --objective grpo    # GRPO's clipped ratio loss instead of NFT's
+    python -m bench.fused --no-memory         # times only (on CPU the memory probes are a fresh process per case)
     python -m bench.fused --device cuda --dtype bf16 --n 8192 --h 4096 --v 128256 --backend triton
 
 Cases on identical inputs: `eager` materialises [N, V] logits, takes log_softmax and runs the NFT token-local
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     add_shape_arguments(p)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     p.add_argument("--objective", default="nft", choices=OBJECTIVES, help="token-local objective (default: nft)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory probes (on CPU each is a fresh process running a warm-up and one call)")
     p.add_argument("--_memory-probe", metavar="CASE", help=argparse.SUPPRESS)
     return finish_shape_arguments(p.parse_args(argv))
 
@@ -93,7 +96,7 @@ def main(argv=None):
     load = LoadWatch(threads=torch.get_num_threads())
     times = median_times(runs, device, args.warmup, args.repeats, progress="bench.fused")
     probe = [*shape_probe_args(args), "--backend", args.backend, "--objective", args.objective]
-    mem = {c: (peak_extra_memory(runs[c], device) if device.type == "cuda"
+    mem = {c: (None if args.no_memory else peak_extra_memory(runs[c], device) if device.type == "cuda"
                else memory_in_subprocess("bench.fused", [c, *probe])) for c in CASES}
     load.stop()
     speed, floor = ratio(times["fused"], times["eager"]), ratio(times["fused"], times["ideal"])
@@ -102,20 +105,23 @@ def main(argv=None):
               "memory_method": memory_method(device), **load.as_dict(),
               "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
               "rows": [{"case": c, "time_ms": times[c] * 1e3, "time_ms_min": times[c].low * 1e3,
-                        "time_ms_max": times[c].high * 1e3, "peak_extra_mib": mem[c] / 2**20,
+                        "time_ms_max": times[c].high * 1e3,
+                        "peak_extra_mib": None if mem[c] is None else mem[c] / 2**20,
                         "gflops_6nhv": 6 * args.n * args.h * args.v / times[c] / 1e9} for c in CASES],
               "fused_vs_eager": {"time": float(speed), "time_min": speed.low, "time_max": speed.high,
-                                 "memory": mem["fused"] / mem["eager"]},
+                                 "memory": None if args.no_memory else mem["fused"] / mem["eager"]},
               "fused_vs_ideal": {"time": float(floor), "time_min": floor.low, "time_max": floor.high}}
     print(f"{args.objective.upper()} loss fwd+bwd  N={args.n} H={args.h} V={args.v} {args.dtype} on {report['device']} "
           f"({report['threads']} threads), {args.repeats} repeats, cases interleaved")
     for line in load.lines():
         print(line)
     for c, row in zip(CASES, report["rows"]):
+        extra = "n/a" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.1f}"
         print(f"  {row['case']:<6} {times[c].fmt('.1f', 1e3):>26} ms {row['gflops_6nhv']:>8.1f} GFLOP/s "
-              f"{row['peak_extra_mib']:>9.1f} MiB extra")
+              f"{extra:>9} MiB extra")
     q = report["fused_vs_eager"]
-    print(f"  fused / eager: time {speed.fmt('.3f')}x, peak memory {q['memory']:.4f}x")
+    memory = "n/a" if q["memory"] is None else f"{q['memory']:.4f}x"
+    print(f"  fused / eager: time {speed.fmt('.3f')}x, peak memory {memory}")
     print(f"  fused / ideal (the three GEMMs alone): time {floor.fmt('.3f')}x")
     if args.out:
         with open(args.out, "w") as f:

@@ -274,10 +274,13 @@ def summary(directory: str) -> str:
         if report:
             rows = {r["case"]: r for r in report["rows"]}
             q = report["fused_vs_eager"]
+            mib = {c: "n/a" if rows[c]["peak_extra_mib"] is None else f"{rows[c]['peak_extra_mib']:.0f} MiB"
+                   for c in ("eager", "fused")}  # the dry run leaves out the CPU-only memory probes
+            memory = "n/a" if q["memory"] is None else f"{q['memory']:.3f}x"
             lines.append(f"bench.fused {report['objective']} N={report['shape']['N']} V={report['shape']['V']} "
-                         f"{report['shape']['dtype']}: eager {rows['eager']['time_ms']:.1f} ms "
-                         f"{rows['eager']['peak_extra_mib']:.0f} MiB, fused {rows['fused']['time_ms']:.1f} ms "
-                         f"{rows['fused']['peak_extra_mib']:.0f} MiB: time {q['time']:.2f}x, memory {q['memory']:.3f}x")
+                         f"{report['shape']['dtype']}: eager {rows['eager']['time_ms']:.1f} ms {mib['eager']}, "
+                         f"fused {rows['fused']['time_ms']:.1f} ms {mib['fused']}: time {q['time']:.2f}x, "
+                         f"memory {memory}")
     for row in stage_result(campaign, "step") or []:
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
         lines.append(f"bench.step {row['head']:<6} {row['preset']} {row['dtype']} {row.get('attn')}: "

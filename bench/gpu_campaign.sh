@@ -63,7 +63,9 @@ if [ "$DRY" = 1 ]; then  # the same command lines at tiny CPU shapes (Triton int
     BACKEND=torch  # the interpreted fused pass takes seconds per call; CI's tests cover it
     SUITE_PICK=(-k test_custom_op_opcheck)
     KERNEL_SHAPES=(--quick)
-    FUSED_SHAPE=(--dtype fp32 --n 256 --h 32 --v 1000 --warmup 0 --repeats 1)
+    # on CPU bench.fused measures memory in a fresh process per case, a path the GPU (in-process) never takes;
+    # tests/test_bench.py covers those probes
+    FUSED_SHAPE=(--dtype fp32 --n 256 --h 32 --v 1000 --warmup 0 --repeats 1 --no-memory)
     STEP_SHAPE=(--preset tiny-qwen2 --dtype float32 --batch-tokens 128 --budget 128 --min-len 16 --max-len 64
                 --steps 1 --warmup 0)
 else

@@ -28,3 +28,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def twofold_wheel(tmp_path_factory):
+    """twofold's wheel, built once for the tests that install it beside other packages."""
+    from tests.pip_target import build_wheel
+    return build_wheel(tmp_path_factory.mktemp("wheel"))

@@ -9,9 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pip_target(target: Path, *args: str, timeout: float = 600) -> Path:
-    """`pip install --no-deps --target target *args` with this interpreter's pip; raises with pip's output."""
+    """`pip install --no-deps --target target *args` with this interpreter's pip; raises with pip's output.
+    --no-compile: the folder is imported from once, so byte-compiling every module of a large package (ray, for
+    verl) up front would cost more than the few modules the check imports."""
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-           "--target", str(target), *args]
+           "--no-compile", "--target", str(target), *args]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stdout}\n{run.stderr}")

@@ -19,12 +19,14 @@ def _bench(*args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_step_benchmark_reports_tokens_per_second_and_peak_memory_on_cpu():
+def test_step_benchmark_reports_tokens_per_second_on_cpu():
+    # The memory probe (a fresh process per variant) is tested by the GPU campaign's dry run, which runs it as the
+    # GPU does (tests/test_gpu_campaign.py); here the three heads are timed and compared without it.
     results = _bench("--preset", "tiny-qwen2", "--batch-tokens", "256", "--max-len", "64", "--budget", "128",
-                     "--steps", "1", "--warmup", "1", "--head-repeats", "1", "--objective", "nft")
+                     "--steps", "1", "--warmup", "1", "--head-repeats", "1", "--objective", "nft", "--no-memory")
     assert [r["head"] for r in results] == ["fused", "logprobs", "eager"]
     for r in results:
-        assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] >= 0 and r["microbatches"] >= 2 and "mfu" not in r
+        assert r["tokens_per_s"] > 0 and "peak_mem_gib" not in r and r["microbatches"] >= 2 and "mfu" not in r
         assert 0 < r["head_s"]["min"] <= r["head_s"]["median"] <= r["head_s"]["max"] and 0 < r["head_share"]
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)  # one step, same model and batch
     assert results[0]["loss"] == pytest.approx(results[2]["loss"], rel=1e-5)

@@ -1,5 +1,7 @@
 """End to end on CPU with real FSDP2 (gloo) and real DCP: world size 1 == 2, resume == uninterrupted (also from
-2 ranks into 1), atomic checkpoints, keep-last-K, and an HF export that transformers loads."""
+2 ranks into 1), atomic checkpoints, keep-last-K, an HF export that transformers loads, and preference pairs (REDI)
+on two ranks."""
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +18,8 @@ from twofold.engine.checkpoint import complete_checkpoints
 from twofold.engine.config import load_config
 from twofold.engine.train import resume_path, run
 from twofold.engine.tracking import read_metrics
+
+from tests.forked_ranks import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "configs" / "data" / "tiny_arith.jsonl"
@@ -124,3 +128,19 @@ def test_export_loads_in_transformers_and_matches_the_trained_weights(straight):
     assert out.shape[1] > ids.shape[1]
     weights = _weights(run_dir)
     torch.testing.assert_close(model.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
+
+
+def _redi_on_rank(rank: int, run_dir: str, pairs: str) -> None:
+    run(_config(run_dir, "objective.name=redi", f"data.path={pairs}", "train.steps=1", "optim.warmup_steps=0"))
+
+
+def test_two_ranks_train_redi_on_preference_pairs(tmp_path):
+    """An offline pair objective end to end on two ranks (both sides of a pair pack into one micro-batch, so onto
+    one rank), forked from this process; the CLI under torchrun is the two-rank SFT run above."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q: {a}+0=? A: ", "chosen": str(a), "rejected": str(a + 1)}) + "\n"
+                             for a in range(10)))
+    run_ranks(_redi_on_rank, str(tmp_path / "run"), str(pairs))
+    (step,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert step["skipped"] == 0 and step["grad_norm"] > 0
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()  # exported from the two ranks' shards

@@ -4,16 +4,15 @@ both on-policy (the fused kernel supplies old = sg[logp] itself) and with old lo
 an entropy bonus (its gradient from the same pass). With a correction the two heads report different loss values
 (the fused head sum_t c_t loss_t), which also shows that two different code paths ran.
 
-The comparison runs under torchrun (this file is also the worker: `python -m tests.test_heads`)."""
+The comparison runs on two ranks forked from the test process (tests/forked_ranks.py); under torchrun
+(`torchrun --standalone --nproc_per_node=2 -m tests.test_heads`) this file runs the same check."""
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.forked_ranks import run_ranks
+
 TEMPERATURE = 0.7
 BUDGET = 80  # tokens per micro-batch: the batch below (~190 tokens) packs into several per rank
 
@@ -83,7 +82,8 @@ def gradients(trainer, batch):
     return all_reduce_sum([loss], trainer.env.device)[0], grads, len(micro)
 
 
-def main() -> None:
+def check_heads(rank: int, report: str | None = None) -> None:
+    """Every case on this rank (of two); rank 0 writes one line per case to `report`. Raises on a mismatch."""
     from twofold.engine.config import ModelConfig, OptimConfig
     from twofold.engine.distributed import init_distributed, shutdown_distributed
     from twofold.engine.model import build_policy
@@ -93,7 +93,7 @@ def main() -> None:
     env = init_distributed()
     assert env.world_size == 2
     policy = build_policy(ModelConfig(preset="tiny-qwen2", dtype="float32", activation_checkpointing=False), env)
-    failures = []
+    failures, lines = [], []
     for objective, kwargs, kind, old, corrected in CASES:
         trainer = Trainer(policy, env, OptimConfig(lr=1e-3), objective=objective, objective_kwargs=kwargs,
                           total_steps=1, max_tokens_per_microbatch=BUDGET, temperature=TEMPERATURE)
@@ -107,8 +107,9 @@ def main() -> None:
         worst = max(float((grads_f[k] - grads_l[k]).abs().max()) for k in grads_f)
         scale = max(float(g.abs().max()) for g in grads_l.values())
         case = f"{objective} {kwargs} old={old} corrected={corrected}"
+        lines.append(f"{case}: loss {loss_f:.6g} vs {loss_l:.6g}, max |grad diff| {worst:.2e} (max |grad| {scale:.2e})")
         if env.is_main:
-            print(f"{case}: loss {loss_f:.6g} vs {loss_l:.6g}, max |grad diff| {worst:.2e} (max |grad| {scale:.2e})")
+            print(lines[-1], flush=True)
         # with a correction the fused head reports sum_t c_t loss_t, the logprobs head the objective's own value
         if not corrected and abs(loss_f - loss_l) > 1e-6 * max(1.0, abs(loss_l)):
             failures.append(f"{case}: loss {loss_f} != {loss_l}")
@@ -116,18 +117,17 @@ def main() -> None:
             failures.append(f"{case}: gradients differ by {worst:.3e} (scale {scale:.3e})")
     shutdown_distributed()
     if failures:
-        raise SystemExit("\n".join(failures))
+        raise AssertionError(f"rank {rank}:\n" + "\n".join(failures))
+    if report and env.is_main:
+        with open(report, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
-def test_fused_head_equals_logprobs_head_for_every_objective_on_two_ranks():
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
-           "tests.test_heads"]
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    print(done.stdout)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert done.stdout.count("max |grad diff|") == len(CASES)
+def test_fused_head_equals_logprobs_head_for_every_objective_on_two_ranks(tmp_path):
+    report = tmp_path / "cases.txt"
+    run_ranks(check_heads, str(report))
+    assert report.read_text().count("max |grad diff|") == len(CASES)  # every case ran to its comparison
 
 
 if __name__ == "__main__":
-    main()
+    check_heads(int(os.environ["RANK"]))

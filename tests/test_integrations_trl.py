@@ -1,17 +1,15 @@
 """TRL's GRPOTrainer trains with twofold's fused loss: two optimizer steps on a tiny local model (no downloads),
 checked on every micro-batch against TRL's own loss (loss_type="grpo", fp32) and, for NFT, against
 twofold.completion_logprobs + twofold.nft_loss on the same batch."""
+import functools
 import math
 
 import pytest
 import torch
-import trl
-from datasets import Dataset
 from transformers import AutoTokenizer
 
 import twofold
 from twofold.engine.tiny import save_preset
-from twofold.integrations.trl import GRPOTrainer
 
 PROMPTS = ["1+2=", "3+4=", "5+1=", "2+2=", "7+1=", "4+4=", "6+3=", "9+0="]
 
@@ -26,31 +24,43 @@ def model_dir(tmp_path_factory):
     return str(save_preset("tiny-llama", tmp_path_factory.mktemp("tiny-llama")))
 
 
-class Recorded(GRPOTrainer):
-    """Keeps, per micro-batch, twofold's loss, TRL's own loss on the same inputs, and both gradients."""
+@functools.cache
+def trl_api():
+    """(trl, datasets.Dataset, twofold's GRPOTrainer, Recorded), imported when a test first needs them: TRL imports
+    vLLM (seconds), which a pytest that only collects this file (the GPU campaign's `-m gpu` stage) need not pay."""
+    import trl
+    from datasets import Dataset
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records, self.generations = [], []
+    from twofold.integrations.trl import GRPOTrainer
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        self.generations.append(output)
-        return output
+    class Recorded(GRPOTrainer):
+        """Keeps, per micro-batch, twofold's loss, TRL's own loss on the same inputs, and both gradients."""
 
-    def _compute_loss(self, model, inputs):
-        ours = super()._compute_loss(model, inputs)
-        params = [p for p in model.parameters() if p.requires_grad]
-        record = dict(inputs=inputs, ours=ours.detach(),
-                      ours_grad=torch.autograd.grad(ours, params, retain_graph=True, allow_unused=True))
-        if self.twofold_loss.objective == "grpo":
-            theirs = trl.GRPOTrainer._compute_loss(self, model, inputs)
-            record.update(theirs=theirs.detach(), theirs_grad=torch.autograd.grad(theirs, params, allow_unused=True))
-        else:
-            record.update(theirs=nft_reference(model, inputs, self.current_gradient_accumulation_steps,
-                                               self.args.steps_per_generation))
-        self.records.append(record)
-        return ours
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.records, self.generations = [], []
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            self.generations.append(output)
+            return output
+
+        def _compute_loss(self, model, inputs):
+            ours = super()._compute_loss(model, inputs)
+            params = [p for p in model.parameters() if p.requires_grad]
+            record = dict(inputs=inputs, ours=ours.detach(),
+                          ours_grad=torch.autograd.grad(ours, params, retain_graph=True, allow_unused=True))
+            if self.twofold_loss.objective == "grpo":
+                theirs = trl.GRPOTrainer._compute_loss(self, model, inputs)
+                record.update(theirs=theirs.detach(),
+                              theirs_grad=torch.autograd.grad(theirs, params, allow_unused=True))
+            else:
+                record.update(theirs=nft_reference(model, inputs, self.current_gradient_accumulation_steps,
+                                                   self.args.steps_per_generation))
+            self.records.append(record)
+            return ours
+
+    return trl, Dataset, GRPOTrainer, Recorded
 
 
 def nft_reference(model, x, accumulation, steps_per_generation):
@@ -68,6 +78,7 @@ def nft_reference(model, x, accumulation, steps_per_generation):
 
 
 def train(model_dir, tmp_path, objective, loss_type, beta):
+    trl, Dataset, _, Recorded = trl_api()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     args = trl.GRPOConfig(
@@ -114,6 +125,7 @@ def test_nft_trains_and_equals_the_objective_on_the_same_batch(model_dir, tmp_pa
 @pytest.mark.parametrize("setting, match", [(dict(loss_type="cispo"), "loss_type"),
                                             (dict(beta=0.04), "use_bias_correction_kl")])
 def test_unsupported_settings_are_named(model_dir, tmp_path, setting, match):
+    trl, Dataset, GRPOTrainer, _ = trl_api()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = trl.GRPOConfig(output_dir=str(tmp_path), **{"beta": 0.0, **setting}, per_device_train_batch_size=4,
                           num_generations=4, max_completion_length=4, max_steps=1, use_cpu=True, report_to=[])

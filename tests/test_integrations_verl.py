@@ -7,7 +7,7 @@ losses, and compares "twofold_grpo" with verl's "vanilla" PPO loss for every los
 """
 import pytest
 
-from tests.pip_target import build_wheel, pip_target, run_python
+from tests.pip_target import pip_target, run_python
 
 # verl 0.9.1 and what `verl.trainer.ppo.core_algos` imports that the project environment lacks (all with --no-deps:
 # verl's own requirements would replace transformers)
@@ -90,10 +90,9 @@ print(twofold.__file__)
 
 
 @pytest.fixture(scope="module")
-def verl_site(tmp_path_factory):
+def verl_site(tmp_path_factory, twofold_wheel):
     """verl and twofold's wheel installed side by side, as a user's environment would have them."""
-    wheel = build_wheel(tmp_path_factory.mktemp("wheel"))
-    return pip_target(tmp_path_factory.mktemp("site-packages"), *VERL, str(wheel))
+    return pip_target(tmp_path_factory.mktemp("site-packages"), *VERL, str(twofold_wheel))
 
 
 @pytest.mark.slow

@@ -171,17 +171,11 @@ def deterministic(row: dict) -> dict:
                                                   or k.endswith(("_per_s", "_time_s")) or k in ("peak_mem_gib", "mfu"))}
 
 
-def hanging_check(answer: str, gold: str) -> bool:
-    """An answer check that never returns (what a pathological sympy input does), run in the verifier's workers."""
-    while True:
-        pass
-
-
 def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path):
     """Every check hangs: each is killed at the limit and scores 0, the timeouts are counted, the group is not
     informative, nothing trains, and the run goes on."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "7+0=", "answer": "7"}])
-    with VerifierPool(num_workers=1, timeout=0.3, check="tests.test_online:hanging_check") as hanging:
+    with VerifierPool(num_workers=1, timeout=0.3, check="tests.verifier_functions:hanging_check") as hanging:
         config = online_config(files, warm, "nft", tmp_path / "run", f"data.path={prompts}", "rollout.prompts_per_step=1",
                                "rollout.samples_per_prompt=4", "rollout.max_gen_batches=1", "verifier.timeout=0.3")
         (step,) = run(config, sampler=sampler, pool=hanging)
@@ -243,18 +237,13 @@ def test_trl_messages_train_online_and_offline(files, warm, sampler, pool, chat_
     assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
 
 
-def boxed_bonus(response: str, gold: str) -> float:
-    """A custom reward term: 1 for a response that starts with its boxed answer."""
-    return float(response.startswith("\\boxed{"))
-
-
 def test_reward_functions_and_math_verify_from_the_config(files, warm, sampler, tmp_path):
     """reward.functions run in the verifier's workers beside the check; GRPO trains on the graded reward;
     verifier.check=math_verify scores the same run's samples with Math-Verify."""
     pytest.importorskip("math_verify", reason="the math extra (pip install 'twofold[math]')")
     from twofold.engine.verifier import build_pool
     graded = online_config(files, warm, "grpo", tmp_path / "graded", "verifier.workers=1",
-                           "reward.functions=[{name: 'tests.test_online:boxed_bonus', weight: 0.25}]")
+                           "reward.functions=[{name: 'tests.verifier_functions:boxed_bonus', weight: 0.25}]")
     with build_pool(graded) as scorer:
         assert scorer.verify_batch(["\\boxed{3}", "\\boxed{4}", "3"], ["3", "3", "3"]) == [1.25, 0.25, 0.0]
         (step,) = run(graded, sampler=sampler, pool=scorer)
@@ -296,21 +285,20 @@ def test_one_offline_step(objective, files, one_thread, tmp_path):
         assert step["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
-def test_two_ranks_nft_and_redi(files, warm, tmp_path):
-    """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies; then offline REDI."""
+def test_two_ranks_nft(files, warm, tmp_path):
+    """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies. (Offline preference pairs on
+    two ranks: tests/test_engine_distributed.py.)"""
+    from twofold.engine.config import to_yaml
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    nft = online_config(files, warm, "nft", tmp_path / "nft")
-    redi = load_config(None, offline_overrides(files, "redi", tmp_path / "redi", "pairs"))
-    for config, name in ((nft, "nft"), (redi, "redi")):
-        recipe = tmp_path / f"{name}.yaml"
-        from twofold.engine.config import to_yaml
-        recipe.write_text(to_yaml(config))
-        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
-                               str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        (step,) = read_metrics(Path(config.run_dir) / "metrics.jsonl")
-        assert step["skipped"] == 0 and step["grad_norm"] > 0
+    config = online_config(files, warm, "nft", tmp_path / "nft")
+    recipe = tmp_path / "nft.yaml"
+    recipe.write_text(to_yaml(config))
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
+                           str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (step,) = read_metrics(Path(config.run_dir) / "metrics.jsonl")
+    assert step["skipped"] == 0 and step["grad_norm"] > 0
 
 
 # ---- sampler / trainer agreement, corrections, the weight-sync canary -----------------------------------------------

@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from tests.pip_target import build_wheel, pip_target, run_python
+from tests.pip_target import pip_target, run_python
 
 HF_KERNELS = "kernels==0.17.2"  # its requirements (huggingface_hub, packaging, pyyaml) come with transformers
 
@@ -26,13 +26,8 @@ print(twofold.__file__)
 '''
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
-
-
-def test_wheel_holds_only_the_twofold_package(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
+def test_wheel_holds_only_the_twofold_package(twofold_wheel):
+    names = zipfile.ZipFile(twofold_wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"twofold", next(t for t in top if t.endswith(".dist-info"))}, top
     for module in ("twofold/__init__.py", "twofold/kernels/api.py", "twofold/objectives/nft.py",
@@ -41,8 +36,8 @@ def test_wheel_holds_only_the_twofold_package(wheel):
 
 
 @pytest.mark.slow
-def test_twofold_installs_and_imports_beside_hugging_faces_kernels(wheel, tmp_path):
-    site = pip_target(tmp_path / "site-packages", str(wheel), HF_KERNELS)
+def test_twofold_installs_and_imports_beside_hugging_faces_kernels(twofold_wheel, tmp_path):
+    site = pip_target(tmp_path / "site-packages", str(twofold_wheel), HF_KERNELS)
     assert {p.name for p in site.iterdir() if not p.name.endswith(".dist-info")} >= {"kernels", "twofold"}
     run = run_python(CHECK, [site], cwd=tmp_path)  # the clone's root is not on the path: only what was installed
     assert run.returncode == 0, run.stdout + run.stderr

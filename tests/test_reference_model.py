@@ -3,10 +3,9 @@ like the policy but stored in the compute dtype, no parameter requiring grad, in
 its own storage; its log-probs equal the policy's before the first update, exactly (fp32 and bf16), at one rank
 and at two.
 
-Run as a module under torchrun (`python -m torch.distributed.run --nproc_per_node=2 -m tests.test_reference_model`)
-it performs the same check on every rank."""
-import os
-import subprocess
+The two-rank check runs on ranks forked from the test process (tests/forked_ranks.py); run as a module under
+torchrun (`python -m torch.distributed.run --nproc_per_node=2 -m tests.test_reference_model`) it performs the same
+check on every rank."""
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from twofold.engine.model import build_policy, build_reference
 from twofold.engine.packing import Sequence
 from twofold.engine.trainer import sequence_logprobs
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.forked_ranks import run_ranks
 
 
 def random_batch(n: int = 12, seed: int = 0) -> list[Sequence]:
@@ -74,13 +73,15 @@ def test_reference_is_frozen_in_the_compute_dtype_and_scores_as_the_initial_poli
         shutdown_distributed()
 
 
+def check_on_rank(rank: int, dtype: str, done: str) -> None:
+    check_reference(dtype)
+    shutdown_distributed()
+    Path(done, f"rank{rank}").touch()
+
+
 def test_two_ranks_shard_the_reference_and_score_as_the_policy(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "tests.test_reference_model", "bfloat16"], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("reference ok") == 2
+    run_ranks(check_on_rank, "bfloat16", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]  # every rank ran the whole check
 
 
 if __name__ == "__main__":

@@ -2,17 +2,21 @@
 
     python -m twofold.kernels.triton_aot                   # sm_90 (H100/H200), bf16 and fp32, every autotune config
     python -m twofold.kernels.triton_aot --arch 90 --dtype bf16 --largest-only   # one config per kernel, quick
+    python -m twofold.kernels.triton_aot --jobs 1          # one compile at a time (default: one per CPU core)
 
 Triton lowers to PTX and runs ptxas (shipped in the triton wheel) on any machine, so this catches what the CPU
 interpreter cannot: tile shapes `tl.dot` rejects, dtype mismatches and configs whose shared memory does not fit
 the target (the autotuner would drop them at launch; a pinned one would fail). Prints one line per (kernel,
-config) with its shared memory; exits non-zero when a config fails to compile or does not fit.
+config) with its shared memory; exits non-zero when a config fails to compile or does not fit. Compiles are
+independent and single-threaded (LLVM, then ptxas), so they run in `--jobs` worker processes; lines print in order.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("twofold.kernels.triton_aot compiles real GPU code: run it without TRITON_INTERPRET=1")
@@ -65,23 +69,41 @@ def footprint(config) -> int:
     return (rows + cols) * depth * config.num_stages
 
 
-def check(arch: int, dtypes: list[str], largest_only: bool) -> list[str]:
-    """Compile every (kernel, config, dtype); return the failures (empty when all compile and fit)."""
+def compile_task(task) -> tuple[int | None, str | None]:
+    """Worker body for one (dtype, kernel index, config index): (shared memory in bytes, None) or (None, error)."""
+    arch, dtype, k, c = task
+    kernel, types, constants, configs = kernel_specs(dtype)[k]
+    try:
+        return compile_one(kernel, types, constants, configs[c], arch).metadata.shared, None
+    except Exception as err:  # a compile error is the finding, reported with the config
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
+def check(arch: int, dtypes: list[str], largest_only: bool, jobs: int = 1) -> list[str]:
+    """Compile every (kernel, config, dtype) in `jobs` processes; return the failures (empty when all compile and
+    fit). Registers and spills are only known once loaded on a GPU: shared memory is what is checked here."""
     limit = SHARED_LIMIT.get(arch, 99 * 1024)
-    failures = []
+    tasks, labels = [], []
     for dtype in dtypes:
-        for kernel, types, constants, configs in kernel_specs(dtype):
-            for config in [max(configs, key=footprint)] if largest_only else configs:
-                label = f"sm_{arch} {dtype} {kernel.__name__} {config.kwargs} w{config.num_warps} s{config.num_stages}"
-                try:
-                    compiled = compile_one(kernel, types, constants, config, arch)
-                except Exception as err:  # a compile error is the finding, reported with the config
-                    failures.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-                    print(f"FAIL {label}: {failures[-1]}")
-                    continue
-                shared = compiled.metadata.shared  # registers and spills are only known once loaded on a GPU
+        for k, (kernel, _, _, configs) in enumerate(kernel_specs(dtype)):
+            picked = [max(range(len(configs)), key=lambda c: footprint(configs[c]))] if largest_only else range(
+                len(configs))
+            for c in picked:
+                config = configs[c]
+                tasks.append((arch, dtype, k, c))
+                labels.append(f"sm_{arch} {dtype} {kernel.__name__} {config.kwargs} w{config.num_warps} "
+                              f"s{config.num_stages}")
+    # fork: the workers inherit the imported kernels instead of importing triton and torch again
+    with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        results = pool.map(compile_task, tasks)
+        failures = []
+        for label, (shared, error) in zip(labels, results):
+            if error is not None:
+                failures.append(f"{label}: {error}")
+                print(f"FAIL {label}: {error}", flush=True)
+            else:
                 print(f"{'ok  ' if shared <= limit else 'FAIL'} {label}: shared {shared / 1024:.0f} KiB "
-                      f"(limit {limit // 1024})")
+                      f"(limit {limit // 1024})", flush=True)
                 if shared > limit:
                     failures.append(f"{label}: shared memory {shared} > {limit}")
     return failures
@@ -93,8 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(TL_DTYPE))
     p.add_argument("--largest-only", action="store_true",
                    help="per kernel only the config with the largest tile footprint (a quick check)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles at once (default: CPU cores)")
     args = p.parse_args(argv)
-    failures = check(args.arch, args.dtype, args.largest_only)
+    failures = check(args.arch, args.dtype, args.largest_only, args.jobs)
     print(f"{len(failures)} failure(s)")
     return 1 if failures else 0
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from twofold.engine.correction import bounds as correction_bounds
-from twofold.engine.data import CHAT, check_source, is_local_path
+from twofold.engine.data import PLACEHOLDER, check_source, check_template, is_local_path
 from twofold.engine.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
 from twofold.objectives.token_local import check_kl_loss
@@ -76,8 +76,9 @@ class DataConfig:
     answer_field: str = "answer"
     """Online runs: the gold answer of each prompt row (a string or a number); verl's
     `reward_model.ground_truth` is used when the default is absent."""
-    prompt_template: str = "{prompt}"
-    """How a string prompt becomes text (offline and online alike): a format string around {prompt}, or `chat`:
+    prompt_template: str = PLACEHOLDER
+    """How a string prompt becomes text (offline and online alike): a text in which {prompt} is replaced by the
+    prompt (plain replacement, not str.format: braces such as \\boxed{} are literal, write them once), or `chat`:
     the prompt as a user message through the tokenizer's chat template. Chat-message prompts always use the
     tokenizer's chat template."""
     precompute_ref_logp: bool = True
@@ -466,8 +467,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
                          f"{train.mode} objectives: {', '.join(allowed)}")
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
-    if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
-        raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
+    if problem := check_template(data.prompt_template):
+        raise ValueError(f"config data.prompt_template {problem}")
     validate_rollout(config)
     validate_paths(config)
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)

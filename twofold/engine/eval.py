@@ -96,7 +96,21 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
                 pool.close()
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def eval_base(checkpoint: Path, config: str | None) -> tuple[Path | str | None, list[str]]:
+    """(the base config, model overrides): --config, else a step_* checkpoint's run config, else the defaults.
+    The model is the checkpoint: a step_* checkpoint's own model/ directory (architecture and tokenizer) when it
+    carries one, so that a copied checkpoint needs none of its run's files."""
+    from twofold.engine.checkpoint import CHECKPOINT_MODEL
+    from twofold.engine.export import is_training_checkpoint, run_config_path
+    if not is_training_checkpoint(checkpoint):
+        return config, [] if config else [f"model.path={checkpoint}"]
+    own = checkpoint / CHECKPOINT_MODEL
+    model = [f"model.path={own}", "model.preset=", "model.tokenizer="] if (own / "config.json").is_file() else []
+    return config or run_config_path(checkpoint), model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status (0: scored), which the console script passes to sys.exit."""
     parser = argparse.ArgumentParser(
         prog="python -m twofold.engine.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a checkpoint on a dataset: greedy pass@1 and sampled avg@k, checked by the verifier.",
@@ -111,25 +125,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--config", help="YAML config for sampling, verifier and data fields")
     parser.add_argument("--out", help="also write the scores here (JSON)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.samples=8 rollout.temperature=0.6")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from twofold.engine.config import load_config
-    from twofold.engine.export import is_training_checkpoint
     try:
-        base = args.config
-        if base is None and is_training_checkpoint(Path(args.checkpoint)):
-            base = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
-        config = load_config(base, [*([f"model.path={args.checkpoint}"] if base is None else []), "train.mode=online",
-                                    "objective.name=nft", f"data.path={args.data}", f"eval.path={args.data}",
-                                    *args.overrides])
+        base, model = eval_base(Path(args.checkpoint), args.config)
+        config = load_config(base, [*model, "train.mode=online", "objective.name=nft", "checkpoint.resume=never",
+                                    f"data.path={args.data}", f"eval.path={args.data}", *args.overrides])
         scores = evaluate_checkpoint(args.checkpoint, config)
     except ValueError as err:
         sys.exit(f"error: {err}")
     print(json.dumps(scores, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(scores) + "\n")
-    return scores
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from twofold.engine.checkpoint import export_hf, save_checkpoint
-from twofold.engine.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
+from twofold.engine.config import (Config, correction_mode, objective_kwargs, optimizer_steps, to_yaml,
+                                   updates_per_step)
 from twofold.engine.correction import correction_weights, log_ratios, mismatch_metrics
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
@@ -201,7 +202,7 @@ class OnlineRun:
     def save(self) -> None:
         state = {"prompts": self.stream.state_dict(), "rollout_steps": self.rollout_steps}
         save_checkpoint(self.config.run_dir, self.trainer, state, self.config.checkpoint.keep_last, self.extras(),
-                        step=self.rollout_steps)
+                        step=self.rollout_steps, tokenizer=self.tokenizer, run_config=to_yaml(self.config))
 
     def load(self, resume: Callable[[dict], tuple[Path, dict] | None]) -> None:
         """`resume(extras)` loads the newest intact checkpoint into the trainer and extras (train.resume)."""

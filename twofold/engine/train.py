@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-5 train.steps=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +137,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     if resumed is not None:
         stream.load_state_dict(resumed[1])
         log.info("resumed from %s at step %d", resumed[0], trainer.steps_done)
-    history = train_loop(config, trainer, stream, env)
+    history = train_loop(config, trainer, stream, env, tokenizer)
     finished = trainer.steps_done >= config.train.steps
     if finished and config.checkpoint.export_hf:
         out = export_hf(policy, tokenizer, Path(config.run_dir) / "hf", config.checkpoint.export_dtype)
@@ -253,21 +253,26 @@ def resume(config: Config, trainer: Trainer, extras: dict | None = None) -> tupl
     return resume_newest(candidates, trainer, extras, set_aside)
 
 
-def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:
+def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv, tokenizer=None) -> list[dict]:
     end = config.train.steps
     if config.train.stop_after_steps:
         end = min(end, trainer.steps_done + config.train.stop_after_steps)
     tracker = Tracker(config, env.is_main, trainer.steps_done)
     history, saved_at = [], trainer.steps_done
+
+    def save() -> None:
+        save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last,
+                        tokenizer=tokenizer, run_config=to_yaml(config))
+
     while trainer.steps_done < end:
         metrics = trainer.step(stream.next_batch())
         history.append(metrics)
         tracker.log(metrics)
         if config.checkpoint.every and trainer.steps_done % config.checkpoint.every == 0:
-            save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+            save()
             saved_at = trainer.steps_done
     if saved_at != trainer.steps_done:
-        save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+        save()
     tracker.close(plot=config.log.plot and trainer.steps_done >= config.train.steps)
     return history
 

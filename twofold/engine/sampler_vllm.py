@@ -109,6 +109,21 @@ def eager_logprob_ranks() -> None:
         vllm_sampler.batched_count_greater_than = getattr(compiled, "_torchdynamo_orig_callable", compiled)
 
 
+CPU_TOKENS_PER_STEP = 4096
+"""vLLM's own CPU default of `max_num_batched_tokens` (prompt + decode tokens one engine step computes)."""
+
+
+def whole_prompt_prefill(max_model_len: int) -> dict:
+    """Engine arguments that keep every prompt's prefill in one engine step (CPU). With chunked prefill, a step whose
+    prompts pass its token budget (vLLM's CPU default: 4096) computes only the first part of the last one, samples
+    a token for it anyway and discards that token by rewinding the request's seeded generator
+    (`gen.set_offset(gen.get_offset() - 4)` in the GPU model runner, which the CPU runner inherits). A CUDA
+    (Philox) generator has an offset; a CPU (Mersenne Twister) generator has none and raises "CPU Generator does not
+    use offset", so any seeded batch of more than 4096 prompt tokens crashed. Without chunking a prompt that does
+    not fit waits for the next step, whole; the budget must then hold the longest sequence, max_model_len."""
+    return dict(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_TOKENS_PER_STEP, max_model_len))
+
+
 def freeze_heap() -> None:
     """vLLM collects garbage three times while it builds an engine (twice in its model loader, once more as it
     freezes its heap at the end), and each full pass walks every Python object in the process: with torch,
@@ -145,6 +160,8 @@ class VLLMSampler(Sampler):
                     enable_prefix_caching=True, enable_sleep_mode=self.sleep_mode,
                     logprobs_mode="processed_logprobs",  # temperature/top-p applied: the sampling distribution
                     weight_transfer_config=WeightTransferConfig(backend=BACKEND))
+        if not self.on_gpu:
+            args.update(whole_prompt_prefill(cfg.max_model_len))
         if "RANK" in os.environ:  # torchrun: one engine per rank, sharing the launcher's process group
             args.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if cfg.kv_cache_gib is None:  # the blocks, and their bytes (on CPU vLLM otherwise reserves a RAM fraction)

@@ -134,3 +134,84 @@ def test_a_copied_checkpoint_exports_and_evaluates_without_its_run(trained, tmp_
     assert scored.returncode == 0, scored.stderr
     scores = json.loads((elsewhere / "scores.json").read_text())
     assert scores["eval/prompts"] == 3.0 and 0.0 <= scores["eval/pass1_greedy"] <= 1.0
+
+
+# ---- bad input ends the run early, in one line that names it and the fix -----------------------------------------
+
+def offline(run_dir, rows, *extra):
+    return [f"run_dir={run_dir}", "model.preset=tiny-qwen2", "model.dtype=float32", "model.attn_implementation=sdpa",
+            "model.activation_checkpointing=false", f"data.path={rows}", "data.batch_size=2",
+            "data.max_tokens_per_microbatch=64", "train.steps=1", "log.progress_bar=false", "log.plot=false",
+            "checkpoint.export_hf=false", *extra]
+
+
+PAIRS = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(4)]
+
+
+def test_a_pairs_file_with_sft_is_refused_and_the_corrected_rerun_reuses_the_run_dir(tmp_path, capsys):
+    """SFT on (prompt, chosen, rejected) rows would train on the rejected answers too: refused, naming the pair
+    objectives. That start wrote only its config.yaml, so the rerun with the right data goes into the same run_dir
+    (it used to be refused as 'another run')."""
+    from twofold.engine.train import main
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    with pytest.raises(SystemExit) as stop:
+        main(offline(tmp_path / "run", pairs))
+    assert str(stop.value) == (
+        f"error: data.path {pairs} holds preference pairs (row 1: chosen/rejected) and objective.name=sft trains on "
+        "every sequence, so it would train on the rejected answers too. Use a pair objective (redi, dpo, simpo), or "
+        "give sft rows of prompt and response (the chosen answers) (log.verbose=true shows where it was raised)")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+    rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p["prompt"], "response": p["chosen"]} for p in PAIRS])
+    main(offline(tmp_path / "run", rows))
+    assert "complete: 1 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="objective.name=redi trains on preference pairs, but data.path .* holds "
+                                         "single responses \\(row 1\\)"):
+        main(offline(tmp_path / "redi", rows, "objective.name=redi"))
+
+
+def test_online_data_errors_end_the_run_before_the_sampler_starts_in_one_line(tmp_path):
+    """twofold-train online on pairs data, then with a wrong answer field: exit 1, the last stderr line names the
+    row, the field and the fix, no traceback, and the sampler never started (it writes the preset's model files
+    into run_dir/sampler_model first)."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "1+1=", "gold": "2"}])
+    base = ["model.preset=tiny-qwen2-vllm", "train.mode=online", "objective.name=nft", "verifier.workers=1"]
+    cases = [(pairs, [], f"error: {pairs} row 1: missing field 'answer' (row has ['chosen', 'prompt', 'rejected']). "
+                         "This row is a preference pair (chosen/rejected): online objectives read prompts with gold "
+                         "answers; train pairs offline (train.mode=offline, objective.name=redi, dpo or simpo)"),
+             (prompts, ["data.prompt_field=question"],
+              f"error: {prompts} row 1: missing field 'answer' (row has ['gold', 'question']). Set data.answer_field to "
+              "the field of the row that holds it (fields: gold, question)")]
+    for i, (data, extra, line) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        done = cli("twofold-train", *base, f"run_dir={run_dir}", f"data.path={data}", *extra)
+        assert done.returncode == 1
+        last = done.stderr.strip().splitlines()[-1]
+        assert last == line + " (log.verbose=true shows where it was raised)"
+        assert "Traceback" not in done.stderr and not (run_dir / "sampler_model").exists()
+
+
+def test_a_mistyped_local_path_is_called_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "assets").mkdir()
+    rows = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "1", "response": "2"}])
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "assets" / "tiny-qwen"), "assets/tiny-qwen"):  # owner/name-like, but assets/ is here
+        with pytest.raises(ValueError, match=f"model.path '{path}' does not exist: it is a local path, not a Hub id"):
+            load_config(None, [f"model.path={path}", f"data.path={rows}"])
+
+
+def test_recipe_lengths_that_a_short_run_or_a_small_model_cannot_hold_are_fitted_with_a_warning(tmp_path, caplog):
+    from twofold.engine.model import load_hf_config
+    from twofold.engine.sampler import fit_to_model
+    rows = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "1", "answer": "2"}])
+    with caplog.at_level("WARNING", logger="twofold"):
+        config = load_config(ROOT / "configs" / "nft-qwen2.5-math-7b.yaml",
+                             ["model.path=", "model.preset=tiny-qwen2-vllm", f"data.path={rows}", "eval.path=",
+                              "train.steps=1", "rollout.mini_batches=1"])
+        assert config.optim.warmup_steps == 1  # the recipe's 10 warm-up steps, in a 1-step run
+        fitted = fit_to_model(config.sampler, load_hf_config(config.model), "model.preset=tiny-qwen2-vllm")
+    assert fitted.max_model_len == 1024 and config.sampler.max_model_len == 4096
+    assert caplog.messages == [
+        "optim.warmup_steps=10 is longer than the run (optimizer steps=1): warming up over all 1 steps",
+        "sampler.max_model_len=4096 is more than the model's max_position_embeddings=1024 "
+        "(model.preset=tiny-qwen2-vllm): using 1024"]

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import logging
 import math
 import types
 import typing
@@ -24,6 +25,8 @@ from twofold.engine.data import PLACEHOLDER, check_source, check_template, is_lo
 from twofold.engine.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
 from twofold.objectives.token_local import check_kl_loss
+
+log = logging.getLogger("twofold")
 
 ONLINE_OBJECTIVES = ("nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal", "jepo")
 OFFLINE_OBJECTIVES = ("sft", "rft", "redi", "dpo", "simpo")
@@ -449,7 +452,9 @@ def validate(config: Config) -> None:
     for key in ("path", "tokenizer"):
         value = getattr(model, key)
         if value and is_local_path(value) and not Path(value).is_dir():
-            raise ValueError(f"model.{key} {value!r} is not a directory (nor a Hub id such as Qwen/Qwen2.5-0.5B)")
+            state = "is not a directory" if Path(value).exists() else "does not exist"
+            raise ValueError(f"model.{key} {value!r} {state}: it is a local path, not a Hub id (owner/name, e.g. "
+                             "Qwen/Qwen2.5-0.5B); check the path")
     if not data.path:
         raise ValueError("data.path is required (a JSONL or Parquet file, a list of them, a datasets directory or "
                          "a Hub dataset name)")
@@ -481,7 +486,11 @@ def validate(config: Config) -> None:
              optim.betas)
     updates = optimizer_steps(config)
     bound = f"train.steps={train.steps}" if train.mode == "offline" else f"optimizer steps={updates}"
-    _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, {bound}]", optim.warmup_steps)
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", optim.warmup_steps)
+    if optim.warmup_steps > updates:  # a recipe shortened on the command line: warm up over the whole run
+        log.warning("optim.warmup_steps=%d is longer than the run (%s): warming up over all %d steps",
+                    optim.warmup_steps, bound, updates)
+        optim.warmup_steps = updates
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
     _require(train.steps >= 1, "train.steps", ">= 1", train.steps)

@@ -86,9 +86,10 @@ ALIASES = {"response": ("completion",), "answer": ("reward_model.ground_truth",)
 # ---- sources -------------------------------------------------------------------------------------------------------
 
 def is_local_path(path: str) -> bool:
-    """Whether `path` names something on disk (or should: a file suffix or a path-like start), not a Hub name."""
+    """Whether `path` names something on disk (or should: a file suffix, a path-like start, or an `owner/name`
+    whose `owner` is a directory here, such as a mistyped `assets/my-model`), not a Hub name."""
     return Path(path).exists() or path.endswith(FILE_SUFFIXES) or path.startswith((".", "/", "~")) \
-        or path.count("/") > 1
+        or path.count("/") > 1 or (path.count("/") == 1 and Path(path).parent.is_dir())
 
 
 def check_source(key: str, path: str | list[str]) -> None:

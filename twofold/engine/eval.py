@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from twofold.engine.config import Config
 from twofold.engine.rollout import RolloutStats, verify_groups
-from twofold.engine.sampler import GenerationParams, Sampler, sample_distributed
+from twofold.engine.sampler import GenerationParams, Sampler, fit_to_model, sample_distributed
 from twofold.engine.tasks import Problem
 from twofold.engine.verifier import VerifierPool
 
@@ -72,6 +72,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
         else:
             model_dir = resolve_model_path(str(checkpoint), "checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or model_dir)
+        fitted = fit_to_model(config.sampler, AutoConfig.from_pretrained(model_dir), str(checkpoint))
+        config = dataclasses.replace(config, sampler=fitted)
         data = config.data
         own_sampler, own_pool = sampler is None, pool is None
         pool = pool or build_pool(config)

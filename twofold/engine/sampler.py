@@ -21,10 +21,11 @@ Semantics shared by both backends (tests hold them to it):
 """
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -52,7 +53,7 @@ class SamplerConfig:
     prefix cache is reset at every weight sync, so more blocks would stay unused), never more than
     `AUTO_KV_CACHE_MAX_GIB` (1 GiB) and never less than one sequence of `max_model_len`. A number sets the size
     (on CPU vLLM's own default, a fraction of RAM, would count the trainer's memory); 0 on GPU means
-    `gpu_memory_utilization` decides."""
+    `gpu_memory_utilization` decides, and on CPU, which has no such fraction, is taken as None (with a warning)."""
     gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory for vLLM when kv_cache_gib is 0; leave room for training."""
     sleep_mode: bool = True
@@ -181,6 +182,19 @@ class Sampler(ABC):
 
     def close(self) -> None:
         """Release the backend (tests create several samplers in one process)."""
+
+
+def fit_to_model(cfg: SamplerConfig, hf_config, model: str) -> SamplerConfig:
+    """`cfg` with max_model_len at most the model's positions (`max_position_embeddings`), with a warning naming
+    both when it is lowered: a recipe's context for a 7B model given a small one (vLLM would refuse it, at engine
+    start, in a ~50-line error)."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if not positions or cfg.max_model_len <= positions:
+        return cfg
+    logging.getLogger("twofold").warning(
+        "sampler.max_model_len=%d is more than the model's max_position_embeddings=%d (%s): using %d",
+        cfg.max_model_len, positions, model, positions)
+    return replace(cfg, max_model_len=positions)
 
 
 def check_config(cfg: SamplerConfig) -> None:

@@ -36,6 +36,7 @@ from vllm.model_executor.model_loader.reload import (  # noqa: E402
     finalize_layerwise_reload, initialize_layerwise_reload)
 
 BACKEND = "twofold_inprocess"
+log = logging.getLogger("twofold")
 
 
 class _ExpectedSyncNoise(logging.Filter):
@@ -164,11 +165,16 @@ class VLLMSampler(Sampler):
             args.update(whole_prompt_prefill(cfg.max_model_len))
         if "RANK" in os.environ:  # torchrun: one engine per rank, sharing the launcher's process group
             args.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
-        if cfg.kv_cache_gib is None:  # the blocks, and their bytes (on CPU vLLM otherwise reserves a RAM fraction)
+        kv_cache_gib = cfg.kv_cache_gib
+        if kv_cache_gib == 0 and not self.on_gpu:  # a GPU setting: on CPU vLLM would reserve a RAM fraction (9 GiB)
+            log.warning("sampler.kv_cache_gib=0 leaves the KV cache to gpu_memory_utilization, which a CPU has none "
+                        "of: sizing it from the workload instead (as kv_cache_gib=null)")
+            kv_cache_gib = None
+        if kv_cache_gib is None:  # the blocks, and their bytes (on CPU vLLM otherwise reserves a RAM fraction)
             blocks, block_bytes = self.workload_blocks(args)
             args.update(num_gpu_blocks_override=blocks, kv_cache_memory_bytes=blocks * block_bytes)
-        elif cfg.kv_cache_gib > 0:
-            args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        elif kv_cache_gib > 0:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         return args

@@ -16,6 +16,7 @@ run_dir stops unless `run_dir_policy` is overwrite or new.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -25,21 +26,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from transformers import AutoTokenizer
 
 from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
                                        resume_newest, save_checkpoint)
-from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
-                                   to_yaml)
+from twofold.engine.config import (OFFLINE_OBJECTIVES, Config, config_reference, console_yaml, load_config,
+                                   objective_kwargs, save_config, to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
 from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
 from twofold.engine.hub import resolve_model
-from twofold.engine.model import build_policy
+from twofold.engine.model import build_policy, load_hf_config
 from twofold.engine.online import OnlineRun
 from twofold.engine.packing import Sequence
+from twofold.engine.sampler import fit_to_model
 from twofold.engine.tiny import build_char_tokenizer
 from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import Trainer, sequence_logprobs
+from twofold.engine.trainer import Trainer, sequence_logprobs, takes_pairs
 
 log = logging.getLogger("twofold")
 
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         run(config)
     except (CollectiveTimeout, CheckpointDamaged, RunDirError) as err:  # the message says all
         sys.exit(f"error: {err}")
+    except ValueError as err:  # bad input (data rows, fields, model files): the message names it and the fix
+        if config.log.verbose:
+            raise
+        sys.exit(f"error: {err} (log.verbose=true shows where it was raised)")
 
 
 class CollectiveTimeout(RuntimeError):
@@ -113,6 +120,8 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     torch.manual_seed(config.train.seed + env.rank)
     tokenizer = load_tokenizer(config)
     if config.train.mode == "online":
+        config.sampler = fit_to_model(config.sampler, load_hf_config(config.model),
+                                      config.model.path or f"model.preset={config.model.preset}")
         online = OnlineRun(config, env, tokenizer, **online_kwargs)
         try:
             history = online.run(lambda extras: resume(config, online.trainer, extras))
@@ -124,6 +133,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     data = config.data
     sequences = load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row,
                                Fields.from_config(data), data.format, data.split)
+    check_layout(config, sequences)
     policy = build_policy(config.model, env, seed=config.train.seed)
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
                       objective_kwargs=objective_kwargs(config), total_steps=config.train.steps,
@@ -144,6 +154,24 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
         log.info("exported Hugging Face checkpoint to %s", out)
     finish(config, env, history, finished, start)
     return history
+
+
+def check_layout(config: Config, sequences: list[Sequence]) -> None:
+    """Pairs for pair objectives, single responses for the others: SFT on a pairs file would train on the rejected
+    answers as well as the chosen ones, and a pair objective has nothing to compare on single responses."""
+    name, first = config.objective.name, sequences[0]
+    pairs = "pair_id" in first.fields
+    if pairs == takes_pairs(name):
+        return
+    pair_objectives = ", ".join(n for n in OFFLINE_OBJECTIVES if takes_pairs(n))
+    if pairs:
+        raise ValueError(f"data.path {config.data.path} holds preference pairs (row {first.row_id}: "
+                         f"{config.data.chosen_field}/{config.data.rejected_field}) and objective.name={name} trains on "
+                         "every sequence, so it would train on the rejected answers too. Use a pair objective "
+                         f"({pair_objectives}), or give {name} rows of prompt and response (the chosen answers)")
+    raise ValueError(f"objective.name={name} trains on preference pairs, but data.path {config.data.path} holds single "
+                     f"responses (row {first.row_id}); give rows with {config.data.chosen_field} and "
+                     f"{config.data.rejected_field}, or use an objective for single responses")
 
 
 class RunDirError(ValueError):
@@ -178,6 +206,9 @@ def _decide_run_dir(config: Config) -> tuple[str, dict | None]:
             return config.run_dir, done
     if resume_path(config) is not None or not run_dir.is_dir() or not any(run_dir.iterdir()):
         return config.run_dir, None
+    if is_failed_start(run_dir):
+        log.info("run_dir %s holds only the files of a start that never reached a step: reusing it", run_dir)
+        return config.run_dir, None
     policy = config.run_dir_policy
     if policy == "error":
         held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
@@ -195,6 +226,24 @@ def _decide_run_dir(config: Config) -> tuple[str, dict | None]:
         n += 1
     log.info("run_dir_policy=new: %s is in use, this run goes to %s", run_dir, sibling)
     return str(sibling), None
+
+
+START_FILES = {"config.yaml", "sampler_model"}
+"""What a run writes into run_dir before its first step: the resolved config, a preset's sampler model files."""
+
+
+def is_failed_start(run_dir: Path) -> bool:
+    """run_dir holds nothing but what a start writes before its first step, and its config.yaml is a twofold dump
+    (every section): a start that failed (bad data, a model that did not load) and may be rerun into it."""
+    names = {p.name for p in run_dir.iterdir() if not (p.name in ("metrics.jsonl", "eval.jsonl")
+                                                       and p.is_file() and p.stat().st_size == 0)}
+    if not names <= START_FILES or "config.yaml" not in names:
+        return False
+    try:
+        written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(written, dict) and set(written) == {f.name for f in dataclasses.fields(Config)}
 
 
 def finish(config: Config, env: DistEnv, history: list[dict], finished: bool, start: float) -> None:

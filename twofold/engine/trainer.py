@@ -65,6 +65,11 @@ def resolve_objective(name: str) -> Callable:
     return OBJECTIVES[name]
 
 
+def takes_pairs(name: str) -> bool:
+    """Whether the objective reads (chosen, rejected) pairs (its loss takes `chosen_logp`)."""
+    return "chosen_logp" in inspect.signature(resolve_objective(name)).parameters
+
+
 # objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
 WHOLE_GROUPS = ("jepo",)
 # per-token rollout correction weight; 0 drops the token from the loss and the normalisers
@@ -238,7 +243,7 @@ class Trainer:
         schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
-        self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
+        self.pairwise = takes_pairs(objective)
         self.statistics_fn = BATCH_STATISTICS.get(objective)
         self.wants_entropy = float(self.objective_kwargs.get("entropy_coef", 0.0)) != 0
         self.unit_field = "pair_id" if self.pairwise else "group_ids" if objective in WHOLE_GROUPS else None

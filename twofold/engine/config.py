@@ -299,7 +299,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     _check_objective_override(file_objective, overrides)
     config = _build(Config, tree, prefix="")
     validate(config)
+    warn_unread(tree, config)
     return config
+
+
+def warn_unread(tree: dict, config: Config) -> None:
+    """A warning for each key set (to other than its default) that this run never reads: the online sections in
+    an offline run, data.batch_size in an online one."""
+    default = Config()
+    unread = []
+    if config.train.mode == "offline":
+        unread += [(f"{section}.{key}", "offline runs (train.mode=offline) do not read it")
+                   for section in ONLINE_SECTIONS if isinstance(tree.get(section), dict) for key in tree[section]
+                   if getattr(getattr(config, section), key) != getattr(getattr(default, section), key)]
+    elif config.data.batch_size != default.data.batch_size:
+        unread.append(("data.batch_size", "online runs train on rollout.prompts_per_step prompts per step"))
+    for key, why in unread:
+        log.warning("config %s has no effect: %s", key, why)
 
 
 def _check_objective_override(file_objective: dict, overrides: list[str]) -> None:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -31,8 +32,8 @@ from transformers import AutoTokenizer
 
 from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
                                        resume_newest, save_checkpoint)
-from twofold.engine.config import (OFFLINE_OBJECTIVES, Config, config_reference, console_yaml, load_config,
-                                   objective_kwargs, save_config, to_yaml)
+from twofold.engine.config import (OFFLINE_OBJECTIVES, ONLINE_OBJECTIVES, Config, config_reference, console_yaml,
+                                   load_config, objective_kwargs, save_config, to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
 from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
 from twofold.engine.hub import resolve_model
@@ -58,14 +59,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="config keys (YAML sections, or section.key=value on the command line):\n" + config_reference())
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    quick = parser.add_argument_group("quickstart (no recipe: defaults sized from the model and this machine, "
+                                      "printed at start; any section.key=value still applies on top)")
+    quick.add_argument("--model", help="model.path: a Hugging Face model directory or Hub id")
+    quick.add_argument("--data", help="data.path: prompts with gold answers (online) or training rows (offline)")
+    quick.add_argument("--objective", help="objective.name; train.mode follows from it (online where it can run "
+                       "online)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-5 train.steps=20")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
+def quickstart_overrides(model: str, data: str, objective: str) -> list[str]:
+    """The overrides that `--model/--data/--objective` stand for: the run's mode from the objective, a run_dir
+    named after both (a numbered sibling when it is in use), and, without a GPU, fp32 compute and sdpa attention
+    (bf16 is emulated on most CPUs) and a context that a CPU samples in seconds."""
+    online = objective in ONLINE_OBJECTIVES
+    chosen = [f"model.path={model}", f"data.path={data}", f"objective.name={objective}",
+              f"train.mode={'online' if online else 'offline'}",
+              f"run_dir=runs/{objective}-{Path(model.rstrip('/')).name}", "run_dir_policy=new"]
+    if not torch.cuda.is_available():
+        chosen += ["model.dtype=float32", "model.attn_implementation=sdpa", "model.activation_checkpointing=false"]
+        if online:
+            chosen += ["sampler.dtype=float32", "sampler.max_model_len=1024", "rollout.max_new_tokens=256",
+                       f"verifier.workers={max(1, min(4, (os.cpu_count() or 2) // 2))}"]
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quick = [args.model, args.data, args.objective]
+    if any(quick) and not all(quick):
+        sys.exit("config error: the quickstart needs all three of --model, --data and --objective")
+    overrides = args.overrides
+    if all(quick):
+        chosen = quickstart_overrides(*quick)
+        print("quickstart: " + " ".join(chosen) + " (set any of them, or any other key, as key=value)", flush=True)
+        overrides = chosen + list(overrides)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
     except ValueError as err:
         sys.exit(f"config error: {err}")
     if args.print_config:

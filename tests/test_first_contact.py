@@ -215,3 +215,21 @@ def test_recipe_lengths_that_a_short_run_or_a_small_model_cannot_hold_are_fitted
         "optim.warmup_steps=10 is longer than the run (optimizer steps=1): warming up over all 1 steps",
         "sampler.max_model_len=4096 is more than the model's max_position_embeddings=1024 "
         "(model.preset=tiny-qwen2-vllm): using 1024"]
+
+
+# ---- the quickstart: one command on your own model and data -----------------------------------------------------
+
+def test_the_readme_quickstart_reaches_an_online_step_in_one_command(tmp_path):
+    """`twofold-train --model DIR --data PATH --objective nft` (README, Quickstart) on a model saved with
+    save_pretrained and a JSONL of prompts with answers, with train.steps=1 so that CI stops after the first step:
+    it prints what it chose, trains online with the real vLLM sampler, and exits 0."""
+    from twofold.engine.tiny import save_preset
+    model = save_preset("tiny-qwen2-vllm", tmp_path / "my-model")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(8)])
+    done = cli("twofold-train", "--model", model, "--data", data, "--objective", "nft", "train.steps=1",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"quickstart: model.path={model} data.path={data} objective.name=nft "
+                                  "train.mode=online run_dir=runs/nft-my-model run_dir_policy=new")
+    assert "run runs/nft-my-model complete: 1 steps this invocation" in done.stdout
+    assert (tmp_path / "runs" / "nft-my-model" / "hf" / "config.json").is_file()

@@ -233,3 +233,31 @@ def test_the_readme_quickstart_reaches_an_online_step_in_one_command(tmp_path):
                                   "train.mode=online run_dir=runs/nft-my-model run_dir_policy=new")
     assert "run runs/nft-my-model complete: 1 steps this invocation" in done.stdout
     assert (tmp_path / "runs" / "nft-my-model" / "hf" / "config.json").is_file()
+
+
+# ---- what a run logs and what it ignores -------------------------------------------------------------------------
+
+def test_nft_logs_the_nll_of_correct_and_wrong_samples_whose_curves_move_while_its_loss_is_0():
+    import twofold
+    torch.manual_seed(0)
+    logp = -torch.rand(4, 5, dtype=torch.float64) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    rewards, groups = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1])
+    loss, metrics = twofold.nft_loss(logp, None, rewards, groups, mask)
+    assert loss.item() == 0.0  # on-policy: R = 1
+    positive = mask & (rewards[:, None] > 0)
+    assert metrics["pos_nll"].item() == pytest.approx((-logp[positive]).mean().item(), rel=1e-12)
+    assert metrics["neg_nll"].item() == pytest.approx((-logp[mask & ~positive]).mean().item(), rel=1e-12)
+
+
+def test_keys_the_run_never_reads_are_named_in_a_warning(tmp_path, caplog):
+    rows = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "1", "response": "2", "answer": "2"}])
+    with caplog.at_level("WARNING", logger="twofold"):
+        load_config(None, ["model.preset=tiny-qwen2", f"data.path={rows}", f"eval.path={rows}",
+                           "rollout.max_new_tokens=64", "sampler.max_model_len=4096"])  # the default: not named
+        load_config(None, ["model.preset=tiny-qwen2", f"data.path={rows}", "train.mode=online",
+                           "objective.name=nft", "data.batch_size=64"])
+    assert caplog.messages == [
+        "config rollout.max_new_tokens has no effect: offline runs (train.mode=offline) do not read it",
+        "config eval.path has no effect: offline runs (train.mode=offline) do not read it",
+        "config data.batch_size has no effect: online runs train on rollout.prompts_per_step prompts per step"]

@@ -22,6 +22,7 @@ import inspect
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -78,10 +79,15 @@ def sampler_model_dir(config: Config, tokenizer) -> str:
 
 
 def quiet_vllm() -> None:
-    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
-    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("vllm").setLevel(logging.WARNING)
+    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...) and, on CPU, ~15 warnings about
+    its own environment (tcmalloc/iomp not preloaded, no triton-cpu, thread binding, settings this engine sets on
+    purpose such as whole-prompt prefill), none of which the run can act on: keep its errors only, unless
+    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards; the
+    Python warnings vLLM's own modules raise (deprecations of the torch APIs it calls) are filtered by module."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"vllm(\.|$)")
 
 
 def resident_mib() -> float | None:

@@ -18,11 +18,12 @@ Elementwise work per tile is kept to few passes because on CPU it costs as much 
 runs in place as one fused kernel, and the backward forms dz in place in three passes (five with the entropy),
 with the temperature folded into the per-token coefficients.
 
-Precision: the softmax math is always fp32 (fp64 for fp64 inputs). The GEMMs run in `gemm_dtype`: bf16/fp16
-inputs use low-precision GEMMs (fp32 accumulation, the logits rounded to the input dtype, as eager's are) where
-the hardware has them, and fp32 GEMMs on a CPU without native bf16/fp16 support, where a bf16 GEMM is emulated
-and several times slower (7x on an AVX2 AMD EPYC: bench/README.md). Autocast is off inside the head in forward
-and backward alike, so the backward's recomputed logits are the forward's.
+Precision: the softmax math is always fp32 (fp64 for fp64 inputs). The GEMMs run in `gemm_dtype`: for bf16/fp16
+inputs, the `native` policy (low-precision GEMMs with fp32 accumulation, the logits rounded to the input dtype, as
+eager's are) on a GPU and on a CPU whose oneDNN runs the dtype natively, else `fp32-upcast` (fp32 GEMMs: on a CPU
+without native bf16 a bf16 GEMM is emulated and several times slower, bench/README.md). TWOFOLD_GEMM_PRECISION
+forces either; docs/kernels.md states what each promises. Autocast is off inside the head in forward and backward
+alike, so the backward's recomputed logits are the forward's.
 
 The whole-vocabulary chunk helpers (`chunk_logits`, `chunk_stats_`, `default_chunk_size`) serve the fused loss
 pass (`twofold.kernels.fused`), which needs a row's whole softmax before it can form that row's gradient.

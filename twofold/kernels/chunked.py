@@ -64,7 +64,7 @@ GEMM_POLICIES = ("auto", "fp32-upcast", "native")
 
 # oneDNN's x86 ISA levels, lowest first, by the names ONEDNN_MAX_CPU_ISA takes (the older aliases map onto them).
 # A cap below the level where the dtype's dot-product instructions live makes oneDNN emulate that dtype: at
-# ONEDNN_MAX_CPU_ISA=AVX512_CORE its bf16 GEMM ran at 38 GFLOP/s against 91 for fp32 (bench/README.md).
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE its bf16 GEMM ran at 38 GFLOP/s against 97-103 for fp32 (bench/README.md).
 ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
                "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
                "AVX10_2_512_AMX_2")

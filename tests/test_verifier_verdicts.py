@@ -63,18 +63,19 @@ def test_three_exclamation_marks_are_ambiguous():
 @pytest.mark.parametrize("hazard", ["\\sqrt{2^{49999}+1}", "\\sqrt{2^{20000}+1}", "(2^{9000}+1)^{1/3}",
                                     "\\log(2^{30000}+1)", "\\log_{2^{5000}+1} 7"])
 def test_roots_and_logs_of_huge_integers_are_refused_fast(hazard):
-    start = time.monotonic()
+    # CPU time of this process, not wall time: a loaded machine does not stretch it
+    start = time.process_time()
     with pytest.raises(ParseError, match="too large a number"):
         parse(hazard)
     assert not is_equivalent(hazard, hazard.replace("+1", "+ 1") + "+0")
-    assert time.monotonic() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_roots_of_integers_up_to_the_bound_still_work():
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: see above
     assert is_equivalent("\\sqrt{2^{1000}}", "2^{500}")
     assert is_equivalent("\\sqrt{2^{1000}+1}", "(2^{1000}+1)^{1/2}")
-    assert time.monotonic() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 # Within every bound: 50 roots of 1020-bit integers, each a perfect-power search in sympy. It parses in 0.33 s on an

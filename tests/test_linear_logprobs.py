@@ -332,6 +332,14 @@ def test_a_bad_policy_is_named(monkeypatch):
         chunked.gemm_dtype(torch.bfloat16, CPU)
 
 
+def test_a_bad_policy_stops_twofold_train_before_it_starts(monkeypatch):
+    from twofold.engine.train import main
+
+    monkeypatch.setenv(chunked.GEMM_PRECISION_ENV, "fp16")
+    with pytest.raises(SystemExit, match=r"config error: TWOFOLD_GEMM_PRECISION='fp16' is not a GEMM policy"):
+        main(["--print-config"])
+
+
 def test_bf16_chunks_and_tiles_meet_the_contract(dtype):
     hidden, weight, targets = make_case(45, 40, 1003, dtype, seed=9, peaked=True)
     for temperature in (1.0, 0.8):

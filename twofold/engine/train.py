@@ -44,6 +44,7 @@ from twofold.engine.sampler import fit_to_model
 from twofold.engine.tiny import build_char_tokenizer
 from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import Trainer, sequence_logprobs, takes_pairs
+from twofold.kernels.chunked import gemm_precision
 
 log = logging.getLogger("twofold")
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         print("quickstart: " + " ".join(chosen) + " (set any of them, or any other key, as key=value)", flush=True)
         overrides = chosen + list(overrides)
     try:
+        gemm_precision()  # a bad TWOFOLD_GEMM_PRECISION fails here, not at the first step
         config = load_config(args.config, overrides)
     except ValueError as err:
         sys.exit(f"config error: {err}")

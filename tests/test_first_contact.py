@@ -233,6 +233,8 @@ def test_the_readme_quickstart_reaches_an_online_step_in_one_command(tmp_path):
                                   "train.mode=online run_dir=runs/nft-my-model run_dir_policy=new")
     assert "run runs/nft-my-model complete: 1 steps this invocation" in done.stdout
     assert (tmp_path / "runs" / "nft-my-model" / "hf" / "config.json").is_file()
+    # vLLM's ~15 environment warnings per start (tcmalloc, triton-cpu, thread binding) are off unless log.verbose
+    assert [line for line in done.stderr.splitlines() if "WARNING" in line] == []
 
 
 # ---- what a run logs and what it ignores -------------------------------------------------------------------------

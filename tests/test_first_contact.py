@@ -170,18 +170,21 @@ def test_a_pairs_file_with_sft_is_refused_and_the_corrected_rerun_reuses_the_run
 
 
 def test_online_data_errors_end_the_run_before_the_sampler_starts_in_one_line(tmp_path):
-    """twofold-train online on pairs data, then with a wrong answer field: exit 1, the last stderr line names the
-    row, the field and the fix, no traceback, and the sampler never started (it writes the preset's model files
-    into run_dir/sampler_model first)."""
+    """twofold-train online on pairs data, with a wrong answer field, with chat prompts and a tokenizer without a
+    chat template: exit 1, the last stderr line names the row, the field and the fix, no traceback, and the sampler
+    never started (it writes the preset's model files into run_dir/sampler_model first)."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "1+1=", "gold": "2"}])
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}])
     base = ["model.preset=tiny-qwen2-vllm", "train.mode=online", "objective.name=nft", "verifier.workers=1"]
     cases = [(pairs, [], f"error: {pairs} row 1: missing field 'answer' (row has ['chosen', 'prompt', 'rejected']). "
                          "This row is a preference pair (chosen/rejected): online objectives read prompts with gold "
                          "answers; train pairs offline (train.mode=offline, objective.name=redi, dpo or simpo)"),
              (prompts, ["data.prompt_field=question"],
               f"error: {prompts} row 1: missing field 'answer' (row has ['gold', 'question']). Set data.answer_field to "
-              "the field of the row that holds it (fields: gold, question)")]
+              "the field of the row that holds it (fields: gold, question)"),
+             (chats, [], f"error: {chats} row 1: chat-message prompts (or data.prompt_template=chat) need a tokenizer "
+                         "with a chat template; set model.tokenizer to one that has it, or give string prompts")]
     for i, (data, extra, line) in enumerate(cases):
         run_dir = tmp_path / f"run{i}"
         done = cli("twofold-train", *base, f"run_dir={run_dir}", f"data.path={data}", *extra)

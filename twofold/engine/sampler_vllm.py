@@ -121,7 +121,9 @@ def whole_prompt_prefill(max_model_len: int) -> dict:
     (`gen.set_offset(gen.get_offset() - 4)` in the GPU model runner, which the CPU runner inherits). A CUDA
     (Philox) generator has an offset; a CPU (Mersenne Twister) generator has none and raises "CPU Generator does not
     use offset", so any seeded batch of more than 4096 prompt tokens crashed. Without chunking a prompt that does
-    not fit waits for the next step, whole; the budget must then hold the longest sequence, max_model_len."""
+    not fit waits for the next step, whole; the budget must then hold the longest sequence, max_model_len. (vLLM
+    warns that turning chunked prefill off is not "officially supported"; the sampler tests hold a seeded batch
+    past the budget to the samples each prompt gets alone, and every other sampler test runs with it off.)"""
     return dict(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_TOKENS_PER_STEP, max_model_len))
 
 

@@ -90,7 +90,8 @@ def test_twofold_export_exits_0_and_refuses_a_directory_it_did_not_write(trained
     done = cli("twofold-export", trained["step"], out, "--dtype", "float32")
     assert done.returncode == 0, done.stderr
     assert f"exported {trained['step']} to {out}" in done.stdout and (out / "config.json").is_file()
-    assert cli("twofold-export", trained["step"], out, "--dtype", "float32").returncode == 0  # its own: replaced
+    from twofold.engine.export import main as export
+    assert export([str(trained["step"]), str(out), "--dtype", "float32"]) == 0  # an earlier export: replaced
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
@@ -100,8 +101,7 @@ def test_twofold_export_exits_0_and_refuses_a_directory_it_did_not_write(trained
         f"error: out_dir {precious} is not empty (notes.txt) and no export wrote it: exporting would replace it. "
         "Choose a new directory, or pass --overwrite to replace it"]
     assert (precious / "notes.txt").read_text() == "keep me"
-    forced = cli("twofold-export", trained["step"], precious, "--overwrite")
-    assert forced.returncode == 0, forced.stderr
+    assert export([str(trained["step"]), str(precious), "--overwrite"]) == 0
     assert not (precious / "notes.txt").exists() and (precious / "config.json").is_file()
 
 

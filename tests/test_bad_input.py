@@ -5,10 +5,10 @@ import logging
 
 import pytest
 
-from twofold.engine.config import load_config
-from twofold.engine.data import load_sequences
-from twofold.engine.tiny import build_char_tokenizer
-from twofold.engine.train import main
+from twofold.engine.run.config import load_config
+from twofold.engine.data.loading import load_sequences
+from twofold.engine.train.tiny import build_char_tokenizer
+from twofold.engine.run.train import main
 
 GOOD = '{"prompt": "Q: ", "response": "A", "rewards": 1}\n'
 

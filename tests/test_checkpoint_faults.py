@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from twofold.engine.checkpoint import FILES, MANIFEST, CheckpointDamaged, complete_checkpoints
-from twofold.engine.config import load_config
-from twofold.engine.tracking import read_metrics
-from twofold.engine.train import run
+from twofold.engine.train.checkpoint import FILES, MANIFEST, CheckpointDamaged, complete_checkpoints
+from twofold.engine.run.config import load_config
+from twofold.engine.run.tracking import read_metrics
+from twofold.engine.run.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["model.preset=tiny-qwen2", "model.dtype=float32", f"data.path={REPO / 'configs/data/tiny_arith.jsonl'}",

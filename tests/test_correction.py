@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from twofold.engine.config import correction_mode, load_config
-from twofold.engine.correction import DEFAULT_BOUNDS, correction_weights, log_ratios, mismatch_metrics
-from twofold.engine.packing import Sequence
-from twofold.engine.trainer import CORRECTION, batch_totals, drop_corrected
-from twofold.engine.packing import collate
+from twofold.engine.run.config import correction_mode, load_config
+from twofold.engine.rollout.correction import DEFAULT_BOUNDS, correction_weights, log_ratios, mismatch_metrics
+from twofold.engine.train.packing import Sequence
+from twofold.engine.train.trainer import CORRECTION, batch_totals, drop_corrected
+from twofold.engine.train.packing import collate
 
 
 def _ratios(seed=0, n_seqs=12, scale=0.6):

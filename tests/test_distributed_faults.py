@@ -16,7 +16,7 @@ TIMEOUT_S = 10
 def _launch(run_dir: Path, timeout_s: float) -> subprocess.Popen:
     """A two-rank offline run long enough to be interrupted (it is never let finish)."""
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
-           "twofold.engine.train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), f"run_dir={run_dir}",
+           "twofold.engine.run.train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), f"run_dir={run_dir}",
            "model.dtype=float32", "train.steps=100000", "checkpoint.every=0", "log.progress_bar=false",
            "log.plot=false", f"train.collective_timeout_s={timeout_s}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

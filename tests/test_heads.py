@@ -39,8 +39,8 @@ CASES = [
 
 
 def make_batch(kind: str, old: bool, corrected: bool, seed: int = 0):
-    from twofold.engine.packing import Sequence
-    from twofold.engine.trainer import CORRECTION
+    from twofold.engine.train.packing import Sequence
+    from twofold.engine.train.trainer import CORRECTION
 
     rng = random.Random(seed)
     out = []
@@ -69,8 +69,8 @@ def make_batch(kind: str, old: bool, corrected: bool, seed: int = 0):
 
 def gradients(trainer, batch):
     """Accumulated gradients of one mini-batch (every rank's micro-batches, FSDP2-reduced) and the summed loss."""
-    from twofold.engine.distributed import all_reduce_sum
-    from twofold.engine.trainer import batch_totals
+    from twofold.engine.train.distributed import all_reduce_sum
+    from twofold.engine.train.trainer import batch_totals
 
     trainer.check_batch(batch)
     totals, loss = batch_totals(batch), 0.0
@@ -84,10 +84,10 @@ def gradients(trainer, batch):
 
 def check_heads(rank: int, report: str | None = None) -> None:
     """Every case on this rank (of two); rank 0 writes one line per case to `report`. Raises on a mismatch."""
-    from twofold.engine.config import ModelConfig, OptimConfig
-    from twofold.engine.distributed import init_distributed, shutdown_distributed
-    from twofold.engine.model import build_policy
-    from twofold.engine.trainer import Trainer
+    from twofold.engine.run.config import ModelConfig, OptimConfig
+    from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+    from twofold.engine.train.model import build_policy
+    from twofold.engine.train.trainer import Trainer
 
     torch.set_num_threads(1)
     env = init_distributed()

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from bench.rollout import write_tiny_model
-from twofold.engine.config import load_config
-from twofold.engine.online import needs_ref_logp
-from twofold.engine.sampler import SamplerConfig, build_sampler
-from twofold.engine.tracking import read_metrics
-from twofold.engine.train import run
+from twofold.engine.run.config import load_config
+from twofold.engine.run.online import needs_ref_logp
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import SamplerConfig
+from twofold.engine.run.tracking import read_metrics
+from twofold.engine.run.train import run
 from twofold.engine.verifier import VerifierPool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def online_config(files, warm, objective: str, run_dir: Path, *extra: str):
 
 
 def test_the_startup_clock_splits_phases_and_knows_the_process_age():
-    from twofold.engine.online import StartupClock, process_age_s
+    from twofold.engine.run.online import StartupClock, process_age_s
 
     assert 0 < process_age_s() < 24 * 3600  # pytest started this process a while ago, not before boot
     clock = StartupClock()
@@ -190,7 +191,7 @@ def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path)
 def chat_tokenizer(files):
     """The model's char tokenizer with a chat template that renders a user turn as its bare text, so that chat
     prompts tokenize exactly like the string prompts `warm` was trained on."""
-    from twofold.engine.tiny import build_char_tokenizer
+    from twofold.engine.train.tiny import build_char_tokenizer
     tok = build_char_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(files["root"] / "chat_tokenizer")
@@ -260,10 +261,10 @@ def test_reward_functions_and_math_verify_from_the_config(files, warm, sampler, 
 
 
 def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm, sampler, pool, tmp_path):
-    """`python -m twofold.engine.eval` on the starting HF directory gives the run's step-0 evaluation, and on the
+    """`python -m twofold.engine.run.eval` on the starting HF directory gives the run's step-0 evaluation, and on the
     run's step_* checkpoint (exported on the fly) its final one."""
-    from twofold.engine.checkpoint import complete_checkpoints
-    from twofold.engine.eval import evaluate_checkpoint
+    from twofold.engine.train.checkpoint import complete_checkpoints
+    from twofold.engine.run.eval import evaluate_checkpoint
     config = online_config(files, warm, "nft", tmp_path / "run", f"eval.path={files['prompts']}", "eval.samples=2",
                            "checkpoint.export_hf=true", "checkpoint.export_dtype=float32")
     run(config, sampler=sampler, pool=pool)
@@ -289,12 +290,12 @@ def test_one_offline_step(objective, files, one_thread, tmp_path):
 def test_two_ranks_nft(files, warm, tmp_path):
     """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies. (Offline preference pairs on
     two ranks: tests/test_engine_distributed.py.)"""
-    from twofold.engine.config import to_yaml
+    from twofold.engine.run.config import to_yaml
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     config = online_config(files, warm, "nft", tmp_path / "nft")
     recipe = tmp_path / "nft.yaml"
     recipe.write_text(to_yaml(config))
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.run.train", "--config",
                            str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -306,9 +307,9 @@ def test_two_ranks_nft(files, warm, tmp_path):
 
 def online_run(config, sampler, pool):
     """An OnlineRun built as `run` builds it, to call its step and sync by hand."""
-    from twofold.engine.distributed import init_distributed
-    from twofold.engine.online import OnlineRun
-    from twofold.engine.train import load_tokenizer
+    from twofold.engine.train.distributed import init_distributed
+    from twofold.engine.run.online import OnlineRun
+    from twofold.engine.data.tokenizer import load_tokenizer
 
     return OnlineRun(config, init_distributed(), load_tokenizer(config), sampler=sampler, pool=pool)
 
@@ -321,7 +322,7 @@ def hf_sampler(files, warm, request):
 
 
 def one_step(config, sampler, pool, trainer_temperature=None):
-    from twofold.engine.distributed import shutdown_distributed
+    from twofold.engine.train.distributed import shutdown_distributed
 
     online = online_run(config, sampler, pool)
     try:
@@ -392,8 +393,8 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
 
 def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler, pool, tmp_path, monkeypatch):
     """The sampler holds random weights in layer 1 (as a dummy load leaves them); the next sync skips that layer."""
-    from twofold.engine.distributed import shutdown_distributed
-    from twofold.engine.online import CanaryError
+    from twofold.engine.train.distributed import shutdown_distributed
+    from twofold.engine.run.online import CanaryError
 
     online = online_run(online_config(files, warm, "grpo", tmp_path), sampler, pool)
     try:

@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from twofold.engine.data import BatchStream
-from twofold.engine.packing import Sequence
-from twofold.engine.tracking import drop_rows_after, json_row, log_skip, read_metrics
+from twofold.engine.data.loading import BatchStream
+from twofold.engine.train.packing import Sequence
+from twofold.engine.run.tracking import drop_rows_after, json_row, log_skip, read_metrics
 
 
 def _rows(n: int, pairs: bool = False) -> list[Sequence]:

@@ -226,3 +226,16 @@ TOKEN_LOCAL = {
     "jepo": jepo_token,
     "linear": linear_token,
 }
+
+
+def token_step(fn, logp, per_token, shared, index, entropy=None):
+    """One chunk of a fused pass (both kernel backends call this): the token-local function `fn` on the tokens
+    `index`, giving (loss_t, g_t, dL/dH_t or None) in logp's dtype (fp32 or fp64); `per_token` tensors are gathered
+    at `index`, `shared` values passed as they are; `entropy` goes to (and only to) a function that uses it."""
+    chunk = {k: v.index_select(0, index).to(logp.dtype) if v.is_floating_point() else v.index_select(0, index)
+             for k, v in per_token.items()}
+    if entropy is None:
+        loss, grad = fn(logp, **chunk, **shared)
+        return loss, grad.to(logp.dtype), None
+    loss, grad, grad_entropy = fn(logp, entropy=entropy, **chunk, **shared)
+    return loss, grad.to(logp.dtype), grad_entropy.to(logp.dtype)

@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from transformers import AutoModelForCausalLM
 
-from twofold.engine.model import DTYPES, PolicyModel
-from twofold.engine.trainer import Trainer
+from twofold.engine.train.model import DTYPES, PolicyModel
+from twofold.engine.train.trainer import Trainer
 
 log = logging.getLogger("twofold")
 MANIFEST = "manifest.json"

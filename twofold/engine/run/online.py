@@ -28,22 +28,23 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from twofold.engine.checkpoint import export_hf, save_checkpoint
-from twofold.engine.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
-from twofold.engine.correction import correction_weights, log_ratios, mismatch_metrics
-from twofold.engine.data import BatchStream, Fields
-from twofold.engine.distributed import DistEnv
-from twofold.engine.eval import evaluate
-from twofold.engine.model import build_policy, build_reference, load_hf_config
-from twofold.engine.packing import Sequence
-from twofold.engine.rollout import RolloutCollector, build_sequences
-from twofold.engine.sampler import GenerationParams, Sampler, build_sampler, sample_distributed, write_model_dir
-from twofold.engine.tasks import load_problems
-from twofold.engine.token_rm import TokenRewardModel
-from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
+from twofold.engine.train.checkpoint import export_hf, save_checkpoint
+from twofold.engine.run.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
+from twofold.engine.rollout.correction import correction_weights, log_ratios, mismatch_metrics
+from twofold.engine.data.loading import BatchStream, Fields
+from twofold.engine.train.distributed import DistEnv
+from twofold.engine.run.eval import evaluate
+from twofold.engine.train.model import build_policy, build_reference, load_hf_config
+from twofold.engine.train.packing import Sequence
+from twofold.engine.rollout.build import RolloutCollector, build_sequences
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import GenerationParams, Sampler, quiet_vllm, sample_distributed, write_model_dir
+from twofold.engine.data.tasks import load_problems
+from twofold.engine.rollout.token_rm import TokenRewardModel
+from twofold.engine.run.tracking import Tracker
+from twofold.engine.train.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
 from twofold.engine.verifier import VerifierPool, build_pool
-from twofold.engine.weight_sync import sync_weights
+from twofold.engine.rollout.weight_sync import sync_weights
 from twofold.objectives import OBJECTIVES
 
 log = logging.getLogger("twofold")
@@ -74,13 +75,6 @@ def sampler_model_dir(config: Config, tokenizer) -> str:
     if config.model.path:
         return config.model.path
     return write_model_dir(load_hf_config(config.model), tokenizer, Path(config.run_dir) / "sampler_model")
-
-
-def quiet_vllm() -> None:
-    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
-    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
 def resident_mib() -> float | None:

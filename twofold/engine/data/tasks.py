@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from twofold.engine.data import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
+from twofold.engine.data.loading import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
 from twofold.engine.verifier.extract import last_boxed
 from twofold.engine.verifier.pool import VerifierPool
 

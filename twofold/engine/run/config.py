@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from twofold.engine.correction import bounds as correction_bounds
-from twofold.engine.data import CHAT, check_source, is_local_path
-from twofold.engine.sampler import SamplerConfig
+from twofold.engine.rollout.correction import bounds as correction_bounds
+from twofold.engine.data.loading import CHAT, check_source, is_local_path
+from twofold.engine.rollout.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
 from twofold.objectives.token_local import check_kl_loss
 
@@ -35,7 +35,7 @@ class ModelConfig:
     """Hugging Face causal LM (Qwen2/2.5/3, Llama): a local checkpoint directory or a Hub id (`Qwen/Qwen2.5-0.5B`),
     resolved through the local HF cache (downloaded when missing and online). Exactly one of path / preset."""
     preset: str = ""
-    """Named random-init model from twofold.engine.tiny.PRESETS (tests, CPU demo, benchmarks)."""
+    """Named random-init model from twofold.engine.train.tiny.PRESETS (tests, CPU demo, benchmarks)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Compute dtype of parameters in forward/backward. Master weights, optimizer state and the gradient
     reduction stay fp32 either way (FSDP2 MixedPrecisionPolicy)."""

@@ -1,7 +1,7 @@
 """Held-out evaluation: pass@1 with greedy decoding and the sampled avg@k (mean correctness of k samples at the
 rollout temperature), scored by the verifier. Fixed seeds: the same weights always give the same numbers.
 
-    python -m twofold.engine.eval CHECKPOINT DATA [--config C] [--out scores.json] [section.key=value ...]
+    python -m twofold.engine.run.eval CHECKPOINT DATA [--config C] [--out scores.json] [section.key=value ...]
 
 scores a checkpoint (an HF directory, a Hub id or a step_* training checkpoint) on a dataset's prompts.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from twofold.engine.config import Config
-from twofold.engine.rollout import RolloutStats, verify_groups
-from twofold.engine.sampler import GenerationParams, Sampler, sample_distributed
-from twofold.engine.tasks import Problem
+from twofold.engine.run.config import Config
+from twofold.engine.rollout.build import RolloutStats, verify_groups
+from twofold.engine.rollout.sampler import GenerationParams, Sampler, sample_distributed
+from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool
 
 EVAL_SEED = 1234
@@ -59,11 +59,11 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
     """Greedy pass@1 and avg@k of `checkpoint` (an HF directory, a Hub id or a step_* checkpoint, exported to a
     temporary HF directory first) on the prompts of `config.eval.path`. A given `sampler` (tests) gets the weights
     by sync; otherwise one is built that reads them from the directory."""
-    from twofold.engine.data import Fields
-    from twofold.engine.export import export_checkpoint, is_training_checkpoint
-    from twofold.engine.hub import resolve_model_path
-    from twofold.engine.sampler import build_sampler
-    from twofold.engine.tasks import load_problems
+    from twofold.engine.data.loading import Fields
+    from twofold.engine.run.export import export_checkpoint, is_training_checkpoint
+    from twofold.engine.data.hub import resolve_model_path
+    from twofold.engine.rollout.backends import build_sampler
+    from twofold.engine.data.tasks import load_problems
     from twofold.engine.verifier import build_pool
     with tempfile.TemporaryDirectory(prefix="twofold-eval-") as tmp:
         path = Path(checkpoint)
@@ -80,12 +80,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
                                  data.format, config.eval.max_prompts, golds, data.split).problems
         if sampler is None:
             if not config.log.verbose:
-                from twofold.engine.online import quiet_vllm
+                from twofold.engine.rollout.sampler import quiet_vllm
                 quiet_vllm()
             sampler = build_sampler(dataclasses.replace(config.sampler, load_format="auto"), model_dir)
         else:
             from transformers import AutoModelForCausalLM
-            from twofold.engine.weight_sync import sync_weights
+            from twofold.engine.rollout.weight_sync import sync_weights
             sync_weights(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), sampler)
         try:
             return {"eval/prompts": float(len(problems)), **evaluate(sampler, pool, problems, config)}
@@ -98,14 +98,14 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
-        prog="python -m twofold.engine.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m twofold.engine.run.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a checkpoint on a dataset: greedy pass@1 and sampled avg@k, checked by the verifier.",
         epilog="examples:\n"
-               "  python -m twofold.engine.eval runs/demo/nft/hf runs/demo/data/eval.jsonl\n"
-               "  python -m twofold.engine.eval runs/x/checkpoints/step_00000040 data/math500.jsonl eval.samples=8\n"
+               "  python -m twofold.engine.run.eval runs/demo/nft/hf runs/demo/data/eval.jsonl\n"
+               "  python -m twofold.engine.run.eval runs/x/checkpoints/step_00000040 data/math500.jsonl eval.samples=8\n"
                "The config (sampling, verifier, data fields) is the run's config.yaml for a step_* checkpoint, else "
                "--config or the defaults; section.key=value overrides apply on top (see python -m "
-               "twofold.engine.train --help).")
+               "twofold.engine.run.train --help).")
     parser.add_argument("checkpoint", help="Hugging Face directory or Hub id, or <run_dir>/checkpoints/step_*")
     parser.add_argument("data", help="prompts with gold answers (any data.path source)")
     parser.add_argument("--config", help="YAML config for sampling, verifier and data fields")
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.samples=8 rollout.temperature=0.6")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from twofold.engine.config import load_config
-    from twofold.engine.export import is_training_checkpoint
+    from twofold.engine.run.config import load_config
+    from twofold.engine.run.export import is_training_checkpoint
     try:
         base = args.config
         if base is None and is_training_checkpoint(Path(args.checkpoint)):

@@ -1,11 +1,11 @@
 """Training entry point.
 
-    python -m twofold.engine.train --config configs/tiny_sft.yaml [section.key=value ...]   one process (CPU or 1 GPU)
-    torchrun --nproc_per_node=8 -m twofold.engine.train --config configs/<recipe>.yaml [...] FSDP2 over 8 ranks
-    python -m twofold.engine.train --config configs/tiny_sft.yaml --print-config            the resolved config
+    python -m twofold.engine.run.train --config configs/tiny_sft.yaml [section.key=value ...]   one process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 -m twofold.engine.run.train --config configs/<recipe>.yaml [...] FSDP2 over 8 ranks
+    python -m twofold.engine.run.train --config configs/tiny_sft.yaml --print-config            the resolved config
 
 train.mode=offline (SFT, RFT, REDI, DPO, SimPO) trains on dataset rows; train.mode=online (NFT, RFT, GRPO, DAPO,
-Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (twofold.engine.online).
+Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (twofold.engine.run.online).
 
 Each step takes the next global mini-batch, runs `Trainer.step` and logs; checkpoints every `checkpoint.every`
 steps and at the end of the invocation; with checkpoint.resume=auto a rerun continues from the newest complete
@@ -25,21 +25,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
-from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
+from twofold.engine.train.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
                                        resume_newest, save_checkpoint)
-from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
+from twofold.engine.run.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
                                    to_yaml)
-from twofold.engine.data import BatchStream, Fields, load_sequences
-from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
-from twofold.engine.hub import resolve_model
-from twofold.engine.model import build_policy
-from twofold.engine.online import OnlineRun
-from twofold.engine.packing import Sequence
-from twofold.engine.tiny import build_char_tokenizer
-from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import Trainer, sequence_logprobs
+from twofold.engine.data.tokenizer import load_tokenizer
+from twofold.engine.data.loading import BatchStream, Fields, load_sequences
+from twofold.engine.train.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
+from twofold.engine.data.hub import resolve_model
+from twofold.engine.train.model import build_policy
+from twofold.engine.run.online import OnlineRun
+from twofold.engine.train.packing import Sequence
+from twofold.engine.run.tracking import Tracker
+from twofold.engine.train.trainer import Trainer, sequence_logprobs
 from twofold.kernels.chunked import gemm_precision
 
 log = logging.getLogger("twofold")
@@ -51,7 +50,7 @@ COMPLETE = "complete.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m twofold.engine.train", description="\n\n".join(__doc__.split("\n\n")[:3]),
+        prog="python -m twofold.engine.run.train", description="\n\n".join(__doc__.split("\n\n")[:3]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML sections, or section.key=value on the command line):\n" + config_reference())
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")
@@ -78,11 +77,6 @@ def main(argv: list[str] | None = None) -> None:
 
 class CollectiveTimeout(RuntimeError):
     """A rank of a multi-rank run stopped answering: the message names it."""
-
-
-def load_tokenizer(config: Config):
-    source = config.model.tokenizer or config.model.path
-    return AutoTokenizer.from_pretrained(source) if source else build_char_tokenizer()
 
 
 def run(config: Config, **online_kwargs) -> list[dict]:

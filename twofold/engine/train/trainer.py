@@ -37,11 +37,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from twofold.engine.config import OptimConfig
-from twofold.engine.distributed import DistEnv, all_reduce_sum
-from twofold.engine.heads import make_head
-from twofold.engine.model import PolicyModel, count_parameters
-from twofold.engine.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
+from twofold.engine.run.config import OptimConfig
+from twofold.engine.train.distributed import DistEnv, all_reduce_sum
+from twofold.engine.train.heads import make_head
+from twofold.engine.train.model import PolicyModel, count_parameters
+from twofold.engine.train.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
 from twofold.objectives import BATCH_STATISTICS, OBJECTIVES
 from twofold.objectives.groups import group_index
 

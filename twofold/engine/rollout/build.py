@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from twofold.engine.config import RewardConfig, RolloutConfig
-from twofold.engine.data import BatchStream
-from twofold.engine.packing import Sequence
-from twofold.engine.sampler import GenerationParams, Sample, Sampler, sample_distributed
-from twofold.engine.tasks import Problem
+from twofold.engine.run.config import RewardConfig, RolloutConfig
+from twofold.engine.data.loading import BatchStream
+from twofold.engine.train.packing import Sequence
+from twofold.engine.rollout.sampler import GenerationParams, Sample, Sampler, sample_distributed
+from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
 from twofold.engine.verifier.extract import _BOX_RE, last_boxed
 from twofold.objectives import group_advantages

@@ -252,7 +252,13 @@ class RewardFunction:
 class RewardConfig:
     """Online runs: reward = verifier_weight * correct (0/1) + sum of weight * function(response, gold)."""
     functions: list[RewardFunction] = field(default_factory=list)
-    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap)."""
+    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap); name:
+    "package.module:function" or "path/to/file.py:function". A call that raises, exits, hangs past
+    verifier.timeout, prints more than 64 KiB or returns anything but one finite number adds 0 to that sample's
+    reward (its other terms and the verifier's verdict stand) and is counted in reward/<function>/errors."""
+    max_error_frac: float = 0.05
+    """Stop the run, naming the function and its first error, once a reward function has failed on more than this
+    fraction of its calls in this invocation (1: never stop)."""
     verifier_weight: float = 1.0
     """Weight of the verifier's 0/1 correctness (0: the reward comes from `functions` alone)."""
     positive_threshold: float = 0.5
@@ -559,10 +565,12 @@ def validate_rollout(config: Config) -> None:
     if config.verifier.check == "math_verify" and importlib.util.find_spec("math_verify") is None:
         raise ValueError("verifier.check=math_verify needs the math-verify package: pip install 'twofold[math]'")
     for i, fn in enumerate(config.reward.functions):
-        module, sep, name = fn.name.partition(":")
-        if not (module and sep and name):
-            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function, "
-                             f"got {fn.name!r}")
+        module, sep, name = fn.name.rpartition(":")
+        if not (module and sep and name.isidentifier()):
+            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function or "
+                             f"path/to/file.py:function, got {fn.name!r}")
+    _require(0 <= config.reward.max_error_frac <= 1, "reward.max_error_frac", "in [0, 1]",
+             config.reward.max_error_frac)
     _require(0 <= config.verifier.numeric_tolerance < 1, "verifier.numeric_tolerance", "in [0, 1)",
              config.verifier.numeric_tolerance)
 

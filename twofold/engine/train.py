@@ -38,6 +38,7 @@ from twofold.engine.model import build_policy
 from twofold.engine.online import OnlineRun
 from twofold.engine.packing import Sequence
 from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.verifier.pool import RewardFunctionError, resolve_functions
 from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import Trainer, sequence_logprobs
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(config)
-    except (CollectiveTimeout, CheckpointDamaged, RunDirError) as err:  # the message says all
+    except (CollectiveTimeout, CheckpointDamaged, RunDirError, RewardFunctionError) as err:  # the message says all
         sys.exit(f"error: {err}")
 
 
@@ -100,6 +101,8 @@ def run(config: Config, **online_kwargs) -> list[dict]:
 def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(levelname)s %(message)s")
     start = time.perf_counter()
+    if config.train.mode == "online":
+        resolve_functions([f.name for f in config.reward.functions])  # a second now, not after the engine start
     done = prepare_run_dir(config, env)
     if done is not None:
         if env.is_main:

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
-                                       resume_newest, save_checkpoint)
+from twofold.engine.checkpoint import (CheckpointDamaged, CheckpointRefused, complete_checkpoints, damaged_checkpoints,
+                                       export_hf, resume_newest, save_checkpoint)
 from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
                                    to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(config)
-    except (CollectiveTimeout, CheckpointDamaged, RunDirError, RewardFunctionError) as err:  # the message says all
+    except (CollectiveTimeout, CheckpointDamaged, CheckpointRefused, RunDirError, RewardFunctionError) as err:  # the message says all
         sys.exit(f"error: {err}")
 
 

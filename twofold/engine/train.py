@@ -29,12 +29,13 @@ from transformers import AutoTokenizer
 
 from twofold.engine.checkpoint import (CheckpointDamaged, CheckpointRefused, complete_checkpoints, damaged_checkpoints,
                                        export_hf, resume_newest, save_checkpoint)
-from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
-                                   to_yaml)
+from twofold.engine.config import (BadInput, Config, config_reference, console_yaml, load_config, objective_kwargs,
+                                   save_config, to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
-from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
+from twofold.engine.distributed import (DistEnv, describe_hang, describe_lost_peer, init_distributed, is_peer_lost,
+                                        is_timeout, shutdown_distributed)
 from twofold.engine.hub import resolve_model
-from twofold.engine.model import build_policy
+from twofold.engine.model import build_policy, load_hf_config
 from twofold.engine.online import OnlineRun
 from twofold.engine.packing import Sequence
 from twofold.engine.tiny import build_char_tokenizer
@@ -71,17 +72,30 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(config)
-    except (CollectiveTimeout, CheckpointDamaged, CheckpointRefused, RunDirError, RewardFunctionError) as err:  # the message says all
+    except (CollectiveTimeout, CheckpointDamaged, CheckpointRefused, RunDirError, RewardFunctionError,
+            BadInput) as err:  # the message says all
         sys.exit(f"error: {err}")
 
 
 class CollectiveTimeout(RuntimeError):
-    """A rank of a multi-rank run stopped answering: the message names it."""
+    """A rank of a multi-rank run stopped answering or died: the message names it."""
 
 
 def load_tokenizer(config: Config):
     source = config.model.tokenizer or config.model.path
     return AutoTokenizer.from_pretrained(source) if source else build_char_tokenizer()
+
+
+def check_vocabulary(config: Config, tokenizer) -> None:
+    """Every id the tokenizer can produce must index the model's embedding (else an IndexError deep in the first
+    forward, after the sampler engine has started)."""
+    rows = load_hf_config(config.model).vocab_size
+    if len(tokenizer) > rows:
+        source = config.model.tokenizer or config.model.path or "the built-in character tokenizer"
+        raise BadInput(f"the tokenizer ({source}) has {len(tokenizer)} tokens but the model's embedding has "
+                       f"vocab_size={rows} rows (model.{'path' if config.model.path else 'preset'}): ids >= {rows} "
+                       "would index past it. Use the model's own tokenizer (model.tokenizer) or a model whose "
+                       "vocabulary covers this one")
 
 
 def run(config: Config, **online_kwargs) -> list[dict]:
@@ -93,6 +107,8 @@ def run(config: Config, **online_kwargs) -> list[dict]:
     except RuntimeError as err:
         if env.world_size > 1 and is_timeout(err):
             raise CollectiveTimeout(describe_hang(config.train.collective_timeout_s)) from err
+        if env.world_size > 1 and is_peer_lost(err):
+            raise CollectiveTimeout(describe_lost_peer()) from err
         raise
     finally:
         shutdown_distributed()
@@ -115,6 +131,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     resolve_model(config.model)
     torch.manual_seed(config.train.seed + env.rank)
     tokenizer = load_tokenizer(config)
+    check_vocabulary(config, tokenizer)
     if config.train.mode == "online":
         online = OnlineRun(config, env, tokenizer, **online_kwargs)
         try:

@@ -289,3 +289,32 @@ def test_the_dcp_metadata_allow_list_admits_what_dcp_writes(after_two_steps):
         expected = Recorder(f).load()
     assert {n for n in named if n[0] != "torch" or n[1] in ("Size",)} <= _DCP_GLOBALS
     assert SafeReader(str(step)).read_metadata().state_dict_metadata == expected.state_dict_metadata
+
+
+# ---- manifests: a missing one is named with the steps it discards, a malformed one is damage -------------------
+
+def test_a_deleted_manifest_warns_naming_the_steps_the_resume_discards(after_two_steps, tmp_path, uninterrupted,
+                                                                      caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(after_two_steps, run_dir)
+    (run_dir / "checkpoints" / "step_00000002" / MANIFEST).unlink()
+    _resume_and_compare(run_dir, uninterrupted, expected_start=1)
+    assert ("step_00000002 has no manifest.json (a save that never finished, or a deleted manifest): not "
+            "resumable; resuming from step_00000001 discards what was trained up to step 2") in caplog.text
+
+
+@pytest.mark.parametrize("tamper, says", [
+    (lambda m: {**m, "files": sorted(m["files"])}, "malformed manifest.json: 'files' must map each file name"),
+    (lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != ".metadata"}},
+     ".metadata not in manifest.json (its contents are not vouched for)"),
+    (lambda m: {**m, "files": {**m["files"], "../x": {"size": 1, "sha256": "0"}}}, "a file name with a directory"),
+], ids=["files-a-list", "a-file-unlisted", "a-path-outside"])
+def test_a_malformed_manifest_is_set_aside_like_a_damaged_checkpoint(tamper, says, after_two_steps, tmp_path,
+                                                                     uninterrupted, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(after_two_steps, run_dir)
+    manifest = run_dir / "checkpoints" / "step_00000002" / MANIFEST
+    manifest.write_text(json.dumps(tamper(json.loads(manifest.read_text()))))
+    _resume_and_compare(run_dir, uninterrupted, expected_start=1)
+    assert "step_00000002 is damaged" in caplog.text and says in caplog.text
+    assert (run_dir / "checkpoints" / ".bad-step_00000002").is_dir()

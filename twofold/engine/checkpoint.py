@@ -302,8 +302,11 @@ def verify_checkpoint(path: Path) -> str | None:
     problem = None
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+        problem = _malformed(files, path)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        files, problem = {}, f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
+        problem = f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
+    if problem:
+        files = {}
     rank, world = dist.get_rank(), dist.get_world_size()
     for name in sorted(files)[rank::world]:
         if problem:
@@ -318,6 +321,29 @@ def verify_checkpoint(path: Path) -> str | None:
     problems = [None] * world
     dist.all_gather_object(problems, problem)
     return next((p for p in problems if p), None)
+
+
+def _malformed(files, path: Path) -> str | None:
+    """What is wrong with a manifest's `files` ({name: {size, sha256}} covering every file of the checkpoint)."""
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        return f"malformed {MANIFEST}: 'files' must map each file name to its size and sha256, got " \
+               f"{type(files).__name__}"
+    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        return f"{', '.join(unlisted)} not in {MANIFEST} (its contents are not vouched for)"
+    if any(Path(name).name != name for name in files):
+        return f"malformed {MANIFEST}: a file name with a directory in it"
+    return None
+
+
+def incomplete_newer(run_dir: str | Path, newest: Path | None) -> list[Path]:
+    """`step_*` directories without a manifest above the newest complete checkpoint: steps a resume discards."""
+    root = checkpoint_dir(run_dir)
+    floor = step_of(newest) if newest is not None else -1
+    return sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not (p / MANIFEST).is_file()
+                   and step_of(p) > floor), key=step_of) if root.is_dir() else []
 
 
 def load_checkpoint(path: str | Path, trainer: Trainer, extras: dict | None = None) -> dict:

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from twofold.engine.checkpoint import (CheckpointDamaged, CheckpointRefused, complete_checkpoints, damaged_checkpoints,
-                                       export_hf, resume_newest, save_checkpoint)
+from twofold.engine.checkpoint import (MANIFEST, CheckpointDamaged, CheckpointRefused, complete_checkpoints,
+                                       damaged_checkpoints, export_hf, incomplete_newer, resume_newest, save_checkpoint,
+                                       step_of)
 from twofold.engine.config import (BadInput, Config, config_reference, console_yaml, load_config, objective_kwargs,
                                    save_config, to_yaml)
 from twofold.engine.data import BatchStream, Fields, load_sequences
@@ -270,7 +271,20 @@ def resume_path(config: Config) -> Path | None:
 def resume(config: Config, trainer: Trainer, extras: dict | None = None) -> tuple[Path, dict] | None:
     """Load the newest intact checkpoint into `trainer`: (its path, the saved data position), or None."""
     candidates, set_aside = resume_candidates(config)
+    if config.checkpoint.resume == "auto" and trainer.env.is_main:
+        warn_incomplete(config.run_dir, candidates[-1] if candidates else None)
     return resume_newest(candidates, trainer, extras, set_aside)
+
+
+def warn_incomplete(run_dir: str, newest: Path | None) -> None:
+    """Name the steps a resume discards: step directories above the newest complete checkpoint that have no
+    manifest (never silently trained again)."""
+    lost = incomplete_newer(run_dir, newest)
+    if lost:
+        log.warning("%s %s no %s (a save that never finished, or a deleted manifest): not resumable; resuming from "
+                    "%s discards what was trained up to step %d", ", ".join(p.name for p in lost),
+                    "has" if len(lost) == 1 else "have", MANIFEST, newest.name if newest else "step 0",
+                    step_of(lost[-1]))
 
 
 def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:

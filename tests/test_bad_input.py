@@ -101,8 +101,10 @@ def test_paths_that_cannot_be_what_they_name_are_rejected_before_loading(recipe,
 # ---- silent acceptance: input that used to load and then quietly mean something else, or train nothing --------
 
 @pytest.mark.parametrize("text, message", [
-    ("optim: {lr: 0.001}\noptim: {weight_decay: 0.1}\n", r"key 'optim' appears twice in one mapping \(line 3 and line 4\)"),
-    ("optim:\n  lr: 0.001\n  warmup_steps: 2\n  lr: 0.1\n", r"key 'lr' appears twice in one mapping \(line 4 and line 6\)"),
+    ("optim: {lr: 0.001}\noptim: {weight_decay: 0.1}\n",
+     r"key 'optim' appears twice in one mapping \(line 3 and line 4\)"),
+    ("optim:\n  lr: 0.001\n  warmup_steps: 2\n  lr: 0.1\n",
+     r"key 'lr' appears twice in one mapping \(line 4 and line 6\)"),
 ])
 def test_a_key_given_twice_in_a_config_file_is_an_error(recipe, text, message, capsys):
     recipe.write_text(recipe.read_text() + text)

@@ -112,7 +112,8 @@ def test_a_reward_function_in_a_file_runs_in_the_workers(tmp_path):
     """path/to/file.py:function, relative to the working directory as well as absolute."""
     (tmp_path / "rewards").mkdir()
     (tmp_path / "rewards" / "mine.py").write_text("def short(response, gold):\n    return float(len(response) < 10)\n")
-    config = load_config(None, ["model.preset=tiny-qwen2", "train.mode=online", "objective.name=nft", f"data.path={REPO / 'configs/data/tiny_arith.jsonl'}",
+    config = load_config(None, ["model.preset=tiny-qwen2", "train.mode=online", "objective.name=nft",
+                                f"data.path={REPO / 'configs/data/tiny_arith.jsonl'}",
                                 "reward.functions=[{name: 'rewards/mine.py:short'}]"])
     assert config.reward.functions[0].name == "rewards/mine.py:short"
     code = ("from twofold.engine.verifier import VerifierPool\n"

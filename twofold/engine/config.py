@@ -262,9 +262,9 @@ class RewardConfig:
     verifier_weight: float = 1.0
     """Weight of the verifier's 0/1 correctness (0: the reward comes from `functions` alone)."""
     positive_threshold: float = 0.5
-    """A sample whose reward is >= this counts as correct: the 0/1 reward of the binary objectives (NFT, RFT,
-    OREAL), dynamic sampling of theirs, rollout/accuracy and held-out pass rates. GRPO, DAPO and Dr. GRPO use
-    the reward itself when it is not 0/1."""
+    """A sample whose reward is >= this counts as positive: the 0/1 reward of the binary objectives (NFT, RFT,
+    OREAL), dynamic sampling of theirs, rollout/positive_frac and held-out pass rates (rollout/accuracy is the
+    verifier's verdict alone). GRPO, DAPO and Dr. GRPO use the reward itself when it is not 0/1."""
 
 
 @dataclass(kw_only=True)

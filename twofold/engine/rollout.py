@@ -39,8 +39,8 @@ from twofold.engine.packing import Sequence
 from twofold.engine.sampler import GenerationParams, Sample, Sampler, sample_distributed
 from twofold.engine.tasks import Problem
 from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
-from twofold.engine.verifier.pool import RewardBatch, RewardFunctionError
 from twofold.engine.verifier.extract import _BOX_RE, last_boxed
+from twofold.engine.verifier.pool import RewardBatch, RewardFunctionError
 from twofold.objectives import group_advantages
 
 ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "gspo": "grpo", "cispo": "grpo", "oreal": "rloo"}

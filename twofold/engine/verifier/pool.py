@@ -77,10 +77,15 @@ def resolve_functions(names: list[str]) -> None:
     sampler starts, so that a typo costs a second, not an engine start."""
     if not names:
         return
-    out = subprocess.run([sys.executable, "-m", "twofold.engine.verifier.worker", "--resolve", *names],
-                         capture_output=True, text=True, env=_worker_env(), timeout=_STARTUP_SECONDS)
+    try:
+        out = subprocess.run([sys.executable, "-m", "twofold.engine.verifier.worker", "--resolve", *names],
+                             capture_output=True, text=True, env=_worker_env(), timeout=_STARTUP_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise RewardFunctionError(f"importing reward.functions ({', '.join(names)}) took over "
+                                  f"{_STARTUP_SECONDS:g} s") from None
     if out.returncode:
-        failed = out.stdout.strip().splitlines() or [out.stderr.strip().splitlines()[-1]]
+        failed = (out.stdout.strip().splitlines() or out.stderr.strip().splitlines()[-1:]
+                  or [f"exit code {out.returncode}"])
         where = {name: i for i, name in reversed(list(enumerate(names)))}
         lines = [f"reward.functions[{where.get(line.split(': ')[0], '?')}] {line}" for line in failed]
         raise RewardFunctionError(f"{'; '.join(lines)} (name: package.module:function, importable from PYTHONPATH "

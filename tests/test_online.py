@@ -8,6 +8,7 @@ something to learn from, whatever the CPU's kernels.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,29 @@ def test_reward_functions_and_math_verify_from_the_config(files, warm, sampler, 
                                         ["0.5", "\\frac12", "4"]) == [1.0, 1.0, 0.0]
         (step,) = run(checked, sampler=sampler, pool=math_verify)
     assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
+
+
+def test_a_broken_reward_function_is_counted_and_past_max_error_frac_stops_the_run(files, warm, sampler, tmp_path):
+    """A reward function that raises on every call: with reward.max_error_frac=1 the step trains on the verifier's
+    verdicts and logs the function's errors and the other function's mean; with the default the run stops in one
+    line naming it (no more 'nothing to train on' with rc 0)."""
+    from twofold.engine.verifier import build_pool
+    from twofold.engine.verifier.pool import RewardFunctionError
+    functions = ("reward.functions=[{name: 'tests.verifier_functions:boxed_bonus', weight: 0.25}, "
+                 "{name: 'tests.verifier_functions:raises'}]")
+    tolerant = online_config(files, warm, "grpo", tmp_path / "tolerant", "verifier.workers=1", functions,
+                             "reward.max_error_frac=1")
+    with build_pool(tolerant) as scorer:
+        (step,) = run(tolerant, sampler=sampler, pool=scorer)
+    # every call failed (one call per distinct response: equal samples share it)
+    assert step["reward/raises/errors"] >= step["rollout/prompts"] and step["reward/raises/mean"] == 0.0
+    assert step["reward/boxed_bonus/errors"] == 0 and step["reward/boxed_bonus/mean"] > 0.5
+    assert 0 < step["rollout/accuracy"] < 1 and step["skipped"] == 0  # the verdicts survived the failures
+    strict = online_config(files, warm, "grpo", tmp_path / "strict", "verifier.workers=1", functions)
+    with build_pool(strict) as scorer, pytest.raises(RewardFunctionError) as stop:
+        run(strict, sampler=sampler, pool=scorer)
+    assert re.match(r"reward function raises failed on (\d+) of its \1 calls so far \(100% > reward.max_error_frac="
+                    r"0.05\); first error: ZeroDivisionError: division by zero", str(stop.value)), str(stop.value)
 
 
 def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm, sampler, pool, tmp_path):

@@ -40,6 +40,7 @@ from twofold.engine.rollout.sampler import GenerationParams, Sample, Sampler, sa
 from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
 from twofold.engine.verifier.extract import _BOX_RE, last_boxed
+from twofold.engine.verifier.pool import RewardBatch, RewardFunctionError
 from twofold.objectives import group_advantages
 
 ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "gspo": "grpo", "cispo": "grpo", "oreal": "rloo"}
@@ -79,6 +80,10 @@ class RolloutStats:
     """Positive samples (score >= reward.positive_threshold)."""
     reward: float = 0.0
     """Sum of the scores."""
+    verified: int = 0
+    """Samples the answer check judged (all of them unless reward.verifier_weight=0 with reward functions)."""
+    verified_correct: float = 0.0
+    """Of those, the ones it judged correct: rollout/accuracy, whatever the reward functions add."""
     informative: int = 0
     response_tokens: int = 0
     truncated: int = 0
@@ -86,17 +91,37 @@ class RolloutStats:
     no_answer: int = 0
     generate_s: float = 0.0
     verify_s: float = 0.0
+    functions: dict[str, dict] = field(default_factory=dict)
+    """Per reward function: {"sum", "values", "calls", "errors", "first_error"} of this step's calls."""
     extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         n = max(self.samples, 1)
-        return {"rollout/accuracy": self.correct / n, "rollout/reward_mean": self.reward / n,
+        accuracy = {"rollout/accuracy": self.verified_correct / self.verified} if self.verified else {}
+        terms = {}
+        for name, f in self.functions.items():  # TRL logs one mean per reward function too
+            terms |= {f"reward/{name}/mean": f["sum"] / max(f["values"], 1), f"reward/{name}/errors": f["errors"]}
+        return {**accuracy, "rollout/positive_frac": self.correct / n, "rollout/reward_mean": self.reward / n,
                 "rollout/informative_groups": self.informative,
                 "rollout/prompts": self.prompts, "rollout/gen_batches": self.gen_batches,
                 "rollout/response_len": self.response_tokens / n, "rollout/truncated_frac": self.truncated / n,
                 "rollout/verifier_timeouts": self.verifier_timeouts, "rollout/no_answer": self.no_answer,
                 "time/generate_s": self.generate_s, "time/verify_s": self.verify_s,
-                "rollout/generate_tokens_per_s": self.response_tokens / max(self.generate_s, 1e-9), **self.extra}
+                "rollout/generate_tokens_per_s": self.response_tokens / max(self.generate_s, 1e-9), **terms,
+                **self.extra}
+
+    def add(self, batch: RewardBatch) -> None:
+        """Count the verdicts and each reward function's values and failures of one verified batch."""
+        verdicts = [c for c in batch.correct if c is not None]
+        self.verified += len(verdicts)
+        self.verified_correct += sum(verdicts)
+        for name, values in batch.values.items():
+            f = self.functions.setdefault(name, {"sum": 0.0, "values": 0, "calls": 0, "errors": 0,
+                                                 "first_error": None})
+            ok = [v for v in values if v is not None]
+            f["sum"], f["values"] = f["sum"] + sum(ok), f["values"] + len(ok)
+            f["calls"], f["errors"] = f["calls"] + batch.calls[name], f["errors"] + len(batch.errors[name])
+            f["first_error"] = f["first_error"] or next(iter(batch.errors[name]), None)
 
 
 def verify_groups(pool: VerifierPool, problems: list[Problem], groups: list[list[Sample]], timeout: float,
@@ -108,17 +133,40 @@ def verify_groups(pool: VerifierPool, problems: list[Problem], groups: list[list
         texts = [s.text for g in groups for s in g]
         golds = [p.answer for p, g in zip(problems, groups) for _ in g]
         before = pool.stats.as_dict()
-        flat = pool.verify_batch(texts, golds, timeout=timeout)
+        batch = pool.reward_batch(texts, golds, timeout=timeout)
         after = pool.stats.as_dict()
-        payload = [(flat, after["timeouts"] - before["timeouts"], after["no_answer"] - before["no_answer"])]
+        payload = [(batch, after["timeouts"] - before["timeouts"], after["no_answer"] - before["no_answer"])]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
-    flat, timeouts, no_answer = payload[0]
+    batch, timeouts, no_answer = payload[0]
     stats.verifier_timeouts += timeouts
     stats.no_answer += no_answer
     stats.verify_s += time.perf_counter() - start
+    stats.add(batch)
+    flat = batch.scores
     sizes = [len(g) for g in groups]
     return [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(groups))]
+
+
+def merged(totals: dict[str, dict], step: dict[str, dict]) -> dict[str, dict]:
+    """Reward-function call and failure counts of `totals` plus those of `step`."""
+    out = {}
+    for name in {**totals, **step}:
+        a, b = totals.get(name, {}), step.get(name, {})
+        out[name] = {"calls": a.get("calls", 0) + b.get("calls", 0), "errors": a.get("errors", 0) + b.get("errors", 0),
+                     "first_error": a.get("first_error") or b.get("first_error")}
+    return out
+
+
+def check_reward_errors(totals: dict[str, dict], max_error_frac: float) -> None:
+    """Stop the run once a reward function's failed calls pass reward.max_error_frac of its calls so far."""
+    for name, f in totals.items():
+        if f["errors"] and f["errors"] > max_error_frac * f["calls"]:
+            raise RewardFunctionError(
+                f"reward function {name} failed on {f['errors']} of its {f['calls']} calls so far "
+                f"({f['errors'] / f['calls']:.0%} > reward.max_error_frac={max_error_frac:g}); first error: "
+                f"{f['first_error']}. Fix the function (its traceback is in the log above) or raise "
+                "reward.max_error_frac")
 
 
 class RolloutCollector:
@@ -129,6 +177,8 @@ class RolloutCollector:
         self.sampler, self.pool, self.cfg = sampler, pool, cfg
         self.verifier_timeout, self.seed = verifier_timeout, seed
         self.reward = reward or RewardConfig()
+        self.function_totals: dict[str, dict] = {}
+        """Every reward function's calls and failures in this invocation, against reward.max_error_frac."""
         self.filter = objective in MIXED_GROUPS_ONLY or (cfg.dynamic_sampling and objective not in NO_FILTER)
         # the GRPO family on graded rewards learns from any group whose rewards differ
         self.graded = objective in ADVANTAGE_KIND and objective not in MIXED_GROUPS_ONLY and not binary(self.reward)
@@ -153,12 +203,14 @@ class RolloutCollector:
                                          self.params(position))
             stats.generate_s += time.perf_counter() - start
             scores = verify_groups(self.pool, problems, samples, self.verifier_timeout, stats)
+            check_reward_errors(merged(self.function_totals, stats.functions), self.reward.max_error_frac)
             groups = [Group(p, s, c, self.reward.positive_threshold) for p, s, c in zip(problems, samples, scores)]
             self.count(groups, stats)
             kept += [g for g in groups if self.informative(g) or not self.filter]
             if not self.filter:
                 break
         stats.informative = sum(self.informative(g) for g in kept)
+        self.function_totals = merged(self.function_totals, stats.functions)
         return kept[:self.cfg.prompts_per_step], stats
 
     @staticmethod

@@ -252,13 +252,19 @@ class RewardFunction:
 class RewardConfig:
     """Online runs: reward = verifier_weight * correct (0/1) + sum of weight * function(response, gold)."""
     functions: list[RewardFunction] = field(default_factory=list)
-    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap)."""
+    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap); name:
+    "package.module:function" or "path/to/file.py:function". A call that raises, exits, hangs past
+    verifier.timeout, prints more than 64 KiB or returns anything but one finite number adds 0 to that sample's
+    reward (its other terms and the verifier's verdict stand) and is counted in reward/<function>/errors."""
+    max_error_frac: float = 0.05
+    """Stop the run, naming the function and its first error, once a reward function has failed on more than this
+    fraction of its calls in this invocation (1: never stop)."""
     verifier_weight: float = 1.0
     """Weight of the verifier's 0/1 correctness (0: the reward comes from `functions` alone)."""
     positive_threshold: float = 0.5
-    """A sample whose reward is >= this counts as correct: the 0/1 reward of the binary objectives (NFT, RFT,
-    OREAL), dynamic sampling of theirs, rollout/accuracy and held-out pass rates. GRPO, DAPO and Dr. GRPO use
-    the reward itself when it is not 0/1."""
+    """A sample whose reward is >= this counts as positive: the 0/1 reward of the binary objectives (NFT, RFT,
+    OREAL), dynamic sampling of theirs, rollout/positive_frac and held-out pass rates (rollout/accuracy is the
+    verifier's verdict alone). GRPO, DAPO and Dr. GRPO use the reward itself when it is not 0/1."""
 
 
 @dataclass(kw_only=True)
@@ -280,6 +286,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+class BadInput(ValueError):
+    """Input found unusable after the config loaded (model files, data): the message names it and the fix."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -315,11 +325,34 @@ def _check_objective_override(file_objective: dict, overrides: list[str]) -> Non
                          f"objective.kwargs=... (or objective.kwargs={{}}) on the command line too")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently: a second
+    `optim:` section would drop the first one's keys). Merge keys (<<) still override as YAML defines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); the second would silently replace the first: merge them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_value(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader subclass
+
+
 def _read_yaml(path: Path):
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return _yaml_value(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
@@ -343,7 +376,7 @@ def _apply_override(tree: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = _yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
 
@@ -468,6 +501,7 @@ def validate(config: Config) -> None:
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
     if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
         raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
+    _require(train.steps >= 1, "train.steps", ">= 1", train.steps)  # first: other bounds are stated in steps
     validate_rollout(config)
     validate_paths(config)
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
@@ -483,7 +517,6 @@ def validate(config: Config) -> None:
     _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, {bound}]", optim.warmup_steps)
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
-    _require(train.steps >= 1, "train.steps", ">= 1", train.steps)
     _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)
     _require(train.collective_timeout_s > 0, "train.collective_timeout_s", "> 0", train.collective_timeout_s)
     _require(ckpt.every >= 0, "checkpoint.every", ">= 0", ckpt.every)
@@ -513,6 +546,20 @@ def correction_mode(config: Config) -> str:
     return "token_tis" if "bfloat16" in (config.model.dtype, config.sampler.dtype) else "none"
 
 
+def needs_groups(config: Config) -> str:
+    """Why an online run needs two or more samples per prompt ('' if it does not): a one-sample group has a zero
+    group-relative advantage and never holds both outcomes, so it would train nothing."""
+    from twofold.engine.rollout.build import ADVANTAGE_KIND, MIXED_GROUPS_ONLY, NO_FILTER
+    name = config.objective.name
+    if name in ADVANTAGE_KIND:
+        return f"{name} (its advantages are relative to the prompt's group)"
+    if name in MIXED_GROUPS_ONLY + NO_FILTER:
+        return f"{name} (it compares the samples of a prompt)"
+    if config.rollout.dynamic_sampling:
+        return f"rollout.dynamic_sampling=true (it keeps groups with both outcomes; or set it to false for {name})"
+    return ""
+
+
 def validate_rollout(config: Config) -> None:
     r, ev = config.rollout, config.eval
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_gen_batches", "mini_batches",
@@ -532,6 +579,10 @@ def validate_rollout(config: Config) -> None:
     _require(sampler.kv_cache_gib is None or sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib",
              ">= 0 (0: gpu_memory_utilization decides) or null (sized from max_num_seqs x max_model_len)",
              sampler.kv_cache_gib)
+    for name in ("max_model_len", "max_num_seqs", "sync_bucket_mb"):
+        _require(getattr(sampler, name) >= 1, f"sampler.{name}", ">= 1", getattr(sampler, name))
+    for i, stop in enumerate(sampler.stop):
+        _require(isinstance(stop, str) and stop != "", f"sampler.stop[{i}]", "a non-empty string", stop)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)
     _require(r.correction_c_low >= 0, "rollout.correction_c_low", ">= 0", r.correction_c_low)
@@ -548,9 +599,9 @@ def validate_rollout(config: Config) -> None:
              s.canary_warn)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
-    if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):
-        _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", f">= 2 for {config.objective.name}",
-                 r.samples_per_prompt)
+    if config.train.mode == "online":
+        _require(r.samples_per_prompt >= 2 or not needs_groups(config), "rollout.samples_per_prompt",
+                 f">= 2 for {needs_groups(config)}", r.samples_per_prompt)
     for name in ("every", "samples", "max_prompts", "max_new_tokens"):
         _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
     _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
@@ -559,10 +610,27 @@ def validate_rollout(config: Config) -> None:
     if config.verifier.check == "math_verify" and importlib.util.find_spec("math_verify") is None:
         raise ValueError("verifier.check=math_verify needs the math-verify package: pip install 'twofold[math]'")
     for i, fn in enumerate(config.reward.functions):
-        module, sep, name = fn.name.partition(":")
-        if not (module and sep and name):
-            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function, "
-                             f"got {fn.name!r}")
+        module, sep, name = fn.name.rpartition(":")
+        if not (module and sep and name.isidentifier()):
+            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function or "
+                             f"path/to/file.py:function, got {fn.name!r}")
+    _require(0 <= config.reward.max_error_frac <= 1, "reward.max_error_frac", "in [0, 1]",
+             config.reward.max_error_frac)
+    names = [fn.name for fn in config.reward.functions]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"config reward.functions[{i}] repeats reward.functions[{names.index(name)}] "
+                             f"({name}); give it one entry with the summed weight")
+    if config.train.mode == "online":
+        reward = config.reward
+        if not reward.functions:  # the reward is the verifier's 0/1 verdict times its weight
+            _require(reward.verifier_weight != 0, "reward.verifier_weight", "!= 0 without reward.functions "
+                     "(every reward would be 0 and nothing would train)", reward.verifier_weight)
+            top = max(reward.verifier_weight, 0.0)
+            _require(min(reward.verifier_weight, 0.0) < reward.positive_threshold <= top,
+                     "reward.positive_threshold", f"in ({min(reward.verifier_weight, 0.0):g}, {top:g}] (the rewards "
+                     f"are 0 and reward.verifier_weight={reward.verifier_weight:g}: outside it every sample is "
+                     "positive or none is)", reward.positive_threshold)
     _require(0 <= config.verifier.numeric_tolerance < 1, "verifier.numeric_tolerance", "in [0, 1)",
              config.verifier.numeric_tolerance)
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from twofold.engine.train.checkpoint import export_hf
+from twofold.engine.train.checkpoint import CheckpointRefused, export_hf, load_shards
 from twofold.engine.run.config import Config, load_config
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.data.hub import resolve_model
@@ -66,7 +65,7 @@ def _export_training_checkpoint(checkpoint: Path, out_dir: Path, dtype: str) -> 
         resolve_model(config.model)
         policy = build_policy(config.model, env, seed=config.train.seed)
         state = {"model": get_model_state_dict(policy)}
-        dcp.load(state, checkpoint_id=str(checkpoint))  # the model shards only; the optimizer state stays on disk
+        load_shards(state, checkpoint)  # the model shards only (optimizer state stays on disk); never a pickle
         set_model_state_dict(policy, state["model"])
         return export_hf(policy, load_tokenizer(config), out_dir, dtype)
     finally:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype)
-    except ValueError as err:
+    except (ValueError, CheckpointRefused) as err:
         sys.exit(f"error: {err}")
     print(f"exported {args.checkpoint} to {out}")
     return out

@@ -189,22 +189,25 @@ class RolloutConfig:
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
     """OREAL: learning rate of the token reward model (its own AdamW)."""
-    correction: Literal["auto", "none", "token_tis", "seq_mask", "geo_mask", "icepop"] = "auto"
-    """Rollout correction of the sampler/trainer mismatch, from r_t = log p_trainer - log p_sampler of each
+    correction: Literal["auto", "none", "token_tis", "seq_tis", "icepop", "seq_icepop", "token_mask", "seq_mask",
+                        "geo_mask"] = "auto"
+    """Rollout correction of the sampler/trainer mismatch, from rho_t = e^(log p_trainer - log p_sampler) of each
     sampled token (trainer log-probs under the weights that sampled; this adds that no-grad pass when the step
-    would not compute old log-probs anyway). A per-token weight c_t scales the token's loss term; c_t = 0 drops
-    the token from the loss and from every normaliser.
-    token_tis: c_t = min(e^r_t, c_high) (truncated importance sampling).
-    seq_mask: c = 1 if c_low <= e^(sum_t r_t) <= c_high else 0, for the whole sequence.
-    geo_mask: the same on the geometric mean ratio e^(mean_t r_t).
-    icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token.
-    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (README,
-    "Rollout corrections": in fp32 the mismatch is ~1e-13 and a correction would only add a pass)."""
-    correction_c_high: float = 0.0
-    """Upper bound of the correction; 0 takes the mode's default (token_tis 2, seq_mask 3, geo_mask 1.01,
-    icepop 5)."""
-    correction_c_low: float = 0.0
-    """Lower bound (masks only); 0 takes the mode's default (seq_mask 1/3, geo_mask 0.99, icepop 0.5)."""
+    would not compute old log-probs anyway); rho_seq = the product over the sequence. Formulas, defaults and the
+    equivalent verl/TRL/OpenRLHF settings: docs/objectives.md, "Rollout corrections".
+    Importance weights w_t on the objective's policy-gradient term only (KL and entropy terms unweighted, every
+    token stays in the normalisers): token_tis clamp(rho_t, c_low, c_high); seq_tis clamp(rho_seq, ...);
+    icepop rho_t inside [c_low, c_high], 0 outside (IcePop); seq_icepop the same on rho_seq (TRL sequence_mask).
+    Rejection masks (a rejected token leaves the loss and every normaliser, verl rollout_rs): token_mask on rho_t,
+    seq_mask on rho_seq, geo_mask on the geometric mean e^(mean_t log rho_t), each keeping [c_low, c_high].
+    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (in fp32
+    the mismatch is ~1e-13 and a correction would only add a pass)."""
+    correction_c_high: float | None = None
+    """Upper bound; null takes the mode's default (token_tis/seq_tis 2, icepop 5, seq_icepop 3, token_mask 5,
+    seq_mask 3, geo_mask 1.01)."""
+    correction_c_low: float | None = None
+    """Lower bound; null takes the mode's default (token_tis/seq_tis/seq_icepop 0: none, icepop 0.5,
+    token_mask 0.5, seq_mask 1/3, geo_mask 0.99)."""
     token_rm: bool = True
     """OREAL: train the token reward model and weight tokens by it; false gives OREAL without it (w+ = w- = 1)."""
 
@@ -513,6 +516,17 @@ def correction_mode(config: Config) -> str:
     return "token_tis" if "bfloat16" in (config.model.dtype, config.sampler.dtype) else "none"
 
 
+def validate_correction(config: Config) -> None:
+    r, mode = config.rollout, correction_mode(config)
+    for name in ("correction_c_low", "correction_c_high"):
+        value = getattr(r, name)
+        _require(value is None or value >= 0, f"rollout.{name}", ">= 0 or null (the mode's default)", value)
+    if mode == "none":
+        return
+    low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
+    _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
+
+
 def validate_rollout(config: Config) -> None:
     r, ev = config.rollout, config.eval
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_gen_batches", "mini_batches",
@@ -534,12 +548,7 @@ def validate_rollout(config: Config) -> None:
              sampler.kv_cache_gib)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)
-    _require(r.correction_c_low >= 0, "rollout.correction_c_low", ">= 0", r.correction_c_low)
-    _require(r.correction_c_high >= 0, "rollout.correction_c_high", ">= 0", r.correction_c_high)
-    mode = correction_mode(config)
-    if mode != "none":
-        low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
-        _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
+    validate_correction(config)
     s = config.sampler
     for name in ("canary_every", "canary_prompts", "canary_tokens"):
         _require(getattr(s, name) >= (0 if name == "canary_every" else 1), f"sampler.{name}",

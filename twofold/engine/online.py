@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
 from twofold.engine.checkpoint import export_hf, save_checkpoint
 from twofold.engine.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
-from twofold.engine.correction import correction_weights, log_ratios, mismatch_metrics
+from twofold.engine.correction import correct_sequences, mismatch_metrics, sequence_ratios
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
 from twofold.engine.eval import evaluate
@@ -41,7 +40,7 @@ from twofold.engine.sampler import GenerationParams, Sampler, build_sampler, sam
 from twofold.engine.tasks import load_problems
 from twofold.engine.token_rm import TokenRewardModel
 from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
+from twofold.engine.trainer import Trainer, counted_len, sequence_logprobs
 from twofold.engine.verifier import VerifierPool, build_pool
 from twofold.engine.weight_sync import sync_weights
 from twofold.objectives import OBJECTIVES
@@ -233,7 +232,7 @@ class OnlineRun:
         self.trainer.keep_logp = on_policy  # the first (only) update's forward scores the sampling weights
         metrics |= self.train(batch)
         if on_policy and len(self.trainer.step_logp) == len(batch) and "skipped" in metrics:
-            metrics |= mismatch_metrics(self.ratios(batch, self.trainer.step_logp))
+            metrics |= mismatch_metrics(sequence_ratios(batch, self.trainer.step_logp))
         self.trainer.keep_logp, self.trainer.step_logp = False, []
         metrics["time/train_s"] = time.perf_counter() - t
         metrics |= self.sync()
@@ -256,26 +255,11 @@ class OnlineRun:
                 seq.token_fields["token_scores"] = values
 
     # ---- sampler / trainer mismatch ------------------------------------------------------------------------------
-    @staticmethod
-    def ratios(batch: list[Sequence], trainer_logp: list[list[float]]):
-        sampled = [s.token_fields["sampled"] for s in batch] if "sampled" in batch[0].token_fields else None
-        return log_ratios(trainer_logp, [s.token_fields["behavior_logp"] for s in batch], sampled)
-
     def correct(self, batch: list[Sequence], trainer_logp: list[list[float]]) -> dict[str, float]:
-        """Mismatch metrics from the trainer's log-probs under the sampling weights; with a correction, each
-        sequence's `correction_weight` (1 on tokens that were not sampled)."""
+        """Mismatch metrics from the trainer's log-probs under the sampling weights, and the correction's fields."""
         r = self.config.rollout
-        ratios = self.ratios(batch, trainer_logp)
-        mode = correction_mode(self.config)
-        if mode == "none":
-            return mismatch_metrics(ratios)
-        weights = correction_weights(mode, ratios, r.correction_c_low, r.correction_c_high)
-        for seq, w in zip(batch, weights):
-            full = torch.ones(seq.response_len, dtype=torch.float64)
-            sampled = seq.token_fields.get("sampled")
-            full[torch.tensor(sampled) > 0 if sampled is not None else slice(None)] = w
-            seq.token_fields[CORRECTION] = full.tolist()
-        return mismatch_metrics(ratios, weights)
+        return correct_sequences(batch, trainer_logp, correction_mode(self.config), r.correction_c_low,
+                                 r.correction_c_high)
 
     # ---- weight sync and its canary --------------------------------------------------------------------------------
     def sync(self) -> dict[str, float]:
@@ -301,7 +285,7 @@ class OnlineRun:
         seqs = [Sequence(list(p.prompt_ids) + list(s.token_ids), len(p.prompt_ids), row_id=f"canary/{p.row_id}",
                          token_fields={"behavior_logp": list(s.logprobs)}) for p, s in zip(problems, samples)]
         scored = sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad, self.temperature)
-        gap = mismatch_metrics(self.ratios(seqs, scored))
+        gap = mismatch_metrics(sequence_ratios(seqs, scored))
         worst = gap["mismatch/max_abs_logp_diff"]
         if worst > cfg.canary_stop:
             raise CanaryError(

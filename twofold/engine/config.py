@@ -76,6 +76,14 @@ class DataConfig:
     answer_field: str = "answer"
     """Online runs: the gold answer of each prompt row (a string or a number); verl's
     `reward_model.ground_truth` is used when the default is absent."""
+    answers: Literal["auto", "verifiable", "reference", "mixed"] = "auto"
+    """Online runs and twofold-eval: what the answer field holds (docs/objectives.md, "JEPO on unverifiable data").
+    verifiable: answers the verifier checks; a row whose answer it cannot parse is skipped and counted.
+    reference: reference answers nothing can verify (proofs, essays): no row is verified; only an objective that
+    learns from the reference answer's likelihood (JEPO) trains on them, and evaluation reports that likelihood.
+    mixed (semi-verifiable data): rows whose answer the verifier parses are verified (rollout/accuracy, held-out
+    pass rates); the others are kept as reference rows.
+    auto: mixed for an objective that learns from the reference answer's likelihood (JEPO), else verifiable."""
     prompt_template: str = "{prompt}"
     """How a string prompt becomes text (offline and online alike): a format string around {prompt}, or `chat`:
     the prompt as a user message through the tokenizer's chat template. Chat-message prompts always use the
@@ -180,8 +188,15 @@ class RolloutConfig:
     overlong_buffer: int = 0
     """DAPO soft overlong punishment: L_cache (L_max = max_new_tokens); 0 disables it."""
     format_penalty: float = 10.0
-    """JEPO: a sample without a boxed answer gets the format reward -format_penalty (paper: 10), whose
-    leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to [-1, 1])."""
+    """JEPO: a sample without the answer delimiter (`answer_start`) gets the format reward -format_penalty (paper:
+    10), whose leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to
+    [-1, 1])."""
+    answer_start: str = "\\boxed{"
+    """JEPO and the held-out likelihood: where a sample's answer starts. The chain of thought is the sample up to
+    and including its last `answer_start`; the reference answer + `answer_end` + EOS follows it. A sample without
+    one fails the format check and is followed by answer_start + reference + answer_end + EOS."""
+    answer_end: str = "}"
+    """What closes the answer (may be empty, e.g. with answer_start "Answer:")."""
     mask_truncated: bool = False
     """Truncated samples (no EOS within max_new_tokens) leave the loss and its normalisers after the group
     statistics are computed (TRL mask_truncated_completions, DAPO overlong filtering)."""
@@ -224,6 +239,10 @@ class EvalConfig:
     """Use at most this many held-out prompts (0: all)."""
     max_new_tokens: int = 0
     """0: rollout.max_new_tokens."""
+    likelihood: bool | None = None
+    """Also report the held-out log-likelihood of each row's reference answer after the model's own chain of
+    thought (eval/ref_logp_per_token, eval/ref_logp_per_answer, eval/ref_logp_bound; max(eval.samples, 1) chains
+    per prompt, cut at rollout.answer_start). null: on when data.answers resolves to reference or mixed."""
 
 
 @dataclass(kw_only=True)
@@ -508,6 +527,25 @@ def optimizer_steps(config: Config) -> int:
     return max(1, actor_steps) * updates_per_step(config)
 
 
+def learns_from_reference(objective: str) -> bool:
+    """The objective's loss reads the likelihood of a teacher-forced reference answer (an `answer_mask`): JEPO."""
+    return "answer_mask" in inspect.signature(OBJECTIVES[objective]).parameters
+
+
+def answers_mode(config: Config) -> str:
+    """data.answers with `auto` resolved (mixed for an objective that learns from the reference likelihood)."""
+    mode = config.data.answers
+    if mode != "auto":
+        return mode
+    return "mixed" if learns_from_reference(config.objective.name) else "verifiable"
+
+
+def likelihood_eval(config: Config) -> bool:
+    """eval.likelihood with null resolved: on for reference or mixed answers."""
+    on = config.eval.likelihood
+    return answers_mode(config) in ("reference", "mixed") if on is None else on
+
+
 def correction_mode(config: Config) -> str:
     """rollout.correction with `auto` resolved: token_tis when either side computes in bf16, else none."""
     mode = config.rollout.correction
@@ -542,6 +580,7 @@ def validate_rollout(config: Config) -> None:
              f"in [0, train.steps={config.train.steps})", r.freeze_actor_steps)
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
     _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
+    _require(bool(r.answer_start), "rollout.answer_start", "a non-empty delimiter", r.answer_start)
     sampler = config.sampler
     _require(sampler.kv_cache_gib is None or sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib",
              ">= 0 (0: gpu_memory_utilization decides) or null (sized from max_num_seqs x max_model_len)",

@@ -28,7 +28,8 @@ from typing import Callable
 import torch.distributed as dist
 
 from twofold.engine.checkpoint import export_hf, save_checkpoint
-from twofold.engine.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
+from twofold.engine.config import (Config, answers_mode, correction_mode, learns_from_reference, objective_kwargs,
+                                   optimizer_steps, updates_per_step)
 from twofold.engine.correction import correct_sequences, mismatch_metrics, sequence_ratios
 from twofold.engine.data import BatchStream, Fields
 from twofold.engine.distributed import DistEnv
@@ -144,6 +145,11 @@ class OnlineRun:
     def __init__(self, config: Config, env: DistEnv, tokenizer, sampler: Sampler | None = None,
                  pool: VerifierPool | None = None):
         self.clock = StartupClock()
+        answers = answers_mode(config)
+        if answers != "verifiable" and not learns_from_reference(config.objective.name):
+            raise ValueError(f"data.answers={answers} keeps rows no verifier scores, which objective "
+                             f"{config.objective.name!r} cannot learn from (it needs rewards); use an objective "
+                             "that learns from the reference answer's likelihood (jepo) or data.answers=verifiable")
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
@@ -158,9 +164,9 @@ class OnlineRun:
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
         golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
         self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format, check_golds=golds,
-                                      split=data.split)
+                                      split=data.split, answers=answers)
         self.eval_problems = (load_problems(config.eval.path, tokenizer, fields, max_prompt, data.format,
-                                            config.eval.max_prompts, golds, data.split).problems
+                                            config.eval.max_prompts, golds, data.split, answers).problems
                               if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
@@ -358,7 +364,11 @@ class OnlineRun:
         return bool(self.eval_problems) and (done or (every > 0 and self.rollout_steps % every == 0))
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.sampler, self.pool, self.eval_problems, self.config)
+        return evaluate(self.sampler, self.pool, self.eval_problems, self.config, self.tokenizer, self.score)
+
+    def score(self, seqs: list[Sequence]) -> list[list[float]]:
+        """The policy's log-probs of the response tokens at temperature 1 (the held-out likelihood)."""
+        return sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad)
 
     def close(self) -> None:
         if self.own_sampler:

@@ -135,12 +135,9 @@ def reference_grpo(logp, batch, weights, keeps):
 
 
 @pytest.fixture(scope="module")
-def env():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def env(one_thread):
     yield init_distributed()
     shutdown_distributed()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -276,7 +276,7 @@ def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm,
     assert scores["eval/prompts"] == 10
 
 
-# ---- JEPO on data no verifier can check (data.answers, docs/objectives.md "JEPO on unverifiable data") -------------
+# ---- JEPO on data no verifier can check (data.answers, docs/objectives.md §7.5) -----------------------------------
 def proof_rows():
     """Proof-style rows: the digit prompts the warm policy answers, with reference answers in prose (unparseable)."""
     return [{"prompt": f"{a}+0=", "answer": f"adding 0 leaves {a}"} for a in range(10)]

@@ -77,7 +77,7 @@ class DataConfig:
     """Online runs: the gold answer of each prompt row (a string or a number); verl's
     `reward_model.ground_truth` is used when the default is absent."""
     answers: Literal["auto", "verifiable", "reference", "mixed"] = "auto"
-    """Online runs and twofold-eval: what the answer field holds (docs/objectives.md, "JEPO on unverifiable data").
+    """Online runs and twofold-eval: what the answer field holds (docs/objectives.md §7.5).
     verifiable: answers the verifier checks; a row whose answer it cannot parse is skipped and counted.
     reference: reference answers nothing can verify (proofs, essays): no row is verified; only an objective that
     learns from the reference answer's likelihood (JEPO) trains on them, and evaluation reports that likelihood.
@@ -209,7 +209,7 @@ class RolloutConfig:
     """Rollout correction of the sampler/trainer mismatch, from rho_t = e^(log p_trainer - log p_sampler) of each
     sampled token (trainer log-probs under the weights that sampled; this adds that no-grad pass when the step
     would not compute old log-probs anyway); rho_seq = the product over the sequence. Formulas, defaults and the
-    equivalent verl/TRL/OpenRLHF settings: docs/objectives.md, "Rollout corrections".
+    equivalent verl/TRL/OpenRLHF settings: docs/objectives.md §0.4.
     Importance weights w_t on the objective's policy-gradient term only (KL and entropy terms unweighted, every
     token stays in the normalisers): token_tis clamp(rho_t, c_low, c_high); seq_tis clamp(rho_seq, ...);
     icepop rho_t inside [c_low, c_high], 0 outside (IcePop); seq_icepop the same on rho_seq (TRL sequence_mask).

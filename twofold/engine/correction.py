@@ -9,7 +9,7 @@ Metrics (`mismatch/...`): k3_kl, the mean over tokens of e^r - r - 1, the k3 est
 from the sampler's own samples; max_abs_logp_diff = max |r_t|; seq_log_ratio_p99 = the 99th percentile over
 sequences of |sum_t r_t|; masked_frac = the fraction of sampled tokens the correction zeroes (weight or mask 0).
 
-Corrections come in two kinds (docs/objectives.md, "Rollout corrections", has the table with verl/TRL/OpenRLHF):
+Corrections come in two kinds (docs/objectives.md §0.4 has the table with verl/TRL/OpenRLHF):
 
 - importance weights (`WEIGHTS`): w_t multiplies the objective's policy-gradient term only, as verl's
   rollout_is_weights, TRL's importance_sampling_ratio and OpenRLHF's vllm_is do; the KL and entropy terms are not

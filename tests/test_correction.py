@@ -240,6 +240,10 @@ def test_tokens_not_sampled_get_weight_one():
         "behavior_logp": [-1.0, -1.0, -1.0, 0.0, 0.0], "sampled": [1.0, 1.0, 1.0, 0.0, 0.0]})
     correct_sequences([seq], [[-1.0 + math.log(4.0), -1.0 + math.log(1.5), -1.0, -7.0, -9.0]], "token_tis")
     assert seq.token_fields[IS_WEIGHT] == pytest.approx([2.0, 1.5, 1.0, 1.0, 1.0], rel=1e-12)
+    # a sequence-level rejection rejects the whole sequence, the appended answer too
+    for ratio, keep in ((1.0, 1.0), (4.0, 0.0)):
+        correct_sequences([seq], [[-1.0 + math.log(ratio), -1.0, -1.0, -7.0, -9.0]], "seq_mask")
+        assert seq.token_fields[CORRECTION_MASK] == [keep, keep, keep, keep, keep]
 
 
 def test_masked_tokens_leave_the_loss_and_every_normaliser():

@@ -90,13 +90,15 @@ def sequence_ratios(batch: list[Sequence], trainer_logp: list[list[float]]) -> l
 def correct_sequences(batch: list[Sequence], trainer_logp: list[list[float]], mode: str,
                       c_low: float | None = None, c_high: float | None = None) -> dict[str, float]:
     """Mismatch metrics; with a correction, each sequence's `is_weight` (a weight mode) or `correction_mask` (a
-    rejection mask) token field, 1 on response tokens that were not sampled (JEPO's teacher-forced answer)."""
+    rejection mask) token field. Response tokens that were not sampled (JEPO's teacher-forced answer) get 1, except
+    under a sequence-level rejection, which rejects the whole sequence (its answer too: it leaves JEPO's group)."""
     ratios = sequence_ratios(batch, trainer_logp)
     if mode == "none":
         return mismatch_metrics(ratios)
     weights = correction_weights(mode, ratios, c_low, c_high)
     for seq, w in zip(batch, weights):
-        full = torch.ones(seq.response_len, dtype=torch.float64)
+        rejected = mode in ("seq_mask", "geo_mask") and w.numel() and float(w[0]) == 0
+        full = torch.full((seq.response_len,), 0.0 if rejected else 1.0, dtype=torch.float64)
         sampled = seq.token_fields.get("sampled")
         full[torch.tensor(sampled) > 0 if sampled is not None else slice(None)] = w
         seq.token_fields[IS_WEIGHT if mode in WEIGHTS else CORRECTION_MASK] = full.tolist()

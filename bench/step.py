@@ -65,10 +65,10 @@ class EagerHead(LogprobsHead):
         return (logp, -(logp_all.exp() * logp_all).sum(-1)) if entropy else logp
 
 
-def head_factory(head, objective, call_objective, correction=None, entropy=False):
+def head_factory(head, objective, call_objective, entropy=False):
     if head == "eager":
-        return EagerHead(call_objective, correction, entropy)
-    return make_head(head, objective, call_objective, correction, entropy)
+        return EagerHead(call_objective, entropy)
+    return make_head(head, objective, call_objective, entropy)
 
 
 def synthetic_batch(batch_tokens: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[Sequence]:

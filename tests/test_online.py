@@ -301,6 +301,65 @@ def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm,
     assert scores["eval/prompts"] == 10
 
 
+# ---- JEPO on data no verifier can check (data.answers, docs/objectives.md §7.5) -----------------------------------
+def proof_rows():
+    """Proof-style rows: the digit prompts the warm policy answers, with reference answers in prose (unparseable)."""
+    return [{"prompt": f"{a}+0=", "answer": f"adding 0 leaves {a}"} for a in range(10)]
+
+
+def test_jepo_trains_on_proofs_and_twofold_eval_reports_their_likelihood(files, warm, sampler, pool, tmp_path):
+    """data.answers=reference: JEPO trains through the engine on reference answers nothing verifies, its held-out
+    evaluation is the reference answers' likelihood (which training raises), and the twofold-eval console script
+    reports the same likelihood on the exported model (the console script: its own vLLM engine, ~10 s of this test)."""
+    proofs = write_jsonl(tmp_path / "proofs.jsonl", proof_rows())
+    data = [f"data.path={proofs}", f"eval.path={proofs}", "eval.samples=2",
+            "data.max_tokens_per_microbatch=512"]  # a JEPO group packs whole: 8 x (prompt + CoT + proof)
+    with pytest.raises(ValueError, match=r"no usable prompts \(skipped: \{'unparseable gold answer': 10\}\)"):
+        run(online_config(files, warm, "jepo", tmp_path / "v", *data, "data.answers=verifiable"), sampler=sampler,
+            pool=pool)
+    with pytest.raises(ValueError, match="data.answers=reference keeps rows no verifier scores, which objective "
+                                         "'nft' cannot learn from"):
+        run(online_config(files, warm, "nft", tmp_path / "n", *data, "data.answers=reference"), sampler=sampler,
+            pool=pool)
+    config = online_config(files, warm, "jepo", tmp_path / "run", *data, "data.answers=reference", "train.steps=2",
+                           "checkpoint.export_hf=true", "checkpoint.export_dtype=float32")
+    history = run(config, sampler=sampler, pool=pool)
+    for step in history:
+        assert step["skipped"] == 0 and step["grad_norm"] > 0 and step["valid_frac"] > 0
+        assert step["rollout/verified_frac"] == 0 and step["rollout/accuracy"] == 0
+    before, after = read_metrics(tmp_path / "run" / "eval.jsonl")
+    print("\nheld-out reference likelihood before/after:", {k: (before[k], after[k]) for k in before if "ref" in k})
+    assert "eval/pass1_greedy" not in after and after["eval/verified_prompts"] == 0
+    assert after["eval/ref_logp_bound"] >= after["eval/ref_logp_per_answer"]  # Jensen: log-mean-exp >= mean
+    assert after["eval/ref_logp_per_token"] > before["eval/ref_logp_per_token"]  # JEPO raises the likelihood
+    assert 0 < after["eval/answer_format_ok"] <= 1
+
+    out = tmp_path / "scores.json"
+    command = [str(Path(sys.executable).with_name("twofold-eval")), "--out", str(out), str(tmp_path / "run" / "hf"),
+               str(proofs), "data.answers=reference", "eval.samples=2", "rollout.max_new_tokens=10",
+               *[f"sampler.{k}={v}" for k, v in SAMPLER.items()]]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    scores = json.loads(out.read_text())
+    assert scores["eval/prompts"] == 10 and scores["eval/verified_prompts"] == 0
+    for key in ("eval/ref_logp_per_token", "eval/ref_logp_per_answer", "eval/ref_logp_bound"):
+        assert scores[key] == pytest.approx(after[key], rel=1e-4), key  # the run's own final evaluation
+
+
+def test_jepo_on_semi_verifiable_data_keeps_the_rows_it_cannot_verify(files, warm, sampler, pool, tmp_path):
+    """The default (data.answers=auto: mixed for JEPO): digit rows are verified, proof rows kept for likelihood."""
+    rows = proof_rows()[:5] + [{"prompt": f"{a}+0=", "answer": str(a)} for a in range(5, 10)]
+    semi = write_jsonl(tmp_path / "semi.jsonl", rows)
+    config = online_config(files, warm, "jepo", tmp_path / "run", f"data.path={semi}", "rollout.prompts_per_step=10",
+                           f"eval.path={semi}", "eval.samples=2", "data.max_tokens_per_microbatch=512")
+    (step,) = run(config, sampler=sampler, pool=pool)
+    assert step["skipped"] == 0 and step["grad_norm"] > 0 and step["rollout/verified_frac"] == 0.5
+    evals = read_metrics(tmp_path / "run" / "eval.jsonl")
+    assert all(e["eval/verified_prompts"] == 5 and 0 <= e["eval/pass1_greedy"] <= 1 for e in evals)
+    assert all(math.isfinite(e["eval/ref_logp_per_token"]) and e["eval/ref_logp_per_token"] < 0 for e in evals)
+
+
 @pytest.mark.parametrize("objective", list(OFFLINE))
 def test_one_offline_step(objective, files, one_thread, tmp_path):
     config = load_config(None, offline_overrides(files, objective, tmp_path, "sft" if OFFLINE[objective] == "rows"

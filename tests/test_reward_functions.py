@@ -75,7 +75,7 @@ def test_numpy_and_tensor_scalars_are_rewards():
 def test_rollout_metrics_hold_accuracy_from_the_verifier_and_one_entry_per_function(broken_pool):
     """rollout/accuracy is the verifier's correctness even when the shaped reward is above the threshold for
     every sample; each function logs its mean and its error count."""
-    stats = RolloutStats(samples=2, correct=2.0, reward=1.5)  # both samples positive by the shaped reward
+    stats = RolloutStats(samples=2, checked=2, correct=2.0, reward=1.5)  # both positive by the shaped reward
     stats.add(broken_pool.reward_batch(["\\boxed{3}", "\\boxed{4}"], ["3", "3"]))
     metrics = stats.metrics()
     assert metrics["rollout/accuracy"] == 0.5 and metrics["rollout/positive_frac"] == 1.0

@@ -8,13 +8,16 @@ rank 0 verifies and broadcasts the scores, so all ranks build the same batch. Se
 the stream, so a resumed run samples exactly what the uninterrupted one would have.
 
 Rewards (`reward.*`): the pool's score per sample, the verifier's 0/1 correctness unless reward functions or
-weights make it something else. A sample is positive when its score is >= `reward.positive_threshold`.
+weights make it something else. A sample is positive when its score is >= `reward.positive_threshold`. Samples of
+reference rows (`Problem.verifiable` false, data.answers reference or mixed) are not verified: they score 0 and
+leave rollout/accuracy and rollout/reward_mean, which are means over the verified samples.
 
 Per objective (docs/objectives.md): NFT/RFT read 0/1 `rewards` (positive or not; + the group's `correct_rate`); GRPO/Dr. GRPO/DAPO read
 `advantages` from `objectives.group_advantages` of the scores themselves when they are not 0/1, else of the 0/1
 (or +-1) rewards (DAPO: plus the overlong penalty); OREAL keeps one
 positive and one negative per prompt with RLOO advantages of the +-1 rewards of the whole group; JEPO appends the
-gold answer after each sampled chain of thought (`cot_mask`, `answer_mask`, `valid` = format check).
+gold answer after each sampled chain of thought, cut at `rollout.answer_start` (`cot_mask`, `answer_mask`, `valid`
+= format check).
 
 rollout.mask_truncated: truncated samples are dropped from the step's sequences after the group statistics
 (advantages, r_hat) are computed from all samples, so they leave the loss and every normaliser (token and
@@ -39,7 +42,6 @@ from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.sampler import GenerationParams, Sample, Sampler, sample_distributed
 from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
-from twofold.engine.verifier.extract import _BOX_RE, last_boxed
 from twofold.engine.verifier.pool import RewardBatch, RewardFunctionError
 from twofold.objectives import group_advantages
 
@@ -76,10 +78,12 @@ class RolloutStats:
     gen_batches: int = 0
     prompts: int = 0
     samples: int = 0
+    checked: int = 0
+    """Samples of verifiable rows (reference rows are not scored): the denominator of the score means."""
     correct: float = 0.0
-    """Positive samples (score >= reward.positive_threshold)."""
+    """Positive samples (score >= reward.positive_threshold), of verifiable rows."""
     reward: float = 0.0
-    """Sum of the scores."""
+    """Sum of the scores of verifiable rows."""
     verified: int = 0
     """Samples the answer check judged (all of them unless reward.verifier_weight=0 with reward functions)."""
     verified_correct: float = 0.0
@@ -96,12 +100,13 @@ class RolloutStats:
     extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        n = max(self.samples, 1)
+        n, checked = max(self.samples, 1), max(self.checked, 1)
         accuracy = {"rollout/accuracy": self.verified_correct / self.verified} if self.verified else {}
         terms = {}
         for name, f in self.functions.items():  # TRL logs one mean per reward function too
             terms |= {f"reward/{name}/mean": f["sum"] / max(f["values"], 1), f"reward/{name}/errors": f["errors"]}
-        return {**accuracy, "rollout/positive_frac": self.correct / n, "rollout/reward_mean": self.reward / n,
+        return {**accuracy, "rollout/positive_frac": self.correct / checked, "rollout/reward_mean": self.reward / checked,
+                "rollout/verified_frac": self.checked / n,
                 "rollout/informative_groups": self.informative,
                 "rollout/prompts": self.prompts, "rollout/gen_batches": self.gen_batches,
                 "rollout/response_len": self.response_tokens / n, "rollout/truncated_frac": self.truncated / n,
@@ -126,12 +131,14 @@ class RolloutStats:
 
 def verify_groups(pool: VerifierPool, problems: list[Problem], groups: list[list[Sample]], timeout: float,
                   stats: RolloutStats) -> list[list[float]]:
-    """Scores of every sample; rank 0 checks, everyone receives (a timeout must not differ between ranks)."""
+    """Scores of every sample; rank 0 checks, everyone receives (a timeout must not differ between ranks). Samples
+    of reference rows are not verified and score 0."""
     start = time.perf_counter()
     payload: list = [None]
+    checked = [(p, g) for p, g in zip(problems, groups) if p.verifiable]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        texts = [s.text for g in groups for s in g]
-        golds = [p.answer for p, g in zip(problems, groups) for _ in g]
+        texts = [s.text for _, g in checked for s in g]
+        golds = [p.answer for p, g in checked for _ in g]
         before = pool.stats.as_dict()
         batch = pool.reward_batch(texts, golds, timeout=timeout)
         after = pool.stats.as_dict()
@@ -144,8 +151,11 @@ def verify_groups(pool: VerifierPool, problems: list[Problem], groups: list[list
     stats.verify_s += time.perf_counter() - start
     stats.add(batch)
     flat = batch.scores
-    sizes = [len(g) for g in groups]
-    return [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(groups))]
+    scores, position = [], 0
+    for p, g in zip(problems, groups):
+        scores.append(flat[position:position + len(g)] if p.verifiable else [0.0] * len(g))
+        position += len(g) if p.verifiable else 0
+    return scores
 
 
 def merged(totals: dict[str, dict], step: dict[str, dict]) -> dict[str, dict]:
@@ -219,10 +229,12 @@ class RolloutCollector:
         stats.prompts += len(groups)
         for g in groups:
             stats.samples += len(g.samples)
-            stats.correct += sum(g.positives)
-            stats.reward += sum(g.correct)
             stats.response_tokens += sum(len(s.token_ids) for s in g.samples)
             stats.truncated += sum(s.truncated for s in g.samples)
+            if g.problem.verifiable:
+                stats.checked += len(g.samples)
+                stats.correct += sum(g.positives)
+                stats.reward += sum(g.correct)
 
 
 # ---- groups -> training sequences ------------------------------------------------------------------------------
@@ -314,13 +326,15 @@ def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[S
 
 
 def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
-    """prompt + chain of thought (the sampled tokens up to `\\boxed{`) + gold answer + EOS. A sample without a
-    boxed answer fails the format check (valid 0, format reward -format_penalty, which the loss normalises like
-    the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is valid."""
+    """prompt + chain of thought (the sampled tokens up to `rollout.answer_start`) + gold answer + EOS. A sample
+    without the delimiter fails the format check (valid 0, format reward -format_penalty, which the loss normalises
+    like the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is
+    valid. Verifiable and reference rows alike: JEPO learns from the reference answer's likelihood."""
     seqs = []
     for gid, g in enumerate(groups):
         kept = [j for j, s in enumerate(g.samples) if not (cfg.mask_truncated and s.truncated)]
-        parts = {j: jepo_parts(g.samples[j], g.problem.answer, tokenizer) for j in kept}
+        parts = {j: answer_parts(g.samples[j], g.problem.answer, tokenizer, cfg.answer_start, cfg.answer_end)
+                 for j in kept}
         enough = sum(valid for _, _, valid in parts.values()) >= 2
         for j, (cot, answer, valid) in parts.items():
             ok = valid and enough
@@ -334,20 +348,20 @@ def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[S
     return seqs
 
 
-def jepo_parts(sample: Sample, gold: str, tokenizer) -> tuple[list[int], list[int], bool]:
-    """(CoT token ids, appended answer token ids, format ok)."""
-    ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
-    valid = last_boxed(sample.text) is not None
-    cut = None
-    if valid:
-        starts = [m.end() for m in _BOX_RE.finditer(sample.text)]
-        cut = starts[-1] + 1 if starts else None  # after "\boxed{"
-    if cut is None:
-        answer = tokenizer(f"\\boxed{{{gold}}}", add_special_tokens=False).input_ids
-        return ids or [tokenizer.eos_token_id], answer + [tokenizer.eos_token_id], False
-    cot = token_prefix(ids, cut, tokenizer)
-    answer = tokenizer(f"{gold}}}", add_special_tokens=False).input_ids
-    return cot, answer + [tokenizer.eos_token_id], valid
+def answer_parts(sample: Sample, gold: str, tokenizer, start: str = "\\boxed{", end: str = "}"
+                 ) -> tuple[list[int], list[int], bool]:
+    """(CoT token ids, appended answer token ids, format ok): the sample up to and including its last `start`
+    (format ok when `end` follows it), then gold + end + EOS; without `start`, the whole sample and then
+    start + gold + end + EOS."""
+    eos = tokenizer.eos_token_id
+    ids = [t for t in sample.token_ids if t != eos]
+    at = sample.text.rfind(start)
+    if at < 0 or (end and sample.text.find(end, at + len(start)) < 0):
+        answer = tokenizer(f"{start}{gold}{end}", add_special_tokens=False).input_ids
+        return ids or [eos], answer + [eos], False
+    cot = token_prefix(ids, at + len(start), tokenizer)
+    answer = tokenizer(f"{gold}{end}", add_special_tokens=False).input_ids
+    return cot, answer + [eos], True
 
 
 def token_prefix(ids: list[int], chars: int, tokenizer) -> list[int]:

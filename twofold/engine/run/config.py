@@ -76,6 +76,14 @@ class DataConfig:
     answer_field: str = "answer"
     """Online runs: the gold answer of each prompt row (a string or a number); verl's
     `reward_model.ground_truth` is used when the default is absent."""
+    answers: Literal["auto", "verifiable", "reference", "mixed"] = "auto"
+    """Online runs and twofold-eval: what the answer field holds (docs/objectives.md §7.5).
+    verifiable: answers the verifier checks; a row whose answer it cannot parse is skipped and counted.
+    reference: reference answers nothing can verify (proofs, essays): no row is verified; only an objective that
+    learns from the reference answer's likelihood (JEPO) trains on them, and evaluation reports that likelihood.
+    mixed (semi-verifiable data): rows whose answer the verifier parses are verified (rollout/accuracy, held-out
+    pass rates); the others are kept as reference rows.
+    auto: mixed for an objective that learns from the reference answer's likelihood (JEPO), else verifiable."""
     prompt_template: str = "{prompt}"
     """How a string prompt becomes text (offline and online alike): a format string around {prompt}, or `chat`:
     the prompt as a user message through the tokenizer's chat template. Chat-message prompts always use the
@@ -180,8 +188,15 @@ class RolloutConfig:
     overlong_buffer: int = 0
     """DAPO soft overlong punishment: L_cache (L_max = max_new_tokens); 0 disables it."""
     format_penalty: float = 10.0
-    """JEPO: a sample without a boxed answer gets the format reward -format_penalty (paper: 10), whose
-    leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to [-1, 1])."""
+    """JEPO: a sample without the answer delimiter (`answer_start`) gets the format reward -format_penalty (paper:
+    10), whose leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to
+    [-1, 1])."""
+    answer_start: str = "\\boxed{"
+    """JEPO and the held-out likelihood: where a sample's answer starts. The chain of thought is the sample up to
+    and including its last `answer_start`; the reference answer + `answer_end` + EOS follows it. A sample without
+    one fails the format check and is followed by answer_start + reference + answer_end + EOS."""
+    answer_end: str = "}"
+    """What closes the answer (may be empty, e.g. with answer_start "Answer:")."""
     mask_truncated: bool = False
     """Truncated samples (no EOS within max_new_tokens) leave the loss and its normalisers after the group
     statistics are computed (TRL mask_truncated_completions, DAPO overlong filtering)."""
@@ -189,22 +204,25 @@ class RolloutConfig:
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
     """OREAL: learning rate of the token reward model (its own AdamW)."""
-    correction: Literal["auto", "none", "token_tis", "seq_mask", "geo_mask", "icepop"] = "auto"
-    """Rollout correction of the sampler/trainer mismatch, from r_t = log p_trainer - log p_sampler of each
+    correction: Literal["auto", "none", "token_tis", "seq_tis", "icepop", "seq_icepop", "token_mask", "seq_mask",
+                        "geo_mask"] = "auto"
+    """Rollout correction of the sampler/trainer mismatch, from rho_t = e^(log p_trainer - log p_sampler) of each
     sampled token (trainer log-probs under the weights that sampled; this adds that no-grad pass when the step
-    would not compute old log-probs anyway). A per-token weight c_t scales the token's loss term; c_t = 0 drops
-    the token from the loss and from every normaliser.
-    token_tis: c_t = min(e^r_t, c_high) (truncated importance sampling).
-    seq_mask: c = 1 if c_low <= e^(sum_t r_t) <= c_high else 0, for the whole sequence.
-    geo_mask: the same on the geometric mean ratio e^(mean_t r_t).
-    icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token.
-    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (README,
-    "Rollout corrections": in fp32 the mismatch is ~1e-13 and a correction would only add a pass)."""
-    correction_c_high: float = 0.0
-    """Upper bound of the correction; 0 takes the mode's default (token_tis 2, seq_mask 3, geo_mask 1.01,
-    icepop 5)."""
-    correction_c_low: float = 0.0
-    """Lower bound (masks only); 0 takes the mode's default (seq_mask 1/3, geo_mask 0.99, icepop 0.5)."""
+    would not compute old log-probs anyway); rho_seq = the product over the sequence. Formulas, defaults and the
+    equivalent verl/TRL/OpenRLHF settings: docs/objectives.md §0.4.
+    Importance weights w_t on the objective's policy-gradient term only (KL and entropy terms unweighted, every
+    token stays in the normalisers): token_tis clamp(rho_t, c_low, c_high); seq_tis clamp(rho_seq, ...);
+    icepop rho_t inside [c_low, c_high], 0 outside (IcePop); seq_icepop the same on rho_seq (TRL sequence_mask).
+    Rejection masks (a rejected token leaves the loss and every normaliser, verl rollout_rs): token_mask on rho_t,
+    seq_mask on rho_seq, geo_mask on the geometric mean e^(mean_t log rho_t), each keeping [c_low, c_high].
+    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (in fp32
+    the mismatch is ~1e-13 and a correction would only add a pass)."""
+    correction_c_high: float | None = None
+    """Upper bound; null takes the mode's default (token_tis/seq_tis 2, icepop 5, seq_icepop 3, token_mask 5,
+    seq_mask 3, geo_mask 1.01)."""
+    correction_c_low: float | None = None
+    """Lower bound; null takes the mode's default (token_tis/seq_tis/seq_icepop 0: none, icepop 0.5,
+    token_mask 0.5, seq_mask 1/3, geo_mask 0.99)."""
     token_rm: bool = True
     """OREAL: train the token reward model and weight tokens by it; false gives OREAL without it (w+ = w- = 1)."""
 
@@ -221,6 +239,10 @@ class EvalConfig:
     """Use at most this many held-out prompts (0: all)."""
     max_new_tokens: int = 0
     """0: rollout.max_new_tokens."""
+    likelihood: bool | None = None
+    """Also report the held-out log-likelihood of each row's reference answer after the model's own chain of
+    thought (eval/ref_logp_per_token, eval/ref_logp_per_answer, eval/ref_logp_bound; max(eval.samples, 1) chains
+    per prompt, cut at rollout.answer_start). null: on when data.answers resolves to reference or mixed."""
 
 
 @dataclass(kw_only=True)
@@ -538,6 +560,25 @@ def optimizer_steps(config: Config) -> int:
     return max(1, actor_steps) * updates_per_step(config)
 
 
+def learns_from_reference(objective: str) -> bool:
+    """The objective's loss reads the likelihood of a teacher-forced reference answer (an `answer_mask`): JEPO."""
+    return "answer_mask" in inspect.signature(OBJECTIVES[objective]).parameters
+
+
+def answers_mode(config: Config) -> str:
+    """data.answers with `auto` resolved (mixed for an objective that learns from the reference likelihood)."""
+    mode = config.data.answers
+    if mode != "auto":
+        return mode
+    return "mixed" if learns_from_reference(config.objective.name) else "verifiable"
+
+
+def likelihood_eval(config: Config) -> bool:
+    """eval.likelihood with null resolved: on for reference or mixed answers."""
+    on = config.eval.likelihood
+    return answers_mode(config) in ("reference", "mixed") if on is None else on
+
+
 def correction_mode(config: Config) -> str:
     """rollout.correction with `auto` resolved: token_tis when either side computes in bf16, else none."""
     mode = config.rollout.correction
@@ -560,6 +601,17 @@ def needs_groups(config: Config) -> str:
     return ""
 
 
+def validate_correction(config: Config) -> None:
+    r, mode = config.rollout, correction_mode(config)
+    for name in ("correction_c_low", "correction_c_high"):
+        value = getattr(r, name)
+        _require(value is None or value >= 0, f"rollout.{name}", ">= 0 or null (the mode's default)", value)
+    if mode == "none":
+        return
+    low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
+    _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
+
+
 def validate_rollout(config: Config) -> None:
     r, ev = config.rollout, config.eval
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_gen_batches", "mini_batches",
@@ -575,6 +627,7 @@ def validate_rollout(config: Config) -> None:
              f"in [0, train.steps={config.train.steps})", r.freeze_actor_steps)
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
     _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
+    _require(bool(r.answer_start), "rollout.answer_start", "a non-empty delimiter", r.answer_start)
     sampler = config.sampler
     _require(sampler.kv_cache_gib is None or sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib",
              ">= 0 (0: gpu_memory_utilization decides) or null (sized from max_num_seqs x max_model_len)",
@@ -585,12 +638,7 @@ def validate_rollout(config: Config) -> None:
         _require(isinstance(stop, str) and stop != "", f"sampler.stop[{i}]", "a non-empty string", stop)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)
-    _require(r.correction_c_low >= 0, "rollout.correction_c_low", ">= 0", r.correction_c_low)
-    _require(r.correction_c_high >= 0, "rollout.correction_c_high", ">= 0", r.correction_c_high)
-    mode = correction_mode(config)
-    if mode != "none":
-        low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
-        _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
+    validate_correction(config)
     s = config.sampler
     for name in ("canary_every", "canary_prompts", "canary_tokens"):
         _require(getattr(s, name) >= (0 if name == "canary_every" else 1), f"sampler.{name}",

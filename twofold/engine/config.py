@@ -22,11 +22,13 @@ import yaml
 from twofold.engine.correction import bounds as correction_bounds
 from twofold.engine.data import CHAT, check_source, is_local_path
 from twofold.engine.sampler import SamplerConfig
-from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
+from twofold.objectives import AGGREGATIONS, DEFAULT_OBJECTIVE, KL_LOSSES, PROMPT_WEIGHTS, SPECS, get_spec, names
 from twofold.objectives.token_local import check_kl_loss
 
-ONLINE_OBJECTIVES = ("nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal", "jepo")
-OFFLINE_OBJECTIVES = ("sft", "rft", "redi", "dpo", "simpo")
+
+def objective_choices() -> str:
+    """The registered objectives with their modes (--help reads it when it runs, so a registered spec shows)."""
+    return ", ".join(f"{n} ({'/'.join(s.modes)})" for n, s in SPECS.items())
 
 
 @dataclass(kw_only=True)
@@ -100,8 +102,9 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    name: str = "sft"
-    """A key of twofold.objectives.OBJECTIVES."""
+    name: str = field(default=DEFAULT_OBJECTIVE, metadata={"choices": objective_choices})
+    """A registered objective (`twofold.objectives.SPECS`: its loss and its `ObjectiveSpec`) that runs in
+    train.mode."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Hyperparameters of the loss (eps, beta, agg, entropy_coef, ...): keyword arguments of
     `twofold.objectives.OBJECTIVES[name]` that are not batch data. Checked at load: an unknown key or a wrong type
@@ -123,9 +126,9 @@ class TrainConfig:
     """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
     (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
     head: Literal["fused", "logprobs"] = "fused"
-    """LM head of the training step. fused: token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL,
-    CISPO) form loss and gradient in one `fused_linear_loss` pass (6NHV); DPO, SimPO, REDI, JEPO and GSPO take
-    log-probs forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the
+    """LM head of the training step. fused: token-local objectives (`ObjectiveSpec.token_local`; the table in
+    docs/objectives.md) form loss and gradient in one `fused_linear_loss` pass (6NHV); the others take log-probs
+    forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the
     objective through autograd (8NHV), the reference path. Both give the same gradient."""
 
 
@@ -459,12 +462,9 @@ def validate(config: Config) -> None:
         if getattr(config.log, option) and importlib.util.find_spec(package) is None:
             raise ValueError(f"log.{option}=true needs the {package} package: pip install 'twofold[tracking]' "
                              f"(or set log.{option}=false)")
-    if config.objective.name not in OBJECTIVES:
-        raise ValueError(f"objective.name {config.objective.name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
-    allowed = ONLINE_OBJECTIVES if train.mode == "online" else OFFLINE_OBJECTIVES
-    if config.objective.name not in allowed:
+    if train.mode not in get_spec(config.objective.name).modes:
         raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
-                         f"{train.mode} objectives: {', '.join(allowed)}")
+                         f"{train.mode} objectives: {', '.join(names(train.mode))}")
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
     if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
         raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
@@ -548,9 +548,10 @@ def validate_rollout(config: Config) -> None:
              s.canary_warn)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
-    if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):
-        _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", f">= 2 for {config.objective.name}",
-                 r.samples_per_prompt)
+    least = get_spec(config.objective.name).min_group_size
+    if config.train.mode == "online" and least > 1:
+        _require(r.samples_per_prompt >= least, "rollout.samples_per_prompt",
+                 f">= {least} for {config.objective.name}", r.samples_per_prompt)
     for name in ("every", "samples", "max_prompts", "max_new_tokens"):
         _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
     _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
@@ -594,7 +595,7 @@ ENGINE_ARGUMENTS = ("validate",)
 def objective_hyperparameters(name: str) -> dict[str, Any]:
     """{parameter: type hint} of the loss's hyperparameters: keyword arguments with a default whose type admits no
     tensor (tensors are batch data, per-token or per-sequence, and the mini-batch totals)."""
-    fn = OBJECTIVES[name]
+    fn = get_spec(name).loss
     hints = typing.get_type_hints(fn)
     return {k: hints[k] for k, p in inspect.signature(fn).parameters.items()
             if p.default is not inspect.Parameter.empty and k not in ENGINE_ARGUMENTS
@@ -662,7 +663,7 @@ def objective_kwargs(config: Config) -> dict:
     (Dr. GRPO's constant, whose default is unset: the generation budget rollout.max_new_tokens, as the paper and
     TRL)."""
     kwargs = dict(config.objective.kwargs)
-    params = inspect.signature(OBJECTIVES[config.objective.name]).parameters
+    params = inspect.signature(get_spec(config.objective.name).loss).parameters
     unset = "constant" in params and kwargs.get("constant", params["constant"].default) is None
     if config.train.mode == "online" and unset:
         kwargs["constant"] = float(config.rollout.max_new_tokens)
@@ -720,6 +721,8 @@ def config_reference(cls=None, prefix: str = "", width: int = 116) -> str:
             kind = f"list of {{{', '.join(x.name for x in dataclasses.fields(item))}}}"
         lines.append(f"  {prefix}{f.name}  ({kind}, default {_default_text(f)})")
         doc = docs.get(f.name, "")
+        if "choices" in f.metadata:
+            doc += f" One of: {f.metadata['choices']()}."
         if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             item_docs = field_docs(typing.get_args(hint)[0])
             doc += "".join(f" [{k}: {v}]" for k, v in item_docs.items())

@@ -1,10 +1,10 @@
-"""The online loop (NFT, RFT, GRPO, DAPO, Dr. GRPO, OREAL, JEPO): one rollout step =
+"""The online loop (the objectives whose `ObjectiveSpec.modes` hold `online`): one rollout step =
 
     sample n per prompt (in-process sampler) -> verify -> dynamic sampling -> training sequences
     -> old log-probs (trainer weights, when a rollout feeds more than one update or a correction needs them)
-    -> reference log-probs (the frozen initial policy, `model.build_reference`, only when the objective's KL
-       coefficient is > 0)
-    -> [OREAL: one token-RM update on the batch, then its token scores]
+    -> reference log-probs (the frozen initial policy, `model.build_reference`, only when the spec needs them and
+       the objective's KL coefficient is > 0)
+    -> [spec needs token_rm: one token-RM update on the batch, then its token scores]
     -> mismatch metrics and the rollout correction (sampler vs trainer log-probs, `engine.correction`)
     -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler -> canary
 
@@ -44,7 +44,7 @@ from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
 from twofold.engine.verifier import VerifierPool, build_pool
 from twofold.engine.weight_sync import sync_weights
-from twofold.objectives import OBJECTIVES
+from twofold.objectives import get_spec
 
 log = logging.getLogger("twofold")
 
@@ -62,10 +62,11 @@ class CanaryError(RuntimeError):
 
 
 def needs_ref_logp(config: Config) -> bool:
-    params = inspect.signature(OBJECTIVES[config.objective.name]).parameters
-    if "ref_logp" not in params:
+    """The objective's spec needs the reference's per-token log-probs and its KL coefficient `beta` is > 0."""
+    spec = get_spec(config.objective.name)
+    if "reference" not in spec.needs:
         return False
-    return float(config.objective.kwargs.get("beta", params["beta"].default)) > 0
+    return float(config.objective.kwargs.get("beta", inspect.signature(spec.loss).parameters["beta"].default)) > 0
 
 
 def sampler_model_dir(config: Config, tokenizer) -> str:
@@ -178,7 +179,7 @@ class OnlineRun:
             self.ref = build_reference(config.model, env, self.policy)  # before any update or resume
             self.clock.lap("reference")
         self.token_rm = None
-        if config.objective.name == "oreal" and config.rollout.token_rm:
+        if "token_rm" in get_spec(config.objective.name).needs and config.rollout.token_rm:
             self.token_rm = TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
             self.clock.lap("token_rm")
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,

@@ -40,6 +40,7 @@ from twofold.engine.packing import Sequence
 from twofold.engine.tiny import build_char_tokenizer
 from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import Trainer, sequence_logprobs
+from twofold.objectives import get_spec
 
 log = logging.getLogger("twofold")
 
@@ -130,7 +131,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
                       max_tokens_per_microbatch=data.max_tokens_per_microbatch,
                       pad_token_id=tokenizer.pad_token_id or 0, head=config.train.head)
     # after the optimizer exists: a forward leaves the FSDP2 root unsharded, and the optimizer must hold the shards
-    if config.objective.name == "dpo" and data.precompute_ref_logp:
+    if "reference_sums" in get_spec(config.objective.name).needs and data.precompute_ref_logp:
         add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
     stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
     resumed = resume(config, trainer)

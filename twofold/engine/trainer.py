@@ -12,8 +12,8 @@ Objectives are called by parameter name from what the packed batch holds: `logp`
 `chosen_logp` argument) get the pair view of the same tensors (`pair_inputs`); their sequences carry the fields
 `pair_id` and `chosen` (1/0), and both sides of a pair are packed into the same micro-batch.
 
-Statistics that depend on the current policy's log-probs of the whole mini-batch (JEPO's advantage stds,
-`objectives.BATCH_STATISTICS`) come from a no-grad pre-pass over this rank's micro-batches, summed over ranks,
+Statistics that depend on the current policy's log-probs of the whole mini-batch (`ObjectiveSpec.statistics`,
+JEPO's advantage moments) come from a no-grad pre-pass over this rank's micro-batches, summed over ranks,
 and reach every micro-batch loss like `num_tokens` (skipped when the mini-batch is one micro-batch on one rank,
 where the loss's own statistics are the mini-batch's). With `entropy_coef` the head also computes the per-token
 entropy (with its gradient) for the loss's entropy bonus.
@@ -42,7 +42,7 @@ from twofold.engine.distributed import DistEnv, all_reduce_sum
 from twofold.engine.heads import make_head
 from twofold.engine.model import PolicyModel, count_parameters
 from twofold.engine.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
-from twofold.objectives import BATCH_STATISTICS, OBJECTIVES
+from twofold.objectives import get_spec
 from twofold.objectives.groups import group_index
 
 # Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets, without sparsity).
@@ -59,14 +59,6 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_objective(name: str) -> Callable:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective.name {name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
-# objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
-WHOLE_GROUPS = ("jepo",)
 # per-token rollout correction weight; 0 drops the token from the loss and the normalisers
 CORRECTION = "correction_weight"
 
@@ -228,7 +220,8 @@ class Trainer:
         self.head_factory = make_head  # (head, objective, call, correction, entropy) -> head; bench swaps it
         self.keep_logp = False  # set to gather the step's per-sequence log-probs into `step_logp`
         self.step_logp: list[list[float]] = []
-        self.loss_fn = resolve_objective(objective)
+        self.spec = get_spec(objective)
+        self.loss_fn = self.spec.loss
         self.objective_name, self.objective_kwargs = objective, dict(objective_kwargs or {})
         self.budget, self.pad_token_id = max_tokens_per_microbatch, pad_token_id
         # foreach: torch picks the per-tensor loop for CPU (and DTensor) parameters, ~3x the Python time per step
@@ -238,10 +231,10 @@ class Trainer:
         schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
-        self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
-        self.statistics_fn = BATCH_STATISTICS.get(objective)
+        self.pairwise = self.spec.packing_unit == "pair"
+        self.statistics_fn = self.spec.statistics
         self.wants_entropy = float(self.objective_kwargs.get("entropy_coef", 0.0)) != 0
-        self.unit_field = "pair_id" if self.pairwise else "group_ids" if objective in WHOLE_GROUPS else None
+        self.unit_field = self.spec.unit_field
         self.steps_done = 0
         self.skipped_steps = 0
         _, self.flop_params = count_parameters(policy)

@@ -402,6 +402,48 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
     assert abs(corrected["grad_norm"] - plain["grad_norm"]) > 1e-6 * plain["grad_norm"]
 
 
+def test_a_rollout_step_plans_and_packs_each_mini_batch_once(files, warm, sampler, pool, tmp_path, monkeypatch):
+    """Reference log-probs, old log-probs, the token_tis correction and 2 epochs x 2 mini-batches all read the one
+    packing of each mini-batch: one plan per mini-batch, one collate per micro-batch, per-token fields as [N]
+    tensors of the packed micro-batches (before, each consumer planned and packed again: bench/packing.py)."""
+    import twofold.engine.trainer as trainer_module
+    from twofold.engine.packing import PackedBatch
+
+    config = online_config(files, warm, "grpo", tmp_path, "rollout.mini_batches=2", "rollout.ppo_epochs=2",
+                           "rollout.correction=token_tis", "sampler.canary_every=0")
+    plans, collates, updates = [], [0], []
+
+    def plan(*args, **kwargs):
+        out = plan_microbatches(*args, **kwargs)
+        plans.append(sum(len(rank) for rank in out))
+        return out
+
+    def collate(*args, **kwargs):
+        collates[0] += 1
+        return real_collate(*args, **kwargs)
+
+    plan_microbatches, real_collate = trainer_module.plan_microbatches, trainer_module.collate
+    online = online_run(config, sampler, pool)
+    try:
+        online.sync()
+        step = online.trainer.step
+        monkeypatch.setattr(online.trainer, "step", lambda packed: updates.append(packed) or step(packed))
+        monkeypatch.setattr(trainer_module, "plan_microbatches", plan)
+        monkeypatch.setattr(trainer_module, "collate", collate)
+        metrics = online.step()
+    finally:
+        online.close()
+    assert metrics["skipped"] == 0 and metrics["optimizer_steps"] == 4 and "kl" in metrics
+    assert len(plans) == 2 and collates[0] == sum(plans)  # each mini-batch: one plan, one pack
+    assert len(updates) == 4 and all(isinstance(p, PackedBatch) for p in updates)
+    assert updates[0] is updates[2] and updates[1] is updates[3]  # the second epoch reuses the first's packing
+    for packed in updates[:2]:
+        assert "old_logp" not in packed.sequences[0].token_fields  # the scores live in the packed tensors only
+        for mb in packed.micro:
+            n = mb.num_tokens
+            assert all(mb.token_fields[k].shape == (n,) for k in ("old_logp", "ref_logp", "correction_weight"))
+
+
 def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler, pool, tmp_path, monkeypatch):
     """The sampler holds random weights in layer 1 (as a dummy load leaves them); the next sync skips that layer."""
     from twofold.engine.distributed import shutdown_distributed

@@ -29,13 +29,13 @@ def bounds(mode: str, c_low: float = 0.0, c_high: float = 0.0) -> tuple[float, f
     return (c_low or low, c_high or high)
 
 
-def log_ratios(trainer: list[list[float]], behavior: list[list[float]],
-               sampled: list[list[float]] | None = None) -> list[torch.Tensor]:
-    """Per sequence, r_t over its sampled tokens (all response tokens unless a `sampled` 0/1 mask is given)."""
+def log_ratios(trainer: list, behavior: list, sampled: list | None = None) -> list[torch.Tensor]:
+    """Per sequence, r_t over its sampled tokens (all response tokens unless a `sampled` 0/1 mask is given); each
+    sequence's values a list or a 1-d tensor."""
     out = []
     for i, (t, b) in enumerate(zip(trainer, behavior)):
-        r = torch.tensor(t, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-        out.append(r if sampled is None else r[torch.tensor(sampled[i]) > 0])
+        r = torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+        out.append(r if sampled is None else r[torch.as_tensor(sampled[i]) > 0])
     return out
 
 

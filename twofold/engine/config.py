@@ -201,8 +201,9 @@ class RolloutConfig:
     seq_mask: c = 1 if c_low <= e^(sum_t r_t) <= c_high else 0, for the whole sequence.
     geo_mask: the same on the geometric mean ratio e^(mean_t r_t).
     icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token.
-    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (README,
-    "Rollout corrections": in fp32 the mismatch is ~1e-13 and a correction would only add a pass)."""
+    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32
+    (docs/training.md, "Rollout corrections": in fp32 the mismatch is ~1e-13 and a correction would only add a
+    pass)."""
     correction_c_high: float = 0.0
     """Upper bound of the correction; 0 takes the mode's default (token_tis 2, seq_mask 3, geo_mask 1.01,
     icepop 5)."""

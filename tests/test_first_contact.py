@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from twofold.engine.config import load_config
-from twofold.engine.data import Fields, load_sequences
-from twofold.engine.tasks import load_problems
-from twofold.engine.tiny import build_char_tokenizer
-from twofold.engine.train import run
+from twofold.engine.run.config import load_config
+from twofold.engine.data.loading import Fields, load_sequences
+from twofold.engine.data.tasks import load_problems
+from twofold.engine.train.tiny import build_char_tokenizer
+from twofold.engine.run.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(ROOT.glob("configs/*.yaml"))
@@ -90,7 +90,7 @@ def test_twofold_export_exits_0_and_refuses_a_directory_it_did_not_write(trained
     done = cli("twofold-export", trained["step"], out, "--dtype", "float32")
     assert done.returncode == 0, done.stderr
     assert f"exported {trained['step']} to {out}" in done.stdout and (out / "config.json").is_file()
-    from twofold.engine.export import main as export
+    from twofold.engine.run.export import main as export
     assert export([str(trained["step"]), str(out), "--dtype", "float32"]) == 0  # an earlier export: replaced
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -106,7 +106,7 @@ def test_twofold_export_exits_0_and_refuses_a_directory_it_did_not_write(trained
 
 
 def test_exporting_into_the_run_directory_that_holds_the_checkpoint_is_refused_even_with_overwrite(trained):
-    from twofold.engine.export import export_checkpoint
+    from twofold.engine.run.export import export_checkpoint
     for target in (trained["run_dir"], trained["step"]):
         with pytest.raises(ValueError, match="holds the checkpoint .* being exported"):
             export_checkpoint(trained["step"], target, "float32", overwrite=True)
@@ -152,7 +152,7 @@ def test_a_pairs_file_with_sft_is_refused_and_the_corrected_rerun_reuses_the_run
     """SFT on (prompt, chosen, rejected) rows would train on the rejected answers too: refused, naming the pair
     objectives. That start wrote only its config.yaml, so the rerun with the right data goes into the same run_dir
     (it used to be refused as 'another run')."""
-    from twofold.engine.train import main
+    from twofold.engine.run.train import main
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     with pytest.raises(SystemExit) as stop:
         main(offline(tmp_path / "run", pairs))
@@ -204,8 +204,8 @@ def test_a_mistyped_local_path_is_called_a_path_not_a_hub_id(tmp_path, monkeypat
 
 
 def test_recipe_lengths_that_a_short_run_or_a_small_model_cannot_hold_are_fitted_with_a_warning(tmp_path, caplog):
-    from twofold.engine.model import load_hf_config
-    from twofold.engine.sampler import fit_to_model
+    from twofold.engine.train.model import load_hf_config
+    from twofold.engine.rollout.sampler import fit_to_model
     rows = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "1", "answer": "2"}])
     with caplog.at_level("WARNING", logger="twofold"):
         config = load_config(ROOT / "configs" / "nft-qwen2.5-math-7b.yaml",
@@ -226,7 +226,7 @@ def test_the_readme_quickstart_reaches_an_online_step_in_one_command(tmp_path):
     """`twofold-train --model DIR --data PATH --objective nft` (README, Quickstart) on a model saved with
     save_pretrained and a JSONL of prompts with answers, with train.steps=1 so that CI stops after the first step:
     it prints what it chose, trains online with the real vLLM sampler, and exits 0."""
-    from twofold.engine.tiny import save_preset
+    from twofold.engine.train.tiny import save_preset
     model = save_preset("tiny-qwen2-vllm", tmp_path / "my-model")
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(8)])
     done = cli("twofold-train", "--model", model, "--data", data, "--objective", "nft", "train.steps=1",

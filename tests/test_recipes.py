@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from twofold.engine.config import load_config
-from twofold.engine.model import load_hf_config
-from twofold.engine.sampler import build_sampler, fit_to_model
-from twofold.engine.tasks import write_addition_data
-from twofold.engine.train import run
+from twofold.engine.run.config import load_config
+from twofold.engine.train.model import load_hf_config
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import fit_to_model
+from twofold.engine.data.tasks import write_addition_data
+from twofold.engine.run.train import run
 from twofold.engine.verifier import build_pool
 
 ROOT = Path(__file__).resolve().parent.parent

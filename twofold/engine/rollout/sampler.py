@@ -22,7 +22,9 @@ Semantics shared by both backends (tests hold them to it):
 from __future__ import annotations
 
 import logging
+import os
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -123,7 +125,7 @@ class Sampler(ABC):
                  prompt_offset: int = 0) -> list[list[Sample]]:
         """n samples for each prompt; `prompt_offset` is the index of prompts[0] in the global batch."""
         if self.weight_version == 0:
-            raise RuntimeError("the sampler holds dummy weights: call twofold.engine.weight_sync.sync_weights(policy, "
+            raise RuntimeError("the sampler holds dummy weights: call twofold.engine.rollout.weight_sync.sync_weights(policy, "
                                "sampler) before the first rollout (or set load_format=auto)")
         stop = tuple(self.cfg.stop) + tuple(params.stop)
         self.check_params(params, stop)
@@ -150,7 +152,7 @@ class Sampler(ABC):
         return ids
 
     def format_prompt(self, prompt: str) -> list[int]:
-        from twofold.engine.data import CHAT, prompt_ids
+        from twofold.engine.data.loading import CHAT, prompt_ids
         return prompt_ids(self.tokenizer, prompt, CHAT if self.tokenizer.chat_template else "{prompt}")
 
     def check_params(self, params: GenerationParams, stop: tuple[str, ...]) -> None:
@@ -218,15 +220,16 @@ def workload_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, b
     return max(per_sequence, min(max_num_seqs * per_sequence, cap - 1)) + 1
 
 
-def build_sampler(cfg: SamplerConfig, model_path: str, rank: int = 0) -> Sampler:
-    """`model_path` needs config.json and the tokenizer; weights only with load_format=auto."""
-    if cfg.backend == "vllm":
-        from twofold.engine.sampler_vllm import VLLMSampler
-        return VLLMSampler(cfg, model_path, rank)
-    if cfg.backend == "transformers":
-        from twofold.engine.sampler_hf import HFSampler
-        return HFSampler(cfg, model_path, rank)
-    raise ValueError(f"sampler.backend must be vllm or transformers, got {cfg.backend!r}")
+def quiet_vllm() -> None:
+    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...) and, on CPU, ~15 warnings about
+    its own environment (tcmalloc/iomp not preloaded, no triton-cpu, thread binding, settings this engine sets on
+    purpose such as whole-prompt prefill), none of which the run can act on: keep its errors only, unless
+    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards; the
+    Python warnings vLLM's own modules raise (deprecations of the torch APIs it calls) are filtered by module."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"vllm(\.|$)")
 
 
 def rank_share(num_prompts: int, rank: int, world_size: int) -> range:

@@ -1,13 +1,13 @@
 """Any checkpoint -> a Hugging Face directory (safetensors, config, tokenizer).
 
-    python -m twofold.engine.export runs/x/checkpoints/step_00000040 out/x-step40      a training checkpoint
-    python -m twofold.engine.export runs/x/hf out/x-fp32 --dtype float32                an HF directory, re-saved
+    python -m twofold.engine.run.export runs/x/checkpoints/step_00000040 out/x-step40      a training checkpoint
+    python -m twofold.engine.run.export runs/x/hf out/x-fp32 --dtype float32                an HF directory, re-saved
 
 A `step_*` checkpoint holds sharded weights (DCP) and, in `model/`, the model's Hugging Face config and the
 tokenizer: the model is rebuilt from those (a checkpoint copied anywhere exports; an older one without `model/` is
 rebuilt from its run's `config.yaml` beside `checkpoints/`), the checkpoint's model weights are loaded into it, and
-it is written as the end of a run writes `<run_dir>/hf`. The result loads with `AutoModelForCausalLM.from_pretrained`,
-`AutoTokenizer.from_pretrained` and vLLM.
+it is written as the end of a run writes `<run_dir>/hf`. The result loads with
+`AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and vLLM.
 
 The output directory is replaced only when it is empty, absent, or an earlier export (it holds the
 `EXPORT_MARKER` every export writes); any other directory is refused unless `--overwrite` is given, and a directory
@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from twofold.engine.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_MODEL, EXPORT_MARKER, export_hf
-from twofold.engine.config import Config, load_config
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.hub import resolve_model
-from twofold.engine.model import DTYPES, PolicyModel, build_policy
+from twofold.engine.train.checkpoint import (CHECKPOINT_CONFIG, CHECKPOINT_MODEL, EXPORT_MARKER, CheckpointRefused,
+                                             export_hf, load_shards)
+from twofold.engine.run.config import Config, load_config
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.data.hub import resolve_model
+from twofold.engine.data.tokenizer import load_tokenizer
+from twofold.engine.train.model import DTYPES, PolicyModel, build_policy
 
 log = logging.getLogger("twofold")
 
@@ -99,7 +100,7 @@ def _export_training_checkpoint(checkpoint: Path, out_dir: Path, dtype: str) -> 
     try:
         policy, tokenizer = _checkpoint_model(checkpoint, env)
         state = {"model": get_model_state_dict(policy)}
-        dcp.load(state, checkpoint_id=str(checkpoint))  # the model shards only; the optimizer state stays on disk
+        load_shards(state, checkpoint)  # the model shards only (optimizer state stays on disk); never a pickle
         set_model_state_dict(policy, state["model"])
         return export_hf(policy, tokenizer, out_dir, dtype)
     finally:
@@ -115,7 +116,6 @@ def _checkpoint_model(checkpoint: Path, env):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         causal_lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(own), dtype=torch.float32)
         return PolicyModel(causal_lm), AutoTokenizer.from_pretrained(own)
-    from twofold.engine.train import load_tokenizer  # the tokenizer the run trained with
     config = run_config(checkpoint)
     resolve_model(config.model)
     return build_policy(config.model, env, seed=config.train.seed), load_tokenizer(config)
@@ -123,7 +123,7 @@ def _checkpoint_model(checkpoint: Path, env):
 
 def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit status (0: exported), which the console script passes to sys.exit."""
-    parser = argparse.ArgumentParser(prog="python -m twofold.engine.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m twofold.engine.run.export", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="<run_dir>/checkpoints/step_XXXXXXXX or a Hugging Face model directory")
     parser.add_argument("out_dir", help="where the Hugging Face directory is written (an earlier export there is "
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.overwrite)
-    except ValueError as err:
+    except (ValueError, CheckpointRefused) as err:
         sys.exit(f"error: {err}")
     print(f"exported {args.checkpoint} to {out}")
     return 0

@@ -6,24 +6,22 @@ FSDP2 like any other.
 
 - `LogprobsHead`: `kernels.linear_logprobs` -> the objective on those log-probs -> autograd. 8NHV on the head
   (2NHV forward; logits recomputed, dX and dW in backward).
-- `FusedHead`, token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL, CISPO): one `fused_linear_loss` pass
+- `FusedHead`, token-local objectives (`ObjectiveSpec.token_local`): one `fused_linear_loss` pass
   forms the loss and its gradient in the forward, 6NHV. The token function and its inputs are the objective's
   own: the objective is called once on a NaN probe inside `recording_token_local()`, which records what it hands
   to `apply_token_local` (aggregation weight, advantages, old/ref log-probs, ...), so no input is computed twice.
   An input that aliases the probe is the current log-prob itself (on-policy `old_logp = sg[logp]`, R = 1); the
   kernel passes its live log-prob there. A NaN probe makes any other dependence on the log-probs poison the loss
   loudly instead of silently. Metrics come from a second, elementwise call on the returned log-probs.
-- `TwoPhaseHead`, every other objective (DPO, SimPO, JEPO, REDI, GSPO, ...): log-probs forward only (2NHV, on the
+- `TwoPhaseHead`, every other objective: log-probs forward only (2NHV, on the
   same hidden states: the trunk runs once), the objective's dL/dlogp by autograd on those [N] values, then one
   fused pass with that gradient as the per-token weight (6NHV).
 
 With an entropy bonus (`entropy_coef`) every head computes the per-token entropy in the same pass and the
 objective's dL/dH reaches the logits through it (the fused kernel's entropy mode).
 
-A rollout correction is a per-token constant c_t (`engine.correction`). Every token function is linear in its
-`weight`, so c_t multiplies `weight` on the fused path and dL/dlogp_t on the others: the same gradient (the
-entropy bonus is not reweighted). The loss value reported is the head's own: sum_t c_t loss_t on the fused path,
-the objective's (uncorrected) value on the others; without a correction they are equal.
+A rollout correction's importance weight is an input of the objective (`is_weight`, `engine.correction`), so
+every head applies it the same way, through the objective's own token function.
 """
 from __future__ import annotations
 
@@ -34,11 +32,10 @@ from torch import Tensor
 
 from twofold.kernels import linear_logprobs
 from twofold.kernels.fused import fused_linear_loss
+from twofold.objectives import get_spec
 from twofold.objectives.layout import recording_token_local
 
 HEADS = ("fused", "logprobs")
-# objectives whose loss is one `apply_token_local` call on the micro-batch's [N] log-probs
-SINGLE_PASS = ("sft", "rft", "grpo", "dapo", "drgrpo", "nft", "oreal", "cispo")
 
 # call_objective(logp [N], entropy [N] | None) -> (loss, metrics): the objective bound to one micro-batch
 ObjectiveCall = Callable[..., tuple[Tensor, dict]]
@@ -51,15 +48,12 @@ class HeadOutput(NamedTuple):
 
 
 class LogprobsHead:
-    def __init__(self, call_objective: ObjectiveCall, correction: Tensor | None = None, entropy: bool = False):
-        self.call_objective, self.correction, self.entropy = call_objective, correction, entropy
+    def __init__(self, call_objective: ObjectiveCall, entropy: bool = False):
+        self.call_objective, self.entropy = call_objective, entropy
 
     def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
         out = self.logprobs(hidden, weight, targets, temperature, self.entropy)
         logp, entropy = out if self.entropy else (out, None)
-        if self.correction is not None and logp.requires_grad:
-            c = self.correction
-            logp.register_hook(lambda g: g * c.to(g.dtype))
         loss, metrics = self.call_objective(logp, entropy)
         return HeadOutput(loss, logp.detach().float(), metrics)
 
@@ -79,8 +73,6 @@ class TwoPhaseHead(LogprobsHead):
             value, metrics = self.call_objective(*leaves)
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
         grad, *grad_entropy = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-        if self.correction is not None:
-            grad = grad * self.correction
         inputs, fn = {"weight": grad}, "linear"
         if grad_entropy:
             inputs, fn = {"weight": grad, "entropy_grad": grad_entropy[0]}, _given_gradients
@@ -98,8 +90,8 @@ _given_gradients.uses_entropy = True
 
 
 class FusedHead:
-    def __init__(self, call_objective: ObjectiveCall, correction: Tensor | None = None, entropy: bool = False):
-        self.call_objective, self.correction, self.entropy = call_objective, correction, entropy
+    def __init__(self, call_objective: ObjectiveCall, entropy: bool = False):
+        self.call_objective, self.entropy = call_objective, entropy
 
     def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
         fn, inputs = self.token_local_form(targets)
@@ -111,7 +103,7 @@ class FusedHead:
         return HeadOutput(out.loss, logp, metrics)
 
     def token_local_form(self, targets: Tensor) -> tuple[Callable, dict]:
-        """(token function, its inputs) from the objective's own call, with live log-probs and the correction."""
+        """(token function, its inputs) from the objective's own call, with live log-probs."""
         probe = torch.full(targets.shape, float("nan"), dtype=torch.float32, device=targets.device)
         with torch.no_grad(), recording_token_local() as calls:
             self.call_objective(probe, probe if self.entropy else None)
@@ -121,9 +113,7 @@ class FusedHead:
         recorded, fn, inputs = calls[0]
         live = [k for k, v in inputs.items() if isinstance(v, Tensor) and _aliases(v, recorded)]
         inputs = {k: v for k, v in inputs.items() if k not in live}
-        if self.correction is not None:
-            inputs["correction"] = self.correction
-        return _LiveTokenFn(fn, tuple(live), self.correction is not None), inputs
+        return _LiveTokenFn(fn, tuple(live)), inputs
 
 
 def _aliases(x: Tensor, y: Tensor) -> bool:
@@ -131,23 +121,19 @@ def _aliases(x: Tensor, y: Tensor) -> bool:
 
 
 class _LiveTokenFn:
-    """The objective's token function with its live inputs set to the kernel's log-probs, and the correction
-    folded into the aggregation weight."""
+    """The objective's token function with its live inputs set to the kernel's log-probs."""
 
-    def __init__(self, fn: Callable, live: tuple[str, ...], corrected: bool):
-        self.fn, self.live, self.corrected = fn, live, corrected
+    def __init__(self, fn: Callable, live: tuple[str, ...]):
+        self.fn, self.live = fn, live
 
     def __call__(self, logp: Tensor, **inputs):
-        if self.corrected:
-            inputs["weight"] = inputs["weight"] * inputs.pop("correction")
         return self.fn(logp, **inputs, **{k: logp for k in self.live})
 
 
-def make_head(head: str, objective: str, call_objective: ObjectiveCall, correction: Tensor | None = None,
-              entropy: bool = False):
+def make_head(head: str, objective: str, call_objective: ObjectiveCall, entropy: bool = False):
     """The head of one micro-batch; `entropy`: the objective takes the per-token entropy (its bonus)."""
     if head not in HEADS:
         raise ValueError(f"train.head must be one of {HEADS}, got {head!r}")
     if head == "logprobs":
-        return LogprobsHead(call_objective, correction, entropy)
-    return (FusedHead if objective in SINGLE_PASS else TwoPhaseHead)(call_objective, correction, entropy)
+        return LogprobsHead(call_objective, entropy)
+    return (FusedHead if get_spec(objective).token_local else TwoPhaseHead)(call_objective, entropy)

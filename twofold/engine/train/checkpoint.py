@@ -240,8 +240,10 @@ def _sha256(path: Path) -> str:
 
 
 def _checksums(directory: Path) -> dict[str, dict]:
-    """Collective: {relative path: {size, sha256}} of every file under `directory`, each rank hashing its share."""
-    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Collective: {file name: {size, sha256}} of every file in `directory`, each rank hashing its share. (The
+    export files under CHECKPOINT_MODEL/ are not listed: a manifest names top-level files only, and those are JSON
+    and tokenizer files that only an export reads, with transformers' loaders, never code.)"""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
             for name in names[rank::world]}

@@ -12,7 +12,11 @@ Semantics shared by both backends (tests hold them to it):
 - the response is capped at `max_new_tokens` and at `max_model_len - prompt_len`; a capped sample has
   `finish_reason == "length"` (`truncated`);
 - `logprobs` are those of the distribution the token was drawn from: log-softmax(logits / temperature), restricted
-  and renormalised to the top-p nucleus when top_p < 1; greedy (temperature 0) scores at temperature 1;
+  and renormalised to the kept set (top-k, then the top-p nucleus of what top-k kept) when top_k > 0 or top_p < 1;
+  greedy (temperature 0) scores at temperature 1;
+- with `GenerationParams.kept`, `Sample.kept` holds each sampled token's kept set K_t, the ids the sampler's own
+  top-k / top-p step left finite (vLLM: read from its processed log-probs; transformers: from its processed
+  scores), so the trainer can renormalise to exactly that set (`twofold.kernels.kept`);
 - seeds: with `GenerationParams.seed`, prompt i of the global batch uses seed + i * n (a sample does not depend on
   how prompts are split over ranks); without it, each engine draws from its own stream seeded by
   `SamplerConfig.seed + rank`.
@@ -85,11 +89,53 @@ class GenerationParams:
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k."""
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    kept: bool = False
+    """Record each sampled token's kept set (`Sample.kept`); needs temperature > 0."""
+
+
+@dataclass
+class KeptSets:
+    """The kept set of every sampled token of one sample, compact: token t's ids (ascending) are
+    ids[starts[t]:starts[t] + counts[t]], the set the sampler's top-k / top-p step left."""
+
+    ids: Tensor  # int32 [sum_t |K_t|]
+    counts: Tensor  # int64 [T]
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "KeptSets":
+        """From a [T, V] bool mask of the kept ids (True = kept)."""
+        return cls(mask.nonzero()[:, 1].to(torch.int32), mask.sum(1))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Tensor]) -> "KeptSets":
+        rows = list(rows)
+        return cls(torch.cat(rows).to(torch.int32) if rows else torch.zeros(0, dtype=torch.int32),
+                   torch.tensor([len(r) for r in rows], dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def first(self, n: int) -> "KeptSets":
+        return KeptSets(self.ids[:int(self.counts[:n].sum())], self.counts[:n])
+
+    def padded(self, k_max: int | None = None) -> Tensor:
+        """[T, k_max] int64, each row the token's ids then -1 (the layout of `linear_logprobs(kept=)`)."""
+        k_max = int(self.counts.max()) if k_max is None else k_max
+        out = torch.full((len(self), k_max), -1, dtype=torch.long)
+        col = torch.arange(k_max)[None, :] < self.counts[:, None]
+        out[col] = self.ids.long()
+        return out
+
+    def contains(self, token_ids: Sequence[int]) -> bool:
+        """Whether every token t is in its own kept set (a sampler's record must satisfy it)."""
+        return bool((self.padded() == torch.tensor(list(token_ids))[:, None]).any(1).all())
 
 
 @dataclass
@@ -100,6 +146,7 @@ class Sample:
     text: str
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    kept: KeptSets | None = None
 
     @property
     def truncated(self) -> bool:
@@ -161,6 +208,10 @@ class Sampler(ABC):
             raise ValueError(f"GenerationParams.temperature must be >= 0 (0 is greedy), got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise ValueError(f"GenerationParams.top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise ValueError(f"GenerationParams.top_k must be >= 0 (0 is no top-k), got {params.top_k}")
+        if params.kept and params.temperature == 0:
+            raise ValueError("GenerationParams.kept needs temperature > 0: greedy decoding has no kept set")
         unknown = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if unknown:
             raise ValueError(f"stop token ids {unknown} are not in the vocabulary [0, {self.vocab_size})")

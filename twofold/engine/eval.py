@@ -46,7 +46,7 @@ def evaluate(sampler: Sampler, pool: VerifierPool, problems: list[Problem], conf
         temperature=0.0, max_new_tokens=max_new, seed=EVAL_SEED), timeout, threshold)}
     if ev.samples:
         sampled = GenerationParams(n=ev.samples, temperature=rollout.temperature, top_p=rollout.top_p,
-                                   max_new_tokens=max_new, seed=EVAL_SEED)
+                                   top_k=rollout.top_k, max_new_tokens=max_new, seed=EVAL_SEED)
         out[f"eval/avg@{ev.samples}"] = pass_rate(sampler, pool, problems, sampled, timeout, threshold)
     out["eval/time_s"] = time.perf_counter() - start
     return out

@@ -36,6 +36,8 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from twofold.engine.packing import KeptSets
+
 FinishReason = Literal["eos", "stop", "length"]
 Bucket = list[tuple[str, Tensor]]  # (Hugging Face parameter name, full tensor) pairs pushed in one update call
 
@@ -98,44 +100,6 @@ class GenerationParams:
     logprobs: bool = False
     kept: bool = False
     """Record each sampled token's kept set (`Sample.kept`); needs temperature > 0."""
-
-
-@dataclass
-class KeptSets:
-    """The kept set of every sampled token of one sample, compact: token t's ids (ascending) are
-    ids[starts[t]:starts[t] + counts[t]], the set the sampler's top-k / top-p step left."""
-
-    ids: Tensor  # int32 [sum_t |K_t|]
-    counts: Tensor  # int64 [T]
-
-    @classmethod
-    def from_mask(cls, mask: Tensor) -> "KeptSets":
-        """From a [T, V] bool mask of the kept ids (True = kept)."""
-        return cls(mask.nonzero()[:, 1].to(torch.int32), mask.sum(1))
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Tensor]) -> "KeptSets":
-        rows = list(rows)
-        return cls(torch.cat(rows).to(torch.int32) if rows else torch.zeros(0, dtype=torch.int32),
-                   torch.tensor([len(r) for r in rows], dtype=torch.long))
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def first(self, n: int) -> "KeptSets":
-        return KeptSets(self.ids[:int(self.counts[:n].sum())], self.counts[:n])
-
-    def padded(self, k_max: int | None = None) -> Tensor:
-        """[T, k_max] int64, each row the token's ids then -1 (the layout of `linear_logprobs(kept=)`)."""
-        k_max = int(self.counts.max()) if k_max is None else k_max
-        out = torch.full((len(self), k_max), -1, dtype=torch.long)
-        col = torch.arange(k_max)[None, :] < self.counts[:, None]
-        out[col] = self.ids.long()
-        return out
-
-    def contains(self, token_ids: Sequence[int]) -> bool:
-        """Whether every token t is in its own kept set (a sampler's record must satisfy it)."""
-        return bool((self.padded() == torch.tensor(list(token_ids))[:, None]).any(1).all())
 
 
 @dataclass

@@ -191,7 +191,7 @@ def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, b
         [s.packed_len for s in batch], budget, env.world_size)[env.rank]]  # every response token, corrected or not
     for mb in plan:
         dev = mb.to(env.device)
-        logp = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature).float().cpu()
+        logp = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature, kept=dev.kept).float().cpu()
         local.update(split_by_sequence(logp, mb))
     return gather_sequences(local, len(batch), env)
 
@@ -290,7 +290,8 @@ class Trainer:
         """Forward (trunk + head, inside the FSDP2 root) and backward of one micro-batch; keeps its log-probs."""
         head = self.head_factory(self.head, self.objective_name, self.objective_call(mb, totals),
                                  mb.token_fields.get(CORRECTION), self.wants_entropy)
-        out = self.policy(mb.input_ids, mb.position_ids, mb.targets, temperature=self.temperature, loss_head=head)
+        out = self.policy(mb.input_ids, mb.position_ids, mb.targets, temperature=self.temperature, loss_head=head,
+                          kept=mb.kept)
         out.loss.backward()
         self.last_logp = out.logp
         return out.loss, out.metrics
@@ -308,7 +309,8 @@ class Trainer:
         parts = []
         for mb in micro:
             dev = mb.to(self.env.device)
-            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets, temperature=self.temperature)
+            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets, temperature=self.temperature,
+                               kept=dev.kept)
             parts.append(self.call_objective(logp, dev, {}, validate=False, fn=self.statistics_fn))
         return sum_statistics(parts, self.env)
 

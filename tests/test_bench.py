@@ -55,3 +55,11 @@ def test_bench_kernels_every_case_without_memory_probes(tmp_path):
     assert all(r["time_ms"] > 0 and r["peak_extra_mib"] is None for r in rows.values())
     assert report["ratios_vs_ideal"]["ours/fwd+bwd"]["time"] > 0
     assert report["ratios_vs_eager"]["ours/fwd"]["memory"] is None and report["ratios_vs_eager"]["ours/fwd"]["time"] > 0
+
+
+def test_kept_set_bench_runs_at_a_tiny_shape(tmp_path):
+    report = run_bench("bench.kept", "--n", "8", "--h", "16", "--vocabs", "300", "--kept", "1,20", "--repeats", "1",
+                       "--no-memory", tmp_path=tmp_path)
+    rows = {(r["K"], r["mode"]) for r in report["rows"]}
+    assert rows == {(k, m) for k in (300, 1, 20) for m in ("fwd", "fwd+bwd")}
+    assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 and r["head_gflop"] > 0 for r in report["rows"])

@@ -4,6 +4,7 @@ against `linear_logprobs` over the whole vocabulary, same hidden states and weig
     python -m bench.kept                      # CPU, one thread: N=256 H=1024, V in {32000, 151936}, |K| in {1, 20, 512}
     python -m bench.kept --n 64 --repeats 1   # seconds
     python -m bench.kept --no-memory          # times only (memory runs each case in a fresh process)
+    python -m bench.kept --sampler            # what recording kept sets costs vLLM's CPU sampler, per token
 
 Kept sets are drawn at random, distinct ids per token (no two tokens share a row on purpose: the worst case for the
 gather, which reads |K| rows of W per token). Modes: `fwd` (no grad: old / reference log-probs) and `fwd+bwd`
@@ -70,6 +71,54 @@ def timed(run, repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
+def sampler_cost(v: int, repeats: int, top_p: float, top_k: int) -> None:
+    """vLLM (in-process, CPU) on a random 2-layer Qwen2 with a V-token head: generation with and without the
+    kept-set recorder (`twofold.engine.sampler_vllm.KeptSetRecorder`), interleaved, same seeds; the recorder's own
+    time per recorded token, and the end-to-end difference per generated token."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from vllm import LLM, SamplingParams
+
+    from twofold.engine.sampler_vllm import KeptSetRecorder
+    from twofold.engine.tiny import build_char_tokenizer
+
+    directory = tempfile.mkdtemp(prefix="bench_kept_")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=v, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    build_char_tokenizer().save_pretrained(directory)
+    llm = LLM(model=directory, dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              logprobs_mode="processed_logprobs", kv_cache_memory_bytes=2**28)
+    recorder = KeptSetRecorder()
+    llm.collective_rpc(recorder.install)
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8]} for i in range(16)]
+    params = SamplingParams(n=4, temperature=1.0, top_p=top_p, top_k=top_k, max_tokens=64, ignore_eos=True,
+                            seed=1, logprobs=0, detokenize=False)
+    times = {False: [], True: []}
+    for _ in range(repeats + 1):
+        for active in (False, True):
+            recorder.active, recorder.cost_s, recorder.tokens = active, 0.0, 0
+            w, c = time.perf_counter(), time.process_time()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            times[active].append((time.perf_counter() - w, time.process_time() - c, recorder.cost_s,
+                                  recorder.tokens))
+            if active:
+                recorder.take(outs)
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    (w0, c0, _, _), (w1, c1, cost, recorded) = (
+        tuple(statistics.median(x[i] for x in times[a][1:]) for i in range(4)) for a in (False, True))
+    print(f"vLLM {v}-token head, {tokens} tokens per generate (16 prompts x 4 samples x 64), top_p {top_p} top_k "
+          f"{top_k}, {torch.get_num_threads()} thread(s), median of {repeats}:")
+    print(f"  generate without recording: wall {w0 * 1e3:.0f} ms, CPU {c0 * 1e3:.0f} ms")
+    print(f"  generate while recording:   wall {w1 * 1e3:.0f} ms, CPU {c1 * 1e3:.0f} ms")
+    print(f"  recorder: {cost / recorded * 1e6:.1f} us per recorded token ({recorded} rows); end to end "
+          f"{(w1 - w0) / tokens * 1e6:.1f} us wall per token")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=256)
@@ -80,6 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", help="write the rows as JSON")
+    p.add_argument("--sampler", action="store_true", help="measure the vLLM kept-set recorder instead")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--_memory-probe", nargs=5, metavar=("MODE", "N", "H", "V", "K"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -91,6 +143,10 @@ def main(argv=None):
         mode, n, h, v, k = args._memory_probe
         print(peak_extra_memory(runner(mode, int(n), int(h), int(v), None if k == "full" else int(k)),
                                 torch.device("cpu")))
+        return
+    if args.sampler:
+        for v in map(int, args.vocabs.split(",")):
+            sampler_cost(v, args.repeats, args.top_p, args.top_k)
         return
     watch = LoadWatch(args.threads)
     rows = []

@@ -97,7 +97,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     _check_inputs(hidden, weight, targets, temperature, ignore_index, check_targets)
     if kept is not None:
-        check_kept(kept, targets, weight.shape[0])
+        check_kept(kept, targets, weight.shape[0], check_targets)
     hidden, weight = fold_bias(hidden, weight, bias)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -54,9 +54,10 @@ def _kept_stats_kernel(h_ptr, w_ptr, kept_ptr, pos_ptr, m_ptr, s_ptr, a_ptr, zy_
                                            inv_t, BLOCK_K, BLOCK_H)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # a block of padding only, or nothing seen yet, must not form -inf - -inf
-        shift = tl.where(m > float("-inf"), m - m_new, 0.0)
+        seen = m > float("-inf")
+        shift = tl.where(seen, m, 0.0) - tl.where(seen, m_new, 0.0)
         scale = tl.exp(shift)
-        d = tl.where(valid, z, m_new) - m_new
+        d = tl.where(valid, z, 0.0) - tl.where(valid, m_new, 0.0)
         e = tl.where(valid, tl.exp(d), 0.0)
         a = scale * (a + s * shift) + tl.sum(e * d, axis=0)
         s = s * scale + tl.sum(e, axis=0)

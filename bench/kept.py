@@ -4,10 +4,13 @@ against `linear_logprobs` over the whole vocabulary, same hidden states and weig
     python -m bench.kept                      # CPU, one thread: N=256 H=1024, V in {32000, 151936}, |K| in {1, 20, 512}
     python -m bench.kept --n 64 --repeats 1   # seconds
     python -m bench.kept --no-memory          # times only (memory runs each case in a fresh process)
+    python -m bench.kept --pool 4             # kept sets drawn from a shared pool of 4 |K| ids (overlapping sets)
     python -m bench.kept --sampler            # what recording kept sets costs vLLM's CPU sampler, per token
 
-Kept sets are drawn at random, distinct ids per token (no two tokens share a row on purpose: the worst case for the
-gather, which reads |K| rows of W per token). Modes: `fwd` (no grad: old / reference log-probs) and `fwd+bwd`
+Kept sets are drawn at random: by default from the whole vocabulary, so tokens share few rows (the worst case:
+the PyTorch backend gathers |K| rows of W per token, a batched GEMV); with `--pool P` from a shared pool of P |K|
+ids, as tokens of responses to one prompt share their likely next tokens (the PyTorch backend then runs one GEMM
+per 256 tokens against the union of their rows, twofold/kernels/kept.py `_plan`). Modes: `fwd` (no grad: old / reference log-probs) and `fwd+bwd`
 (a random upstream gradient through autograd; dW is a dense [V, H] gradient in both). Head FLOPs: 2 N H V forward
 and 8 N H V forward+backward for the full head (the backward recomputes the logits), the same with |K| for V on
 kept sets. Times are the median of the repeats, wall and CPU (`time.process_time`) side by side, since the machine
@@ -31,17 +34,20 @@ KEPT = (1, 20, 512)
 MODES = ("fwd", "fwd+bwd")
 
 
-def make_inputs(n: int, h: int, v: int, k: int | None, seed: int = 0):
+def make_inputs(n: int, h: int, v: int, k: int | None, pool: int = 0, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g) / h**0.25
     weight = torch.randn(v, h, generator=g) / h**0.25
-    kept = None if k is None else torch.rand(n, v, generator=g).topk(k, 1).indices
+    kept = None
+    if k is not None:
+        ids = torch.randperm(v, generator=g)[:min(v, pool * k)] if pool else torch.arange(v)
+        kept = ids[torch.rand(n, len(ids), generator=g).topk(k, 1).indices]
     targets = torch.randint(0, v, (n,), generator=g) if kept is None else kept[:, 0].clone()
     return hidden, weight, targets, kept, torch.randn(n, generator=g)
 
 
-def runner(mode: str, n: int, h: int, v: int, k: int | None):
-    hidden, weight, targets, kept, upstream = make_inputs(n, h, v, k)
+def runner(mode: str, n: int, h: int, v: int, k: int | None, pool: int = 0):
+    hidden, weight, targets, kept, upstream = make_inputs(n, h, v, k, pool)
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -127,12 +133,13 @@ def parse_args(argv=None):
     p.add_argument("--kept", default=",".join(map(str, KEPT)), help="|K| values; the full head always runs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pool", type=int, default=0, help="draw each kept set from a shared pool of POOL x |K| ids")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", help="write the rows as JSON")
     p.add_argument("--sampler", action="store_true", help="measure the vLLM kept-set recorder instead")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--_memory-probe", nargs=5, metavar=("MODE", "N", "H", "V", "K"), help=argparse.SUPPRESS)
+    p.add_argument("--_memory-probe", nargs=6, metavar=("MODE", "N", "H", "V", "K", "POOL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -140,8 +147,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._memory_probe:
-        mode, n, h, v, k = args._memory_probe
-        print(peak_extra_memory(runner(mode, int(n), int(h), int(v), None if k == "full" else int(k)),
+        mode, n, h, v, k, pool = args._memory_probe
+        print(peak_extra_memory(runner(mode, int(n), int(h), int(v), None if k == "full" else int(k), int(pool)),
                                 torch.device("cpu")))
         return
     if args.sampler:
@@ -154,16 +161,17 @@ def main(argv=None):
         for k in [None, *map(int, args.kept.split(","))]:
             for mode in MODES:
                 print(f"[bench.kept] V={v} K={k or 'full'} {mode}", file=sys.stderr, flush=True)
-                wall, cpu = timed(runner(mode, args.n, args.h, v, k), args.repeats)
+                wall, cpu = timed(runner(mode, args.n, args.h, v, k, args.pool), args.repeats)
                 mem = None if args.no_memory else memory_in_subprocess(
-                    "bench.kept", [mode, str(args.n), str(args.h), str(v), str(k or "full"),
+                    "bench.kept", [mode, str(args.n), str(args.h), str(v), str(k or "full"), str(args.pool),
                                    f"--threads={args.threads}"])
                 rows.append({"V": v, "K": k or v, "head": "full" if k is None else "kept", "mode": mode,
                              "wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3,
                              "head_gflop": head_flops(mode, args.n, args.h, k or v) / 1e9,
                              "peak_extra_mib": None if mem is None else mem / 2**20})
     print(f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, {args.threads} thread(s), N={args.n} "
-          f"H={args.h} fp32, {args.repeats} repeats; " + "; ".join(watch.stop().lines()[:2]))
+          f"H={args.h} fp32, kept sets {f'from a pool of {args.pool} |K|' if args.pool else 'spread over V'}, "
+          f"{args.repeats} repeats; " + "; ".join(watch.stop().lines()[:2]))
     print(f"{'V':>7} {'|K|':>7} {'mode':<8} {'wall ms':>10} {'CPU ms':>10} {'head GFLOP':>11} {'extra MiB':>10} "
           f"{'wall vs full':>13}")
     full = {(r["V"], r["mode"]): r["wall_ms"] for r in rows if r["head"] == "full"}
@@ -174,7 +182,8 @@ def main(argv=None):
               f"{r['cpu_ms']:>10.1f} {r['head_gflop']:>11.3f} {mem:>10} {speed:>12.1f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"n": args.n, "h": args.h, "threads": args.threads, "rows": rows}, f, indent=1)
+            json.dump({"n": args.n, "h": args.h, "threads": args.threads, "pool": args.pool, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

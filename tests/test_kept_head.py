@@ -8,6 +8,32 @@ from twofold.kernels import linear_logprobs
 from twofold.kernels.fused import fused_linear_loss
 
 BACKENDS = ["torch", "triton"]
+# The PyTorch backend's two layouts (twofold/kernels/kept.py `_plan`), each forced, in small chunks (8 tokens, and
+# union logits of 64 elements) so that every test walks several chunks and sub-chunks of a union.
+LAYOUTS = {"union": 10**9, "gather": 0}
+
+
+def force_layout(monkeypatch, layout):
+    from twofold.kernels import kept
+    monkeypatch.setattr(kept, "UNION_GAIN", LAYOUTS[layout])
+    monkeypatch.setattr(kept, "UNION_ROWS", 8)
+    monkeypatch.setattr(kept, "UNION_ELEMENTS", 64)
+    monkeypatch.setattr(kept, "GATHER_ELEMENTS", 64 * 40)
+
+
+@pytest.fixture(params=["torch-union", "torch-gather", "triton"])
+def backend(request, monkeypatch):
+    """The backend name, with the PyTorch layout forced."""
+    name, _, layout = request.param.partition("-")
+    if layout:
+        force_layout(monkeypatch, layout)
+    return name
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request, monkeypatch):
+    force_layout(monkeypatch, request.param)
+    return request.param
 
 
 def kept_case(n=24, h=40, v=70, seed=0, sizes=None, ignore=(3,)):
@@ -49,7 +75,6 @@ def grads_of(fn, hidden, weight, seed=1):
     return logp.detach().double(), entropy.detach().double(), h.grad.double(), w.grad.double()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_float64_on_ragged_shared_singleton_and_full_vocabulary_sets(backend, temperature):
     hidden, weight, targets, kept = kept_case()
@@ -63,7 +88,7 @@ def test_matches_float64_on_ragged_shared_singleton_and_full_vocabulary_sets(bac
     assert single.sum() >= 3 and (got[0][single] == 0).all() and (got[1][single] == 0).all()  # p(target) = 1
 
 
-def test_float64_gradcheck():
+def test_float64_gradcheck(layout):
     hidden, weight, targets, kept = kept_case(n=7, h=5, v=9, sizes=[1, 9, 3, 2, 4, 6, 5], ignore=(2,))
     def f(h, w):
         logp, entropy = linear_logprobs(h, w, targets, kept=kept, temperature=0.8, return_entropy=True,
@@ -72,7 +97,6 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(f, (hidden.clone().requires_grad_(), weight.clone().requires_grad_()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_only_kept_rows_of_the_weight_get_a_gradient(backend):
     hidden, weight, targets, kept = kept_case(sizes=[2, 3, 1, 4] * 6)
     _, _, _, dw = grads_of(lambda h, w: linear_logprobs(h, w, targets, kept=kept, return_entropy=True,
@@ -94,7 +118,6 @@ def test_kept_equal_to_the_vocabulary_is_the_full_head():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("entropy_coef", [None, 0.1])
 def test_fused_loss_on_kept_sets_matches_autograd_of_the_reference(backend, entropy_coef):
     hidden, weight, targets, kept = kept_case(seed=3)
@@ -152,3 +175,15 @@ def test_bad_kept_sets_are_named(bad, message):
     hidden, weight, targets, kept = kept_case(ignore=())
     with pytest.raises(ValueError, match=message):
         linear_logprobs(hidden, weight, targets, kept=bad(kept, targets))
+
+
+def test_plan_pools_shared_ids_into_one_gemm_and_gathers_spread_ones():
+    from twofold.kernels.kept import _plan
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(0, 30, (300, 5), generator=g)  # 30 ids in all: union of 30 < 16 x 5
+    spread = torch.rand(300, 10000, generator=g).topk(5, 1).indices  # ~1500 distinct ids per 256 tokens
+    assert all(union is not None for _, _, union in _plan(shared, 64))
+    assert all(union is None for _, _, union in _plan(spread, 64))
+    for kept in (shared, spread):  # the chunks tile the tokens
+        plan = _plan(kept, 64)
+        assert [s for s, _, _ in plan] == [0] + [e for _, e, _ in plan[:-1]] and plan[-1][1] == 300

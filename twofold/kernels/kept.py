@@ -17,8 +17,9 @@ the target must be in its row, and no id may repeat within a row. The exact torc
 
 Backends share two functions on compacted (valid) tokens, `stats` (forward: logp, entropy, lse) and `grads`
 (backward from the saved lse: dX, dW), so `linear_logprobs(..., kept=)` and `fused_linear_loss(..., kept=)` run the
-same math: the PyTorch one here (chunks of tokens, one batched GEMV per chunk; the GEMMs in `gemm_dtype`) and the
-Triton one in `twofold/kernels/triton_kept.py`.
+same math: the PyTorch one here (chunks of tokens, each either one GEMM against the union of its tokens' rows or
+a batched GEMV over each token's own rows, whichever is cheaper: `_plan`; the GEMMs in `gemm_dtype`) and the
+Triton one in `twofold/kernels/triton_kept.py` (per-token gathers).
 """
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ import torch
 
 from twofold.kernels.chunked import compute_dtype, gemm_dtype, gemm_input, no_autocast
 
-# Elements of the gathered [rows, K_max, H] weight block per chunk (16 MiB of fp32): bounds the temporaries
-# whatever K_max is (K = V included), as the full head's tile does.
+# Elements of the gathered [rows, K_max, H] weight block per chunk (16 MiB of fp32), and of a union chunk's
+# [rows, |U|] logits: bound the temporaries whatever K_max is, as the full head's tile does.
 GATHER_ELEMENTS = 2**22
+UNION_ELEMENTS = 2**22
+# Tokens whose ids are pooled into one union, and how much larger than K_max that union may be and still win: a
+# GEMM ran at 30-80x the FLOP rate of the per-token gathers on one CPU core (bench/README.md, "Kept-set head").
+UNION_ROWS = 256
+UNION_GAIN = 16
 
 
 def kept_positions(kept: torch.Tensor, targets: torch.Tensor, ignore_index: int, check: bool) -> torch.Tensor:
@@ -72,15 +78,53 @@ def _rows_per_chunk(k_max: int, dim: int) -> int:
     return max(1, GATHER_ELEMENTS // max(1, k_max * dim))
 
 
+def _plan(kept: torch.Tensor, dim: int) -> list[tuple[int, int, tuple | None]]:
+    """Chunks (start, end, union) of tokens in the cheaper of two layouts. Union: one GEMM against the rows of the
+    union U of the chunk's ids, each token's columns then gathered from the [rows, |U|] logits; taken when
+    |U| < UNION_GAIN * K_max, since a GEMM runs at many times the FLOP rate of per-token gathers (bench/README.md,
+    "Kept-set head"). Gather (union None): each token's own rows, [rows, K_max, H] within GATHER_ELEMENTS."""
+    plan = []
+    n, k_max = kept.shape
+    for s in range(0, n, UNION_ROWS):
+        e = min(s + UNION_ROWS, n)
+        union, inverse = torch.unique(kept[s:e].clamp(min=0), return_inverse=True)
+        if union.numel() < UNION_GAIN * k_max:
+            step = max(1, UNION_ELEMENTS // union.numel())
+            plan.extend((a, min(a + step, e), (union, inverse[a - s:a - s + step])) for a in range(s, e, step))
+        else:
+            step = _rows_per_chunk(k_max, dim)
+            plan.extend((a, min(a + step, e), None) for a in range(s, e, step))
+    return plan
+
+
 def _kept_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                 temperature: float):
-    """([rows, K] tempered logits in the accumulation dtype, -inf at padding; the gathered [rows, K, H] weight rows
-    in `gemm_dtype`). Only the gathered rows are cast, never the whole weight."""
+                 temperature: float, union: tuple | None):
+    """([rows, K] tempered logits in the accumulation dtype, -inf at padding; the gathered weight rows in
+    `gemm_dtype`: [|U|, H] (union layout) or [rows, K, H]). Only gathered rows are cast, never the whole weight."""
     acc = compute_dtype(hidden.dtype)
-    wg = weight.index_select(0, ids.clamp(min=0).reshape(-1)).view(*ids.shape, weight.shape[1])
-    wg = wg.to(gemm_dtype(weight.dtype, weight.device))
-    z = torch.bmm(wg, gemm_input(hidden, temperature, wg, acc)[:, :, None]).squeeze(2).to(acc)
+    gemm = gemm_dtype(weight.dtype, weight.device)
+    if union is None:
+        wg = weight.index_select(0, ids.clamp(min=0).reshape(-1)).view(*ids.shape, weight.shape[1]).to(gemm)
+        z = torch.bmm(wg, gemm_input(hidden, temperature, wg, acc)[:, :, None]).squeeze(2).to(acc)
+    else:
+        wg = weight.index_select(0, union[0]).to(gemm)
+        z = (gemm_input(hidden, temperature, wg, acc) @ wg.t()).to(acc).gather(1, union[1])
     return z.masked_fill_(~valid, float("-inf")), wg
+
+
+def _backprop(dz, hidden, ids, valid, wg, union, grad_w):
+    """dX of the chunk's tokens from dz [rows, K] (0 at padding), and dW += dz^T h at the kept rows only."""
+    acc = dz.dtype
+    if union is not None:
+        dzu = torch.zeros(dz.shape[0], wg.shape[0], dtype=acc, device=dz.device).scatter_add_(1, union[1], dz)
+        if grad_w is not None:
+            grad_w.index_add_(0, union[0], (dzu.t().to(wg.dtype) @ hidden.to(wg.dtype)).to(acc))
+        return (dzu.to(wg.dtype) @ wg).to(acc)
+    if grad_w is not None:
+        flat = valid.reshape(-1).nonzero().squeeze(1)  # padding adds nothing
+        contrib = (dz[:, :, None] * hidden[:, None, :].to(acc)).reshape(-1, hidden.shape[1])
+        grad_w.index_add_(0, ids.reshape(-1).index_select(0, flat), contrib.index_select(0, flat))
+    return torch.bmm(dz[:, None, :].to(wg.dtype), wg).squeeze(1).to(acc)
 
 
 def _log_softmax_stats(z: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, want_entropy: bool):
@@ -97,12 +141,10 @@ def torch_stats(hidden, weight, kept, pos, temperature, want_entropy):
     acc = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     logp, lse, entropy = (hidden.new_zeros(n, dtype=acc) for _ in range(3))
-    rows = _rows_per_chunk(kept.shape[1], hidden.shape[1])
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
+    for s, e, union in _plan(kept, hidden.shape[1]):
         ids = kept[s:e]
         valid = ids >= 0
-        z, _ = _kept_logits(hidden[s:e], weight, ids, valid, temperature)
+        z, _ = _kept_logits(hidden[s:e], weight, ids, valid, temperature, union)
         _, logp[s:e], ent, lse[s:e] = _log_softmax_stats(z, valid, pos[s:e], want_entropy)
         if ent is not None:
             entropy[s:e] = ent
@@ -117,12 +159,10 @@ def torch_grads(hidden, weight, kept, pos, lse, entropy, g, g_entropy, temperatu
     (n, dim), vocab = hidden.shape, weight.shape[0]
     grad_h = torch.zeros(n, dim, dtype=acc, device=hidden.device) if need_h else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=weight.device) if need_w else None
-    rows = _rows_per_chunk(kept.shape[1], dim)
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
+    for s, e, union in _plan(kept, dim):
         ids = kept[s:e]
         valid = ids >= 0
-        z, wg = _kept_logits(hidden[s:e], weight, ids, valid, temperature)
+        z, wg = _kept_logits(hidden[s:e], weight, ids, valid, temperature, union)
         log_p = (z - lse[s:e, None]).masked_fill_(~valid, 0.0)
         coef = g[s:e, None].expand_as(log_p)
         if g_entropy is not None:
@@ -130,12 +170,9 @@ def torch_grads(hidden, weight, kept, pos, lse, entropy, g, g_entropy, temperatu
         dz = -(log_p.exp().masked_fill_(~valid, 0.0) * coef)
         dz.scatter_add_(1, pos[s:e, None], g[s:e, None].to(dz.dtype))
         dz /= temperature
+        dh = _backprop(dz, hidden[s:e], ids, valid, wg, union, grad_w)
         if need_h:
-            grad_h[s:e] = torch.bmm(dz[:, None, :].to(wg.dtype), wg).squeeze(1).to(acc)
-        if need_w:
-            flat = valid.reshape(-1).nonzero().squeeze(1)  # padding adds nothing: only the kept rows are touched
-            contrib = (dz[:, :, None] * hidden[s:e, None, :].to(acc)).reshape(-1, dim)
-            grad_w.index_add_(0, ids.reshape(-1).index_select(0, flat), contrib.index_select(0, flat))
+            grad_h[s:e] = dh
     return grad_h, grad_w
 
 

@@ -77,7 +77,7 @@ def timed(run, repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def sampler_cost(v: int, repeats: int, top_p: float, top_k: int) -> None:
+def sampler_cost(v: int, repeats: int, top_p: float, top_k: int, gen: tuple[int, int, int]) -> None:
     """vLLM (in-process, CPU) on a random 2-layer Qwen2 with a V-token head: generation with and without the
     kept-set recorder (`twofold.engine.sampler_vllm.KeptSetRecorder`), interleaved, same seeds; the recorder's own
     time per recorded token, and the end-to-end difference per generated token."""
@@ -101,9 +101,10 @@ def sampler_cost(v: int, repeats: int, top_p: float, top_k: int) -> None:
               logprobs_mode="processed_logprobs", kv_cache_memory_bytes=2**28)
     recorder = KeptSetRecorder()
     llm.collective_rpc(recorder.install)
-    prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8]} for i in range(16)]
-    params = SamplingParams(n=4, temperature=1.0, top_p=top_p, top_k=top_k, max_tokens=64, ignore_eos=True,
-                            seed=1, logprobs=0, detokenize=False)
+    num_prompts, n, max_tokens = gen
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8]} for i in range(num_prompts)]
+    params = SamplingParams(n=n, temperature=1.0, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                            ignore_eos=True, seed=1, logprobs=0, detokenize=False)
     times = {False: [], True: []}
     for _ in range(repeats + 1):
         for active in (False, True):
@@ -113,16 +114,17 @@ def sampler_cost(v: int, repeats: int, top_p: float, top_k: int) -> None:
             times[active].append((time.perf_counter() - w, time.process_time() - c, recorder.cost_s,
                                   recorder.tokens))
             if active:
-                recorder.take(outs)
+                recorded_ids = sum(int(k.counts.sum()) for k in recorder.take(outs).values())
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     (w0, c0, _, _), (w1, c1, cost, recorded) = (
         tuple(statistics.median(x[i] for x in times[a][1:]) for i in range(4)) for a in (False, True))
-    print(f"vLLM {v}-token head, {tokens} tokens per generate (16 prompts x 4 samples x 64), top_p {top_p} top_k "
-          f"{top_k}, {torch.get_num_threads()} thread(s), median of {repeats}:")
+    print(f"vLLM {v}-token head, {tokens} tokens per generate ({num_prompts} prompts x {n} samples x {max_tokens}), "
+          f"top_p {top_p} top_k {top_k}, {torch.get_num_threads()} thread(s), median of {repeats}; mean |K| "
+          f"{recorded_ids / max(recorded, 1):.0f}:")
     print(f"  generate without recording: wall {w0 * 1e3:.0f} ms, CPU {c0 * 1e3:.0f} ms")
     print(f"  generate while recording:   wall {w1 * 1e3:.0f} ms, CPU {c1 * 1e3:.0f} ms")
-    print(f"  recorder: {cost / recorded * 1e6:.1f} us per recorded token ({recorded} rows); end to end "
-          f"{(w1 - w0) / tokens * 1e6:.1f} us wall per token")
+    print(f"  recorder: {cost / recorded * 1e6:.1f} us CPU per recorded token ({recorded} rows); end to end "
+          f"{(w1 - w0) / tokens * 1e6:.1f} us wall, {(c1 - c0) / tokens * 1e6:.1f} us CPU per token")
 
 
 def parse_args(argv=None):
@@ -139,6 +141,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", action="store_true", help="measure the vLLM kept-set recorder instead")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--gen", default="16,4,64", help="--sampler: prompts, samples per prompt, tokens per sample")
     p.add_argument("--_memory-probe", nargs=6, metavar=("MODE", "N", "H", "V", "K", "POOL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -153,7 +156,7 @@ def main(argv=None):
         return
     if args.sampler:
         for v in map(int, args.vocabs.split(",")):
-            sampler_cost(v, args.repeats, args.top_p, args.top_k)
+            sampler_cost(v, args.repeats, args.top_p, args.top_k, tuple(map(int, args.gen.split(","))))
         return
     watch = LoadWatch(args.threads)
     rows = []

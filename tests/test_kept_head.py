@@ -180,8 +180,8 @@ def test_bad_kept_sets_are_named(bad, message):
 def test_plan_pools_shared_ids_into_one_gemm_and_gathers_spread_ones():
     from twofold.kernels.kept import _plan
     g = torch.Generator().manual_seed(0)
-    shared = torch.randint(0, 30, (300, 5), generator=g)  # 30 ids in all: union of 30 < 16 x 5
-    spread = torch.rand(300, 10000, generator=g).topk(5, 1).indices  # ~1500 distinct ids per 256 tokens
+    shared = torch.randint(0, 30, (300, 5), generator=g)  # 30 ids in all: a union of 30 < 16 x 5
+    spread = torch.rand(300, 10000, generator=g).topk(5, 1).indices  # ~1200 distinct ids per 256 tokens
     assert all(union is not None for _, _, union in _plan(shared, 64))
     assert all(union is None for _, _, union in _plan(spread, 64))
     for kept in (shared, spread):  # the chunks tile the tokens

@@ -31,10 +31,14 @@ from twofold.kernels.chunked import compute_dtype, gemm_dtype, gemm_input, no_au
 # [rows, |U|] logits: bound the temporaries whatever K_max is, as the full head's tile does.
 GATHER_ELEMENTS = 2**22
 UNION_ELEMENTS = 2**22
-# Tokens whose ids are pooled into one union, and how much larger than K_max that union may be and still win: a
-# GEMM ran at 30-80x the FLOP rate of the per-token gathers on one CPU core (bench/README.md, "Kept-set head").
+# Tokens whose ids are pooled into one union, and how much larger than K_max that union may be and still win. On
+# one CPU core the head's GEMM ran at ~80 GFLOP/s and the per-token gathers at ~1, but a union also copies its
+# rows of W and gathers from [rows, |U|] logits: with 64 in place of 16, 256 tokens of 512 ids spread over
+# V = 32,000 (|U| ~ 31,500) took the union and ran 2x slower than their gathers (bench/README.md, "Kept-set
+# head"). A union's gathered weight rows stay within UNION_WEIGHT_ELEMENTS (128 MiB of fp32).
 UNION_ROWS = 256
 UNION_GAIN = 16
+UNION_WEIGHT_ELEMENTS = 2**25
 
 
 def kept_positions(kept: torch.Tensor, targets: torch.Tensor, ignore_index: int, check: bool) -> torch.Tensor:
@@ -88,7 +92,7 @@ def _plan(kept: torch.Tensor, dim: int) -> list[tuple[int, int, tuple | None]]:
     for s in range(0, n, UNION_ROWS):
         e = min(s + UNION_ROWS, n)
         union, inverse = torch.unique(kept[s:e].clamp(min=0), return_inverse=True)
-        if union.numel() < UNION_GAIN * k_max:
+        if union.numel() < UNION_GAIN * k_max and union.numel() * dim <= UNION_WEIGHT_ELEMENTS:
             step = max(1, UNION_ELEMENTS // union.numel())
             plan.extend((a, min(a + step, e), (union, inverse[a - s:a - s + step])) for a in range(s, e, step))
         else:

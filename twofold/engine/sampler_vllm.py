@@ -151,7 +151,7 @@ class KeptSetRecorder:
         if processed is None:
             raise RuntimeError("kept sets need vLLM's processed log-probs: request logprobs with kept=True")
         batch = runner.input_batch
-        mask = torch.isfinite(processed)
+        mask = processed > float("-inf")  # log-probs: finite or -inf (one pass; isfinite is two)
         ids = mask.nonzero()[:, 1].to(torch.int32).split(mask.sum(1).tolist())
         for i, (req, token, row) in enumerate(zip(batch.req_ids, sampled.tolist(), ids)):
             self.rows.setdefault(req, {})[len(batch.req_output_token_ids[i])] = (token, row)

@@ -79,7 +79,7 @@ def timed(run, repeats: int) -> tuple[float, float]:
 
 def sampler_cost(v: int, repeats: int, top_p: float, top_k: int, gen: tuple[int, int, int]) -> None:
     """vLLM (in-process, CPU) on a random 2-layer Qwen2 with a V-token head: generation with and without the
-    kept-set recorder (`twofold.engine.sampler_vllm.KeptSetRecorder`), interleaved, same seeds; the recorder's own
+    kept-set recorder (`twofold.engine.rollout.sampler_vllm.KeptSetRecorder`), interleaved, same seeds; the recorder's own
     time per recorded token, and the end-to-end difference per generated token."""
     import os
     import tempfile
@@ -88,8 +88,8 @@ def sampler_cost(v: int, repeats: int, top_p: float, top_k: int, gen: tuple[int,
     from transformers import AutoModelForCausalLM, Qwen2Config
     from vllm import LLM, SamplingParams
 
-    from twofold.engine.sampler_vllm import KeptSetRecorder
-    from twofold.engine.tiny import build_char_tokenizer
+    from twofold.engine.rollout.sampler_vllm import KeptSetRecorder
+    from twofold.engine.train.tiny import build_char_tokenizer
 
     directory = tempfile.mkdtemp(prefix="bench_kept_")
     torch.manual_seed(0)

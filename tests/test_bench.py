@@ -63,3 +63,18 @@ def test_kept_set_bench_runs_at_a_tiny_shape(tmp_path):
     rows = {(r["K"], r["mode"]) for r in report["rows"]}
     assert rows == {(k, m) for k in (300, 1, 20) for m in ("fwd", "fwd+bwd")}
     assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 and r["head_gflop"] > 0 for r in report["rows"])
+
+
+def test_bench_gemm_rate_reports_both_dtypes_and_both_policies(capsys, monkeypatch):
+    """The head's three tile GEMMs in fp32 and bf16, and the bf16 head under each forced policy against eager."""
+    from bench.gemm_rate import head_times, main
+    from twofold.kernels import chunked
+
+    monkeypatch.setenv(chunked.GEMM_PRECISION_ENV, "auto")
+    main(["--h", "32", "--repeats", "1", "--head", "16", "32", "64"])
+    out = capsys.readouterr().out
+    assert "the head takes" in out and all(f" {g} " in out for g in ("logits", "dX", "dW"))
+    assert "ours native" in out and "ours fp32-upcast" in out and "eager bf16" in out
+    times = head_times(16, 32, 64, repeats=1)
+    assert len(times) == 6 and all(cpu > 0 and wall > 0 for cpu, wall in times.values())
+    assert chunked.gemm_precision() == "auto"  # the policies it forced do not leak out

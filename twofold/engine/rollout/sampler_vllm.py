@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from twofold.engine.sampler import (Bucket, FinishReason, GenerationParams, KeptSets, Sample, Sampler,
-                                    SamplerConfig, workload_kv_blocks)
+from twofold.engine.rollout.sampler import (Bucket, FinishReason, GenerationParams, KeptSets, Sample, Sampler,
+                                            SamplerConfig, workload_kv_blocks)
 
 # In-process engine core (no spawned process): must be set before vLLM reads its environment.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -109,7 +109,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     with torch.no_grad(), no_autocast(h2.device):  # gradients are formed here by hand; autograd sees _AttachGrads
         if kept is not None:
             def step(logp, index, entropy):
-                return _token_step(fn, logp, per_token, shared, index, entropy)
+                return token_step(fn, logp, per_token, shared, index, entropy)
             value, logp, entropy, grad_h, grad_w = kept_fused_pass(
                 h2, weight, args[2], kept.reshape(-1, kept.shape[-1]), step, float(temperature), ignore_index,
                 entropy_mode, needs, backend)

@@ -232,10 +232,10 @@ def kept_linear_logprobs(hidden, weight, targets, kept, *, ignore_index, tempera
     return tuple(torch.zeros(n, dtype=t.dtype, device=t.device).index_copy(0, valid, t) for t in out)
 
 
-def kept_fused_pass(hidden, weight, targets, kept, token_step, temperature, ignore_index, entropy_mode, needs,
+def kept_fused_pass(hidden, weight, targets, kept, step, temperature, ignore_index, entropy_mode, needs,
                     backend):
     """The fused loss on kept sets: (loss, logp, entropy, grad_hidden, grad_weight) as `_torch_fused_pass`.
-    `token_step(logp, index, entropy)` is the objective's elementwise step on the valid tokens `index`. The head
+    `step(logp, index, entropy)` is the objective's elementwise step on the valid tokens `index`. The head
     is small here (|K| rows per token), so it runs as stats over every valid token, the step, then grads."""
     n, dim = hidden.shape
     acc = compute_dtype(hidden.dtype)
@@ -244,7 +244,7 @@ def kept_fused_pass(hidden, weight, targets, kept, token_step, temperature, igno
     h, k = hidden.index_select(0, valid), kept.index_select(0, valid).long()
     pos = kept_positions(k, targets.index_select(0, valid), ignore_index, False)
     logp, entropy, lse = stats(h, weight, k, pos, temperature, bool(entropy_mode))
-    loss, g, g_entropy = token_step(logp, valid, entropy if entropy_mode == 2 else None)
+    loss, g, g_entropy = step(logp, valid, entropy if entropy_mode == 2 else None)
     dh, dw = grads(h, weight, k, pos, lse, entropy, g.to(acc), None if g_entropy is None else g_entropy.to(acc),
                    temperature, needs[0], needs[1])
     grad_h = (torch.zeros_like(hidden).index_copy_(0, valid, dh.to(hidden.dtype)) if needs[0]

@@ -27,6 +27,7 @@ from twofold.engine.train.distributed import init_distributed, shutdown_distribu
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.token_rm import TokenRewardModel
 from twofold.engine.data.tokenizer import load_tokenizer
+from twofold.engine.train.trainer import plan_rank
 from twofold.objectives import oreal_token_weights
 from twofold.objectives.layout import flatten
 
@@ -75,7 +76,8 @@ def probe(model: str, lr: float, own_token: bool, steps: int, train: list[Sequen
         rows, rng = [], random.Random(0)
         for step in range(1, steps + 1):
             pairs = rng.sample(range(len(train) // 2), 16)  # 16 prompts, their right and wrong trace
-            metrics = rm.update([train[2 * i + k] for i in pairs for k in (0, 1)])
+            batch = [train[2 * i + k] for i in pairs for k in (0, 1)]
+            metrics = rm.update(plan_rank(batch, rm.budget, env, rm.pad_token_id), len(batch))
             if step in checkpoints:
                 rows.append({"updates": step, "train_bce": metrics["token_rm/loss"],
                              **held_out_scores(rm, test)})

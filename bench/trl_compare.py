@@ -4,7 +4,7 @@
     python -m bench.trl_compare --quick               # 1 pair of 5 steps, SFT start of 100 steps: a smoke run
     python -m bench.trl_compare --pairs 2 --steps 20 --sft runs/demo/sft/hf --out bench/results/trl.json
 
-**The task**, as the CPU demo (`python -m twofold.engine.run.demo`, README): two-digit + one-digit addition answered in
+**The task**, as the CPU demo (`python -m twofold.engine.run.demo`, docs/training.md): two-digit + one-digit addition answered in
 `\\boxed{}`, data generated in-process (`engine.tasks.write_addition_data`, the demo's sizes and seed). **The
 start**: one SFT checkpoint shared by every run, trained with `configs/demo_sft.yaml` (`--sft-steps`, default the
 demo's 1200; the tiny-qwen2-vllm preset, character tokenizer, nothing downloaded), or `--sft DIR`. **Each run**:

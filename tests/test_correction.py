@@ -10,14 +10,14 @@ import random
 import pytest
 import torch
 
-from twofold.engine.run.config import ONLINE_OBJECTIVES, ModelConfig, OptimConfig, correction_mode, load_config
+from twofold.engine.run.config import ModelConfig, OptimConfig, correction_mode, load_config
 from twofold.engine.rollout.correction import (CORRECTION_MASK, CORRECTIONS, DEFAULT_BOUNDS, IS_WEIGHT, MASKS, WEIGHTS,
                                        correct_sequences, correction_weights, log_ratios, mismatch_metrics)
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.model import build_policy
 from twofold.engine.train.packing import IGNORE_INDEX, Sequence, collate
 from twofold.engine.train.trainer import Trainer, batch_totals, drop_corrected, sequence_logprobs
-from twofold.objectives import OBJECTIVES
+from twofold.objectives import OBJECTIVES, names
 
 INF = math.inf
 
@@ -107,7 +107,7 @@ def test_every_mode_equals_the_peer_setting_it_ports(port):
 
 def test_every_mode_has_bounds_and_every_online_objective_takes_the_weight():
     assert set(DEFAULT_BOUNDS) == set(CORRECTIONS) - {"none"} == set(WEIGHTS) | set(MASKS)
-    for name in ONLINE_OBJECTIVES:
+    for name in names("online"):
         assert IS_WEIGHT in inspect.signature(OBJECTIVES[name]).parameters, name
 
 

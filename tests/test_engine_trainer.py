@@ -4,6 +4,7 @@ import functools
 import pytest
 import torch
 
+from twofold.engine.rollout.correction import CORRECTION_MASK
 from twofold.engine.run.config import ModelConfig, OptimConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.model import build_policy
@@ -93,6 +94,33 @@ def test_accumulated_gradient_equals_the_one_microbatch_gradient(env, objective,
     assert one == 1 and many >= 2
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _prepared_grads(trainer, batch):
+    """The gradient of one update as `Trainer.step` forms it from a packed mini-batch (pack, prepare, statistics)."""
+    packed = trainer.pack(batch)
+    totals = dict(trainer.prepare(packed)) | trainer.batch_statistics(packed.micro)
+    for mb in packed.micro:
+        trainer.micro_step(mb, totals)
+    grads = {n: p.grad.full_tensor().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return packed, grads
+
+
+@pytest.mark.parametrize("budget", [512, 60])
+def test_a_sequence_a_correction_drops_entirely_leaves_the_packed_mini_batch(env, budget):
+    """Its tokens and its fields leave the micro-batch it was packed in (no second plan): JEPO's groups, bounds and
+    normalisers then see the batch without it, as if it had never been sampled."""
+    batch = _jepo_batch()
+    for i, seq in enumerate(batch):
+        seq.token_fields[CORRECTION_MASK] = [0.0 if i == 2 else 1.0] * seq.response_len
+    trainer = _trainer(env, budget=budget, objective="jepo", beta_sup=0.5)
+    packed, dropped = _prepared_grads(trainer, batch)
+    assert 2 not in [i for mb in packed.micro for i in mb.sequence_ids] and packed.lengths[2] == 0
+    assert packed.totals["num_seqs"] == len(batch) - 1
+    _, without = _prepared_grads(trainer, batch[:2] + batch[3:])
+    for name in without:
+        torch.testing.assert_close(dropped[name], without[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_non_finite_loss_skips_the_step_and_leaves_weights_and_optimizer_untouched(env):

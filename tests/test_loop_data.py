@@ -8,6 +8,7 @@ from twofold.engine.run.config import load_config
 from twofold.engine.data.loading import Fields, load_sequences
 from twofold.engine.data.tasks import load_problems, sloppy_answer, write_addition_data
 from twofold.engine.train.tiny import build_char_tokenizer
+from twofold.objectives import names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def test_recipes_load(recipe, tmp_path):
     assert loaded.objective.name
 
 
-@pytest.mark.parametrize("objective", ["nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal"])
+@pytest.mark.parametrize("objective", names("online"))
 def test_a_rollout_with_no_informative_group_builds_an_empty_batch(objective):
     """Dynamic sampling can drop every group (all samples right, or all wrong): the batch is empty, not an error."""
     from twofold.engine.run.config import RolloutConfig

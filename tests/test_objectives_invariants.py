@@ -506,7 +506,7 @@ def _entropy_cases(b):
     }
 
 
-@pytest.mark.parametrize("name", ["grpo", "dapo", "drgrpo", "gspo", "cispo", "nft", "rft", "oreal", "jepo"])
+@pytest.mark.parametrize("name", O.names("online"))
 def test_entropy_bonus_is_minus_coef_times_the_losss_own_aggregate_of_the_entropy(batch, name):
     """Every online objective: L(coef) = L(0) - coef sum_t w_t H_t with its own aggregation weight w_t; the
     log-prob gradient is unchanged and dL/dH_t = -coef w_t."""

@@ -18,12 +18,12 @@ import torch.multiprocessing as mp
 
 from twofold.engine.train.distributed import DistEnv
 from twofold.engine.train.packing import Sequence, collate
-from twofold.engine.train.trainer import WHOLE_GROUPS, batch_totals, objective_args, sum_statistics
-from twofold.objectives import BATCH_STATISTICS, OBJECTIVES, group_advantages
+from twofold.engine.train.trainer import batch_totals, objective_args, sum_statistics
+from twofold.objectives import SPECS, group_advantages, names
 
 DT = torch.float64
-ONLINE = ("rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "nft", "oreal", "jepo")
-PAIRS = ("redi", "dpo", "simpo")
+ONLINE = names("online")
+PAIRS = tuple(n for n, s in SPECS.items() if s.packing_unit == "pair")
 KWARGS = {"drgrpo": {"constant": 8.0}, "grpo": {"beta": 0.04}, "oreal": {"beta": 0.01}, "jepo": {"beta": 0.1},
           "dpo": {"beta": 0.1}, "gspo": {"eps_low": 0.05, "eps_high": 0.08}}
 
@@ -44,34 +44,33 @@ def make_batch(name: str, groups: int = 4, size: int = 3, seed: int = 0) -> list
         batch.append(seq)
     ids = torch.tensor([s.fields["group_ids"] for s in batch])
     rewards = torch.tensor([s.fields["rewards"] for s in batch], dtype=DT)
-    rloo = group_advantages(2 * rewards - 1, ids, "rloo")
-    grpo = group_advantages(rewards, ids, "grpo")
+    spec = SPECS[name]
+    if spec.advantage is not None:  # of the +-1 rewards for a contrast pair, else of the 0/1 ones
+        scores = 2 * rewards - 1 if spec.sequences == "contrast_pair" else rewards
+        advantages = group_advantages(scores, ids, spec.advantage)
     rate = {gid: float(rewards[ids == gid].mean()) for gid in ids.tolist()}
     for i, seq in enumerate(batch):
         fields = seq.fields
         if name in PAIRS:
             seq.fields = {"pair_id": i // 2, "chosen": int(i % 2 == 0), "ref_logp_sum": -2.0 * seq.response_len}
-        elif name == "jepo":
+        elif spec.sequences == "gold_answer":
             bad = i in (1, 2 * size)  # one badly formatted sample in two groups
             answer = 2
             seq.fields = {"group_ids": fields["group_ids"], "valid": float(not bad),
                           "format_rewards": -10.0 if bad else 0.0}
             seq.token_fields |= {"cot_mask": [1.0] * (seq.response_len - answer) + [0.0] * answer,
                                  "answer_mask": [0.0] * (seq.response_len - answer) + [1.0] * answer}
-        elif name in ("nft", "rft"):
+        elif spec.sequences == "rewards":
             fields["correct_rate"] = rate[fields["group_ids"]]
-        else:
-            fields["advantages"] = float((rloo if name == "oreal" else grpo)[i])
+        elif spec.advantage is not None:
+            fields["advantages"] = float(advantages[i])
     return batch
 
 
 def units(name: str, batch: list[Sequence]) -> list[int]:
-    """What must stay in one micro-batch: a pair, a JEPO group, else a sequence."""
-    if name in PAIRS:
-        return [s.fields["pair_id"] for s in batch]
-    if name in WHOLE_GROUPS:
-        return [s.fields["group_ids"] for s in batch]
-    return list(range(len(batch)))
+    """What must stay in one micro-batch (`ObjectiveSpec.packing_unit`): a pair, a group, else a sequence."""
+    field = SPECS[name].unit_field
+    return list(range(len(batch))) if field is None else [s.fields[field] for s in batch]
 
 
 def split(name: str, batch: list[Sequence], parts: int) -> list[list[int]]:
@@ -103,11 +102,11 @@ def leaves(batch: list[Sequence]) -> torch.Tensor:
 
 def local_gradient(name: str, batch: list[Sequence], plan: list[list[int]], env: DistEnv) -> torch.Tensor:
     """This rank's accumulated gradient over its micro-batches `plan`, as the trainer forms it."""
-    fn = OBJECTIVES[name]
+    fn = SPECS[name].loss
     kwargs = KWARGS.get(name, {}) | ({"entropy_coef": 0.01} if name in ONLINE else {})
     leaf = leaves(batch)
     totals = batch_totals(batch)
-    stats_fn = BATCH_STATISTICS.get(name)
+    stats_fn = SPECS[name].statistics
     if stats_fn is not None:
         parts = [stats_fn(**objective_args(stats_fn, name, logp.detach(), mb, {}, False, kwargs, strict=False))
                  for mb, logp, _ in (token_view(batch, p, leaf) for p in plan)]
@@ -124,7 +123,7 @@ def one_rank(name: str, parts: int) -> torch.Tensor:
     return local_gradient(name, batch, split(name, batch, parts), DistEnv(0, 1, torch.device("cpu")))
 
 
-NAMES = sorted(OBJECTIVES)
+NAMES = sorted(SPECS)
 
 
 @pytest.mark.parametrize("name", NAMES)

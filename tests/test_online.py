@@ -24,11 +24,13 @@ from twofold.engine.rollout.sampler import SamplerConfig
 from twofold.engine.run.tracking import read_metrics
 from twofold.engine.run.train import run
 from twofold.engine.verifier import VerifierPool
+from twofold.objectives import SPECS, names
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER = dict(dtype="float32", max_model_len=48, kv_cache_gib=1 / 32, sync_bucket_mb=8)
-ONLINE = ["nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal", "jepo"]
-OFFLINE = {"sft": "rows", "redi": "pairs", "dpo": "pairs", "simpo": "pairs"}
+ONLINE = list(names("online"))
+# offline-only objectives (RFT runs online above) -> the rows they read
+OFFLINE = {n: "pairs" if SPECS[n].packing_unit == "pair" else "rows" for n in names("offline") if n not in ONLINE}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -120,7 +122,7 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     history = run(config, sampler=sampler, pool=pool)
     (step,) = history
     assert step["skipped"] == 0 and step["rollout/prompts"] >= 4
-    if objective != "jepo":  # JEPO learns from the gold answer's likelihood: no reward filter
+    if SPECS[objective].group_filter != "none":  # JEPO learns from the gold answer's likelihood: no reward filter
         assert step["rollout/informative_groups"] >= 1
     assert step["grad_norm"] > 0 and step["tokens"] > 0
     for key in ("time/generate_s", "time/verify_s", "time/old_logp_s", "time/train_s", "time/sync_s"):
@@ -137,6 +139,24 @@ def test_one_online_step(objective, files, warm, sampler, pool, tmp_path):
     if objective == "jepo":
         assert step["valid_frac"] > 0
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_a_spec_registered_by_a_test_trains_online(files, warm, sampler, pool, tmp_path):
+    """An objective the engine has never seen (a toy REINFORCE declared in tests/test_objective_spec.py) trains
+    one online step from its spec alone, on the fused head (token-local), with two updates (old log-probs)."""
+    from tests.test_objective_spec import TOY
+    from twofold.engine.train.heads import FusedHead, make_head
+    from twofold.objectives import register
+
+    register(TOY)
+    try:
+        assert isinstance(make_head("fused", TOY.name, lambda logp, entropy=None: None), FusedHead)
+        config = online_config(files, warm, TOY.name, tmp_path, "rollout.mini_batches=2")
+        (step,) = run(config, sampler=sampler, pool=pool)
+    finally:
+        del SPECS[TOY.name]
+    assert step["skipped"] == 0 and step["optimizer_steps"] == min(2, step["rollout/informative_groups"]) >= 1
+    assert step["grad_norm"] > 0 and step["tokens"] > 0 and "mismatch/k3_kl" in step
 
 
 def test_eval_and_oreal_frozen_actor(files, warm, sampler, pool, tmp_path):
@@ -326,7 +346,7 @@ def test_jepo_trains_on_proofs_and_twofold_eval_reports_their_likelihood(files, 
     history = run(config, sampler=sampler, pool=pool)
     for step in history:
         assert step["skipped"] == 0 and step["grad_norm"] > 0 and step["valid_frac"] > 0
-        assert step["rollout/verified_frac"] == 0 and step["rollout/accuracy"] == 0
+        assert step["rollout/verified_frac"] == 0 and "rollout/accuracy" not in step  # nothing was judged
     before, after = read_metrics(tmp_path / "run" / "eval.jsonl")
     print("\nheld-out reference likelihood before/after:", {k: (before[k], after[k]) for k in before if "ref" in k})
     assert "eval/pass1_greedy" not in after and after["eval/verified_prompts"] == 0
@@ -492,6 +512,48 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
     # stays the same bit for bit when there is none.
     assert math.isfinite(corrected["grad_norm"])
     assert (corrected["grad_norm"] != plain["grad_norm"]) == (plain["mismatch/max_abs_logp_diff"] > 0)
+
+
+def test_a_rollout_step_plans_and_packs_each_mini_batch_once(files, warm, sampler, pool, tmp_path, monkeypatch):
+    """Reference log-probs, old log-probs, the token_tis correction and 2 epochs x 2 mini-batches all read the one
+    packing of each mini-batch: one plan per mini-batch, one collate per micro-batch, per-token fields as [N]
+    tensors of the packed micro-batches (before, each consumer planned and packed again: bench/packing.py)."""
+    import twofold.engine.train.trainer as trainer_module
+    from twofold.engine.train.packing import PackedBatch
+
+    config = online_config(files, warm, "grpo", tmp_path, "rollout.mini_batches=2", "rollout.ppo_epochs=2",
+                           "rollout.correction=token_tis", "sampler.canary_every=0")
+    plans, collates, updates = [], [0], []
+
+    def plan(*args, **kwargs):
+        out = plan_microbatches(*args, **kwargs)
+        plans.append(sum(len(rank) for rank in out))
+        return out
+
+    def collate(*args, **kwargs):
+        collates[0] += 1
+        return real_collate(*args, **kwargs)
+
+    plan_microbatches, real_collate = trainer_module.plan_microbatches, trainer_module.collate
+    online = online_run(config, sampler, pool)
+    try:
+        online.sync()
+        step = online.trainer.step
+        monkeypatch.setattr(online.trainer, "step", lambda packed: updates.append(packed) or step(packed))
+        monkeypatch.setattr(trainer_module, "plan_microbatches", plan)
+        monkeypatch.setattr(trainer_module, "collate", collate)
+        metrics = online.step()
+    finally:
+        online.close()
+    assert metrics["skipped"] == 0 and metrics["optimizer_steps"] == 4 and "kl" in metrics
+    assert len(plans) == 2 and collates[0] == sum(plans)  # each mini-batch: one plan, one pack
+    assert len(updates) == 4 and all(isinstance(p, PackedBatch) for p in updates)
+    assert updates[0] is updates[2] and updates[1] is updates[3]  # the second epoch reuses the first's packing
+    for packed in updates[:2]:
+        assert "old_logp" not in packed.sequences[0].token_fields  # the scores live in the packed tensors only
+        for mb in packed.micro:
+            n = mb.num_tokens
+            assert all(mb.token_fields[k].shape == (n,) for k in ("old_logp", "ref_logp", "is_weight"))
 
 
 def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler, pool, tmp_path, monkeypatch):

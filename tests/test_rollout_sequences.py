@@ -9,6 +9,7 @@ from twofold.engine.rollout.sampler import Sample
 from twofold.engine.data.tasks import Problem
 from twofold.engine.train.tiny import build_char_tokenizer
 from twofold.engine.train.trainer import batch_totals
+from twofold.objectives import names
 
 
 def _groups(tokenizer):
@@ -26,7 +27,7 @@ def _groups(tokenizer):
     return out
 
 
-@pytest.mark.parametrize("objective", ["grpo", "drgrpo", "gspo", "cispo", "nft", "oreal", "jepo"])
+@pytest.mark.parametrize("objective", names("online"))
 def test_mask_truncated_drops_truncated_samples_after_the_group_statistics(objective):
     tokenizer = build_char_tokenizer()
     groups = _groups(tokenizer)

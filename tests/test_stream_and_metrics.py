@@ -87,7 +87,7 @@ def test_every_metrics_row_is_fsynced_before_the_next_step(tmp_path, monkeypatch
     before it replaces the old one: power loss cannot leave a checkpoint ahead of its metrics, or an empty file."""
     import os
 
-    from twofold.engine import tracking
+    from twofold.engine.run import tracking
     from twofold.engine.run.config import load_config
     synced = []
     real = os.fsync

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from twofold.objectives.aggregate import normaliser
 from twofold.objectives.layout import as_mask, entropy_inputs, flatten, masked_mean, per_seq, pg_weight, with_grad
+from twofold.objectives.spec import ObjectiveSpec
 from twofold.objectives.token_local import check_kl_loss, jepo_token, with_entropy_bonus
 
 
@@ -157,3 +158,9 @@ def _normalised(adv: Tensor, keep: Tensor, moments: Tensor) -> Tensor:
     std = variance.sqrt().to(adv.dtype)
     scaled = torch.where(keep & (std > 0), adv / std.clamp(min=torch.finfo(adv.dtype).tiny), 0.0)
     return scaled.clamp(-1, 1)
+
+
+# per-group bound and leave-one-out baselines: whole groups per call, the advantage moments summed over the batch
+JEPO = ObjectiveSpec(name="jepo", loss=jepo_loss, modes=("online",), token_local=False, sequences="gold_answer",
+                     group_filter="none", min_group_size=2, packing_unit="group", statistics=jepo_statistics,
+                     needs=("reference",))

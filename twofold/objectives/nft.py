@@ -15,6 +15,7 @@ from twofold.objectives.aggregate import token_weights
 from twofold.objectives.groups import r_hat
 from twofold.objectives.layout import (apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq,
                                       pg_weight)
+from twofold.objectives.spec import ObjectiveSpec
 from twofold.objectives.token_local import nft_token
 
 PROMPT_WEIGHTS = {
@@ -63,3 +64,6 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
     return loss, {"r_hat": rate.mean(), "positive_frac": masked_mean(correct_t, flat),
                   "ratio_mean": masked_mean(ratio, flat),
                   "neg_clip_frac": masked_mean(proxy_clipped.to(logp.dtype), flat), "tokens": flat.mask.sum()}
+
+
+NFT = ObjectiveSpec(name="nft", loss=nft_loss, modes=("online",), token_local=True, sequences="rewards")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from twofold.objectives.aggregate import normaliser
 from twofold.objectives.layout import (Flat, apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq,
                                       pg_weight)
+from twofold.objectives.spec import ObjectiveSpec
 from twofold.objectives.token_local import kl_token, oreal_token
 
 
@@ -102,3 +103,7 @@ class TokenRewardHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.proj(hidden).squeeze(-1)
+
+
+OREAL = ObjectiveSpec(name="oreal", loss=oreal_loss, modes=("online",), token_local=True, sequences="contrast_pair",
+                      advantage="rloo", group_filter="mixed", min_group_size=2, needs=("reference", "token_rm"))

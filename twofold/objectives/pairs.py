@@ -21,6 +21,7 @@ from torch import Tensor
 
 from twofold.objectives.aggregate import normaliser
 from twofold.objectives.layout import Flat, apply_token_local, flatten, per_seq, with_grad
+from twofold.objectives.spec import ObjectiveSpec
 from twofold.objectives.token_local import linear_token, redi_token
 
 
@@ -118,3 +119,9 @@ def _metrics(chosen: Tensor, rejected: Tensor, present: Tensor, name: str) -> di
     chosen, rejected = chosen.detach() * present, rejected.detach() * present
     return {f"chosen_{name}": chosen.sum() / count, f"rejected_{name}": rejected.sum() / count,
             "accuracy": ((chosen > rejected) & present).sum() / count, "pairs": present.sum()}
+
+
+REDI = ObjectiveSpec(name="redi", loss=redi_loss, modes=("offline",), token_local=False, packing_unit="pair")
+DPO = ObjectiveSpec(name="dpo", loss=dpo_loss, modes=("offline",), token_local=False, packing_unit="pair",
+                    needs=("reference_sums",))
+SIMPO = ObjectiveSpec(name="simpo", loss=simpo_loss, modes=("offline",), token_local=False, packing_unit="pair")

@@ -24,6 +24,7 @@ from torch import Tensor
 from twofold.objectives.aggregate import token_weights
 from twofold.objectives.layout import (apply_token_local, entropy_inputs, flatten, masked_mean, per_seq,
                                       per_seq_or_token, pg_weight)
+from twofold.objectives.spec import ObjectiveSpec
 from twofold.objectives.token_local import check_kl_loss, cispo_token, gspo_token, kl_token, ppo_clip_token
 
 
@@ -146,3 +147,16 @@ def clip_metrics(flat, log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high:
     return {"clip_frac": masked_mean(clipped.to(adv.dtype), flat), "ratio_mean": masked_mean(ratio, flat),
             "ratio_max": ratio.masked_fill(~flat.mask, 0).max() if ratio.numel() else ratio.sum(),
             "adv_mean": masked_mean(adv, flat), "tokens": flat.mask.sum()}
+
+
+GRPO = ObjectiveSpec(name="grpo", loss=grpo_loss, modes=("online",), token_local=True, sequences="advantages",
+                     advantage="grpo", needs=("reference",))
+DAPO = ObjectiveSpec(name="dapo", loss=dapo_loss, modes=("online",), token_local=True, sequences="advantages",
+                     advantage="grpo", overlong_penalty=True)
+DRGRPO = ObjectiveSpec(name="drgrpo", loss=drgrpo_loss, modes=("online",), token_local=True,
+                       sequences="advantages", advantage="drgrpo")
+# the sequence ratio couples a sequence's tokens: not one token-local call
+GSPO = ObjectiveSpec(name="gspo", loss=gspo_loss, modes=("online",), token_local=False, sequences="advantages",
+                     advantage="grpo")
+CISPO = ObjectiveSpec(name="cispo", loss=cispo_loss, modes=("online",), token_local=True, sequences="advantages",
+                      advantage="grpo")

@@ -12,6 +12,7 @@ from torch import Tensor
 from twofold.objectives.aggregate import token_weights
 from twofold.objectives.layout import (apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq,
                                       pg_weight)
+from twofold.objectives.spec import ObjectiveSpec
 from twofold.objectives.token_local import TOKEN_LOCAL, sft_token
 
 
@@ -41,3 +42,7 @@ def rft_loss(logp: Tensor, rewards: Tensor, mask: Tensor, *, old_logp: Tensor | 
                                 **entropy_inputs(flat, logp, entropy, entropy_coef, w, validate))
     positive_tokens = flat.mask & (flat.gather(correct) > 0)
     return loss, {"positive_frac": masked_mean(positive_tokens.to(logp.dtype), flat), "tokens": flat.mask.sum()}
+
+
+SFT = ObjectiveSpec(name="sft", loss=sft_loss, modes=("offline",), token_local=True)
+RFT = ObjectiveSpec(name="rft", loss=rft_loss, modes=("online", "offline"), token_local=True, sequences="rewards")

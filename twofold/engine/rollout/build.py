@@ -1,7 +1,7 @@
 """Rollout: prompts -> n samples each (in-process sampler) -> verifier rewards -> informative groups -> the
 training sequences of one online step, with the per-sequence / per-token fields each objective reads.
 
-Dynamic sampling (DAPO, NFT, OREAL): generation batches of `gen_batch_prompts` prompts are drawn until
+Dynamic sampling (`ObjectiveSpec.group_filter`): generation batches of `gen_batch_prompts` prompts are drawn until
 `prompts_per_step` groups have mixed rewards (0 < correct < n) or `max_gen_batches` batches were drawn; the step
 trains on the informative groups found (the first `prompts_per_step`). Every rank samples its share of each batch;
 rank 0 verifies and broadcasts the scores, so all ranks build the same batch. Seeds follow the prompt position in
@@ -12,19 +12,21 @@ weights make it something else. A sample is positive when its score is >= `rewar
 reference rows (`Problem.verifiable` false, data.answers reference or mixed) are not verified: they score 0 and
 leave rollout/accuracy and rollout/reward_mean, which are means over the verified samples.
 
-Per objective (docs/objectives.md): NFT/RFT read 0/1 `rewards` (positive or not; + the group's `correct_rate`); GRPO/Dr. GRPO/DAPO read
-`advantages` from `objectives.group_advantages` of the scores themselves when they are not 0/1, else of the 0/1
-(or +-1) rewards (DAPO: plus the overlong penalty); OREAL keeps one
-positive and one negative per prompt with RLOO advantages of the +-1 rewards of the whole group; JEPO appends the
-gold answer after each sampled chain of thought, cut at `rollout.answer_start` (`cot_mask`, `answer_mask`, `valid`
-= format check).
+Sequences, by the objective's builder (`ObjectiveSpec.sequences`, docs/objectives.md): `rewards` gives every sample
+its 0/1 reward (positive or not) and the group's `correct_rate`; `advantages` gives it `advantages` from
+`objectives.group_advantages` (the spec's estimator) of the scores themselves when they are not 0/1, else of the
+0/1 (or +-1) rewards, plus the overlong penalty when the spec asks for it; `contrast_pair` keeps one positive and one
+negative per prompt with advantages of the +-1 rewards of the whole group; `gold_answer` appends the gold answer
+after each sampled chain of thought, cut at `rollout.answer_start` (`cot_mask`, `answer_mask`, `valid` = format
+check).
 
 rollout.mask_truncated: truncated samples are dropped from the step's sequences after the group statistics
 (advantages, r_hat) are computed from all samples, so they leave the loss and every normaliser (token and
-sequence counts); OREAL picks its pair among the untruncated samples, JEPO's groups are its untruncated samples.
+sequence counts); a contrast pair is picked among the untruncated samples, a gold-answer group is its untruncated
+samples.
 
 Every sequence keeps the sampler's log-prob of each sampled token as the per-token field `behavior_logp` (both
-backends return them: log-softmax at the sampling temperature); JEPO's appended answer was not sampled, so its
+backends return them: log-softmax at the sampling temperature); an appended gold answer was not sampled, so those
 sequences also carry `sampled` (1 on the chain of thought, 0 on the answer) and 0 as the answer's behaviour
 log-prob.
 """
@@ -43,11 +45,7 @@ from twofold.engine.rollout.sampler import GenerationParams, Sample, Sampler, sa
 from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
 from twofold.engine.verifier.pool import RewardBatch, RewardFunctionError
-from twofold.objectives import group_advantages
-
-ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "gspo": "grpo", "cispo": "grpo", "oreal": "rloo"}
-MIXED_GROUPS_ONLY = ("oreal",)  # needs a positive and a negative in every group
-NO_FILTER = ("jepo",)  # learns from the gold answer's likelihood, not from rewards
+from twofold.objectives import ObjectiveSpec, get_spec, group_advantages
 
 
 @dataclass
@@ -189,9 +187,10 @@ class RolloutCollector:
         self.reward = reward or RewardConfig()
         self.function_totals: dict[str, dict] = {}
         """Every reward function's calls and failures in this invocation, against reward.max_error_frac."""
-        self.filter = objective in MIXED_GROUPS_ONLY or (cfg.dynamic_sampling and objective not in NO_FILTER)
-        # the GRPO family on graded rewards learns from any group whose rewards differ
-        self.graded = objective in ADVANTAGE_KIND and objective not in MIXED_GROUPS_ONLY and not binary(self.reward)
+        spec = get_spec(objective)
+        self.filter = spec.group_filter == "mixed" or (cfg.dynamic_sampling and spec.group_filter == "dynamic")
+        # advantages of graded rewards are informative in any group whose rewards differ
+        self.graded = spec.sequences == "advantages" and not binary(self.reward)
 
     def informative(self, group: Group) -> bool:
         return group.rewards_differ if self.graded else group.informative
@@ -246,29 +245,39 @@ def binary(reward: RewardConfig) -> bool:
 
 def build_sequences(objective: str, groups: list[Group], cfg: RolloutConfig, tokenizer,
                     reward: RewardConfig | None = None) -> list[Sequence]:
-    """The step's training sequences with the fields `objective` reads (group_ids = index of the group)."""
-    if objective == "jepo":
-        return jepo_sequences(groups, cfg, tokenizer)
-    if objective == "oreal":
-        return oreal_sequences(groups, cfg.mask_truncated)
+    """The step's training sequences with the fields `objective` reads (group_ids = index of the group), by its
+    spec's builder (`ObjectiveSpec.sequences`)."""
+    spec = get_spec(objective)
+    return BUILDERS[spec.sequences](spec, groups, cfg, tokenizer, reward)
+
+
+def reward_sequences(spec: ObjectiveSpec, groups: list[Group], cfg: RolloutConfig, tokenizer,
+                     reward: RewardConfig | None) -> list[Sequence]:
+    """Every sample with its 0/1 reward (positive or not) and its group's `correct_rate`."""
+    seqs = []
+    for gid, g in enumerate(groups):
+        rate = sum(g.positives) / len(g.correct)
+        for j, (sample, positive) in enumerate(zip(g.samples, g.positives)):
+            fields = {"group_ids": gid, "rewards": float(positive), "correct_rate": rate}
+            seqs.append(sample_sequence(g.problem, sample, j, fields))
+    return untruncated(seqs, groups, cfg.mask_truncated)
+
+
+def advantage_sequences(spec: ObjectiveSpec, groups: list[Group], cfg: RolloutConfig, tokenizer,
+                        reward: RewardConfig | None) -> list[Sequence]:
+    """Every sample with the group advantage (`spec.advantage`) of its shaped reward: the score itself when scores
+    are graded, else the 0/1 (or +-1) reward, plus the overlong penalty when the spec asks for it."""
     graded = reward is not None and not binary(reward)
     seqs, rewards = [], []
     for gid, g in enumerate(groups):
         for j, (sample, correct, positive) in enumerate(zip(g.samples, g.correct, g.positives)):
-            seqs.append(sample_sequence(g.problem, sample, j, {"group_ids": gid, "rewards": float(positive)}))
-            rewards.append(shaped_reward(objective, correct if graded else float(positive), len(sample.token_ids),
-                                         cfg, graded))
-    if objective in ("nft", "rft"):
-        for gid, g in enumerate(groups):
-            rate = sum(g.positives) / len(g.correct)
-            for s in seqs:
-                if s.fields["group_ids"] == gid:
-                    s.fields["correct_rate"] = rate
-        return untruncated(seqs, groups, cfg.mask_truncated)
+            seqs.append(sample_sequence(g.problem, sample, j, {"group_ids": gid}))
+            rewards.append(shaped_reward(correct if graded else float(positive), len(sample.token_ids), cfg,
+                                         graded, spec.overlong_penalty))
     ids = torch.tensor([s.fields["group_ids"] for s in seqs], dtype=torch.long)  # int64 when empty too
-    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), ids, ADVANTAGE_KIND[objective])
+    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), ids, spec.advantage)
     for s, a in zip(seqs, advantages.tolist()):
-        s.fields = {"group_ids": s.fields["group_ids"], "advantages": a}
+        s.fields["advantages"] = a
     return untruncated(seqs, groups, cfg.mask_truncated)
 
 
@@ -280,10 +289,12 @@ def untruncated(seqs: list[Sequence], groups: list[Group], mask_truncated: bool)
     return [seq for seq, cut in zip(seqs, truncated, strict=True) if not cut]
 
 
-def shaped_reward(objective: str, correct: float, length: int, cfg: RolloutConfig, graded: bool = False) -> float:
-    """Correctness reward (1 / rollout.negative_reward; a graded score as it is) plus DAPO's overlong penalty."""
+def shaped_reward(correct: float, length: int, cfg: RolloutConfig, graded: bool = False,
+                  overlong: bool = False) -> float:
+    """Correctness reward (1 / rollout.negative_reward; a graded score as it is) plus, with `overlong`, DAPO's
+    overlong penalty."""
     penalty = 0.0
-    if objective == "dapo" and cfg.overlong_buffer:
+    if overlong and cfg.overlong_buffer:
         penalty = overlong_penalty(length, cfg.max_new_tokens, cfg.overlong_buffer)
     return (correct if graded else math_rewards([correct], negative=cfg.negative_reward)[0]) + penalty
 
@@ -314,14 +325,16 @@ def behavior_fields(sample: Sample, sampled: int, appended: int = 0) -> dict[str
     return fields
 
 
-def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[Sequence]:
-    """One positive and one negative per (mixed) group; advantages are RLOO of the group's +-1 rewards. With
-    mask_truncated the pair comes from the untruncated samples (a group without one on either side is dropped)."""
+def contrast_pair_sequences(spec: ObjectiveSpec, groups: list[Group], cfg: RolloutConfig, tokenizer,
+                            reward: RewardConfig | None) -> list[Sequence]:
+    """One positive and one negative per (mixed) group; advantages (`spec.advantage`, OREAL: RLOO) of the group's
+    +-1 rewards. With mask_truncated the pair comes from the untruncated samples (a group without one on either
+    side is dropped)."""
     seqs = []
     for gid, g in enumerate(groups):
         pm = torch.tensor([1.0 if positive else -1.0 for positive in g.positives], dtype=torch.float64)
-        adv = group_advantages(pm, torch.zeros(len(pm), dtype=torch.long), "rloo").tolist()
-        usable = [i for i, s in enumerate(g.samples) if not (mask_truncated and s.truncated)]
+        adv = group_advantages(pm, torch.zeros(len(pm), dtype=torch.long), spec.advantage).tolist()
+        usable = [i for i, s in enumerate(g.samples) if not (cfg.mask_truncated and s.truncated)]
         picks = [next((i for i in usable if pm[i] == want), None) for want in (1.0, -1.0)]
         if None in picks:
             continue
@@ -331,7 +344,8 @@ def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[S
     return seqs
 
 
-def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
+def jepo_sequences(spec: ObjectiveSpec, groups: list[Group], cfg: RolloutConfig, tokenizer,
+                   reward: RewardConfig | None = None) -> list[Sequence]:
     """prompt + chain of thought (the sampled tokens up to `rollout.answer_start`) + gold answer + EOS. A sample
     without the delimiter fails the format check (valid 0, format reward -format_penalty, which the loss normalises
     like the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is
@@ -383,3 +397,8 @@ def token_prefix(ids: list[int], chars: int, tokenizer) -> list[int]:
         else:
             lo = mid + 1
     return ids[:lo]
+
+
+# ObjectiveSpec.sequences -> its builder: (spec, groups, rollout config, tokenizer, reward config) -> sequences
+BUILDERS = {"rewards": reward_sequences, "advantages": advantage_sequences, "contrast_pair": contrast_pair_sequences,
+            "gold_answer": jepo_sequences}

@@ -31,6 +31,8 @@ from twofold.engine.train.packing import Sequence
 
 WEIGHTS = ("token_tis", "seq_tis", "icepop", "seq_icepop")
 MASKS = ("token_mask", "seq_mask", "geo_mask")
+SEQUENCE_MASKS = ("seq_mask", "geo_mask")
+"""Rejection masks that reject a whole sequence (its unsampled answer tokens too)."""
 CORRECTIONS = ("none", *WEIGHTS, *MASKS)
 # (c_low, c_high) per mode when the config leaves them unset; c_low 0 is no lower bound
 DEFAULT_BOUNDS = {"token_tis": (0.0, 2.0), "seq_tis": (0.0, 2.0), "icepop": (0.5, 5.0), "seq_icepop": (0.0, 3.0),
@@ -45,13 +47,13 @@ def bounds(mode: str, c_low: float | None = None, c_high: float | None = None) -
     return (low if c_low is None else c_low, high if c_high is None else c_high)
 
 
-def log_ratios(trainer: list[list[float]], behavior: list[list[float]],
-               sampled: list[list[float]] | None = None) -> list[torch.Tensor]:
-    """Per sequence, r_t over its sampled tokens (all response tokens unless a `sampled` 0/1 mask is given)."""
+def log_ratios(trainer: list, behavior: list, sampled: list | None = None) -> list[torch.Tensor]:
+    """Per sequence, r_t over its sampled tokens (all response tokens unless a `sampled` 0/1 mask is given); each
+    sequence's values a list or a 1-d tensor."""
     out = []
     for i, (t, b) in enumerate(zip(trainer, behavior)):
-        r = torch.tensor(t, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-        out.append(r if sampled is None else r[torch.tensor(sampled[i]) > 0])
+        r = torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+        out.append(r if sampled is None else r[torch.as_tensor(sampled[i]) > 0])
     return out
 
 
@@ -97,7 +99,7 @@ def correct_sequences(batch: list[Sequence], trainer_logp: list[list[float]], mo
         return mismatch_metrics(ratios)
     weights = correction_weights(mode, ratios, c_low, c_high)
     for seq, w in zip(batch, weights):
-        rejected = mode in ("seq_mask", "geo_mask") and w.numel() and float(w[0]) == 0
+        rejected = mode in SEQUENCE_MASKS and w.numel() and float(w[0]) == 0
         full = torch.full((seq.response_len,), 0.0 if rejected else 1.0, dtype=torch.float64)
         sampled = seq.token_fields.get("sampled")
         full[torch.tensor(sampled) > 0 if sampled is not None else slice(None)] = w

@@ -14,8 +14,8 @@ from torch import Tensor
 from twofold.engine.run.config import ModelConfig
 from twofold.engine.train.distributed import DistEnv
 from twofold.engine.train.model import PolicyModel, build_policy
-from twofold.engine.train.packing import Sequence
-from twofold.engine.train.trainer import plan_rank, sequence_logprobs
+from twofold.engine.train.packing import MicroBatch, Sequence
+from twofold.engine.train.trainer import score_packed, sequence_logprobs
 from twofold.objectives import TokenRewardHead, token_rm_loss
 
 
@@ -51,12 +51,18 @@ class TokenRewardModel:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def scores(self, batch: list[Sequence]) -> list[list[float]]:
+        """The token scores of each sequence's response tokens."""
         return sequence_logprobs(self.model, batch, self.env, self.budget, self.pad_token_id)
 
-    def update(self, batch: list[Sequence]) -> dict[str, float]:
-        """One optimizer step on the exact mean loss over the batch's sequences (any split over ranks)."""
-        total, loss_sum, hits = len(batch), 0.0, 0.0
-        for mb in plan_rank(batch, self.budget, self.env, self.pad_token_id):
+    def packed_scores(self, micro: list[MicroBatch]) -> list[Tensor]:
+        """[N] token scores of each packed micro-batch (the layout of a per-token field)."""
+        return score_packed(self.model, micro, self.env)
+
+    def update(self, micro: list[MicroBatch], total: int) -> dict[str, float]:
+        """One optimizer step on the exact mean loss over the `total` sequences of the step, packed in this rank's
+        micro-batches `micro` (any split over micro-batches and ranks)."""
+        loss_sum, hits = 0.0, 0.0
+        for mb in micro:
             mb = mb.to(self.env.device)
             scores = self.model(mb.input_ids, mb.position_ids, mb.targets)
             loss, metrics = token_rm_loss(scores, mb.seq_fields["rewards"], mb.loss_mask, seq_index=mb.seq_index,

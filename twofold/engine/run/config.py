@@ -22,11 +22,13 @@ import yaml
 from twofold.engine.rollout.correction import bounds as correction_bounds
 from twofold.engine.data.loading import CHAT, check_source, is_local_path
 from twofold.engine.rollout.sampler import SamplerConfig
-from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
+from twofold.objectives import AGGREGATIONS, DEFAULT_OBJECTIVE, KL_LOSSES, PROMPT_WEIGHTS, SPECS, get_spec, names
 from twofold.objectives.token_local import check_kl_loss
 
-ONLINE_OBJECTIVES = ("nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal", "jepo")
-OFFLINE_OBJECTIVES = ("sft", "rft", "redi", "dpo", "simpo")
+
+def objective_choices() -> str:
+    """The registered objectives with their modes (--help reads it when it runs, so a registered spec shows)."""
+    return ", ".join(f"{n} ({'/'.join(s.modes)})" for n, s in SPECS.items())
 
 
 @dataclass(kw_only=True)
@@ -108,8 +110,9 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    name: str = "sft"
-    """A key of twofold.objectives.OBJECTIVES."""
+    name: str = field(default=DEFAULT_OBJECTIVE, metadata={"choices": objective_choices})
+    """A registered objective (`twofold.objectives.SPECS`: its loss and its `ObjectiveSpec`) that runs in
+    train.mode."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Hyperparameters of the loss (eps, beta, agg, entropy_coef, ...): keyword arguments of
     `twofold.objectives.OBJECTIVES[name]` that are not batch data. Checked at load: an unknown key or a wrong type
@@ -131,9 +134,9 @@ class TrainConfig:
     """offline: train on data.path rows; online: sample from the policy on data.path prompts and verify
     (then `steps` counts rollout steps, each `rollout.ppo_epochs * rollout.mini_batches` optimizer steps)."""
     head: Literal["fused", "logprobs"] = "fused"
-    """LM head of the training step. fused: token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL,
-    CISPO) form loss and gradient in one `fused_linear_loss` pass (6NHV); DPO, SimPO, REDI, JEPO and GSPO take
-    log-probs forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the
+    """LM head of the training step. fused: token-local objectives (`ObjectiveSpec.token_local`; the table in
+    docs/objectives.md) form loss and gradient in one `fused_linear_loss` pass (6NHV); the others take log-probs
+    forward only, then one fused pass with their dL/dlogp (8NHV). logprobs: `linear_logprobs` + the
     objective through autograd (8NHV), the reference path. Both give the same gradient."""
 
 
@@ -518,12 +521,9 @@ def validate(config: Config) -> None:
         if getattr(config.log, option) and importlib.util.find_spec(package) is None:
             raise ValueError(f"log.{option}=true needs the {package} package: pip install 'twofold[tracking]' "
                              f"(or set log.{option}=false)")
-    if config.objective.name not in OBJECTIVES:
-        raise ValueError(f"objective.name {config.objective.name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
-    allowed = ONLINE_OBJECTIVES if train.mode == "online" else OFFLINE_OBJECTIVES
-    if config.objective.name not in allowed:
+    if train.mode not in get_spec(config.objective.name).modes:
         raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
-                         f"{train.mode} objectives: {', '.join(allowed)}")
+                         f"{train.mode} objectives: {', '.join(names(train.mode))}")
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
     if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
         raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
@@ -566,7 +566,7 @@ def optimizer_steps(config: Config) -> int:
 
 def learns_from_reference(objective: str) -> bool:
     """The objective's loss reads the likelihood of a teacher-forced reference answer (an `answer_mask`): JEPO."""
-    return "answer_mask" in inspect.signature(OBJECTIVES[objective]).parameters
+    return "answer_mask" in inspect.signature(get_spec(objective).loss).parameters
 
 
 def answers_mode(config: Config) -> str:
@@ -591,18 +591,17 @@ def correction_mode(config: Config) -> str:
     return "token_tis" if "bfloat16" in (config.model.dtype, config.sampler.dtype) else "none"
 
 
-def needs_groups(config: Config) -> str:
-    """Why an online run needs two or more samples per prompt ('' if it does not): a one-sample group has a zero
+def group_size_needed(config: Config) -> tuple[int, str]:
+    """The fewest samples per prompt an online run can learn from, and why: a one-sample group has a zero
     group-relative advantage and never holds both outcomes, so it would train nothing."""
-    from twofold.engine.rollout.build import ADVANTAGE_KIND, MIXED_GROUPS_ONLY, NO_FILTER
-    name = config.objective.name
-    if name in ADVANTAGE_KIND:
-        return f"{name} (its advantages are relative to the prompt's group)"
-    if name in MIXED_GROUPS_ONLY + NO_FILTER:
-        return f"{name} (it compares the samples of a prompt)"
-    if config.rollout.dynamic_sampling:
-        return f"rollout.dynamic_sampling=true (it keeps groups with both outcomes; or set it to false for {name})"
-    return ""
+    spec, name = get_spec(config.objective.name), config.objective.name
+    if spec.min_group_size > 1:
+        return spec.min_group_size, f"{name} (it compares the samples of a prompt)"
+    if spec.advantage is not None:
+        return 2, f"{name} (its advantages are relative to the prompt's group)"
+    if config.rollout.dynamic_sampling and spec.group_filter == "dynamic":
+        return 2, f"rollout.dynamic_sampling=true (it keeps groups with both outcomes; or set it to false for {name})"
+    return 1, name
 
 
 def validate_correction(config: Config) -> None:
@@ -653,8 +652,9 @@ def validate_rollout(config: Config) -> None:
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
     if config.train.mode == "online":
-        _require(r.samples_per_prompt >= 2 or not needs_groups(config), "rollout.samples_per_prompt",
-                 f">= 2 for {needs_groups(config)}", r.samples_per_prompt)
+        least, why = group_size_needed(config)
+        _require(r.samples_per_prompt >= least, "rollout.samples_per_prompt", f">= {least} for {why}",
+                 r.samples_per_prompt)
     for name in ("every", "samples", "max_prompts", "max_new_tokens"):
         _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
     _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
@@ -715,7 +715,7 @@ ENGINE_ARGUMENTS = ("validate",)
 def objective_hyperparameters(name: str) -> dict[str, Any]:
     """{parameter: type hint} of the loss's hyperparameters: keyword arguments with a default whose type admits no
     tensor (tensors are batch data, per-token or per-sequence, and the mini-batch totals)."""
-    fn = OBJECTIVES[name]
+    fn = get_spec(name).loss
     hints = typing.get_type_hints(fn)
     return {k: hints[k] for k, p in inspect.signature(fn).parameters.items()
             if p.default is not inspect.Parameter.empty and k not in ENGINE_ARGUMENTS
@@ -783,7 +783,7 @@ def objective_kwargs(config: Config) -> dict:
     (Dr. GRPO's constant, whose default is unset: the generation budget rollout.max_new_tokens, as the paper and
     TRL)."""
     kwargs = dict(config.objective.kwargs)
-    params = inspect.signature(OBJECTIVES[config.objective.name]).parameters
+    params = inspect.signature(get_spec(config.objective.name).loss).parameters
     unset = "constant" in params and kwargs.get("constant", params["constant"].default) is None
     if config.train.mode == "online" and unset:
         kwargs["constant"] = float(config.rollout.max_new_tokens)
@@ -841,6 +841,8 @@ def config_reference(cls=None, prefix: str = "", width: int = 116) -> str:
             kind = f"list of {{{', '.join(x.name for x in dataclasses.fields(item))}}}"
         lines.append(f"  {prefix}{f.name}  ({kind}, default {_default_text(f)})")
         doc = docs.get(f.name, "")
+        if "choices" in f.metadata:
+            doc += f" One of: {f.metadata['choices']()}."
         if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             item_docs = field_docs(typing.get_args(hint)[0])
             doc += "".join(f" [{k}: {v}]" for k, v in item_docs.items())

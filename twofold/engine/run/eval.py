@@ -24,12 +24,13 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twofold.engine.run.config import ONLINE_OBJECTIVES, Config, answers_mode, likelihood_eval
+from twofold.engine.run.config import Config, answers_mode, likelihood_eval
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.build import RolloutStats, answer_parts, verify_groups
 from twofold.engine.rollout.sampler import GenerationParams, Sampler, sample_distributed
 from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool
+from twofold.objectives import names
 
 EVAL_SEED = 1234
 # score(sequences) -> per sequence, the log-prob of each response token (at temperature 1: the model's likelihood)
@@ -167,10 +168,10 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
 
 def eval_objective(base: str | Path | None) -> str:
     """The objective the eval config validates with: the run's own when it trained online (so that data.answers
-    resolves as in training: JEPO's run keeps its reference rows), else nft (any online objective would do)."""
+    resolves as in training: JEPO's run keeps its reference rows), else the first online objective (any would do)."""
     import yaml
     name = (yaml.safe_load(Path(base).read_text()) or {}).get("objective", {}).get("name") if base else None
-    return name if name in ONLINE_OBJECTIVES else "nft"
+    return name if name in names("online") else names("online")[0]
 
 
 def main(argv: list[str] | None = None) -> int:

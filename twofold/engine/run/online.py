@@ -1,12 +1,15 @@
-"""The online loop (NFT, RFT, GRPO, DAPO, Dr. GRPO, OREAL, JEPO): one rollout step =
+"""The online loop (the objectives whose `ObjectiveSpec.modes` hold `online`): one rollout step =
 
     sample n per prompt (in-process sampler) -> verify -> dynamic sampling -> training sequences
+    -> mini-batches of whole groups, each planned and packed once (`Trainer.pack`); every pass below writes its
+       per-token values into those packed micro-batches as [N] tensors
     -> old log-probs (trainer weights, when a rollout feeds more than one update or a correction needs them)
-    -> reference log-probs (the frozen initial policy, `model.build_reference`, only when the objective's KL
-       coefficient is > 0)
-    -> [OREAL: one token-RM update on the batch, then its token scores]
+    -> reference log-probs (the frozen initial policy, `model.build_reference`, only when the spec needs them and
+       the objective's KL coefficient is > 0)
+    -> [spec needs token_rm: one token-RM update on the batch, then its token scores]
     -> mismatch metrics and the rollout correction (sampler vs trainer log-probs, `engine.correction`)
-    -> ppo_epochs x mini_batches optimizer steps over whole groups -> weight sync into the sampler -> canary
+    -> ppo_epochs x mini_batches optimizer steps on those packed mini-batches -> weight sync into the sampler
+    -> canary
 
 All trainer log-probs (policy, old, reference) are at `rollout.temperature`, the distribution that was sampled.
 `train.steps` counts rollout steps. Every step logs the time split (generate / verify / old_logp / train / sync),
@@ -25,27 +28,29 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from twofold.engine.train.checkpoint import export_hf, save_checkpoint
 from twofold.engine.run.config import (Config, answers_mode, correction_mode, learns_from_reference, objective_kwargs,
                                    optimizer_steps, updates_per_step)
-from twofold.engine.rollout.correction import correct_sequences, mismatch_metrics, sequence_ratios
+from twofold.engine.rollout.correction import (CORRECTION_MASK, IS_WEIGHT, SEQUENCE_MASKS, WEIGHTS, correction_weights,
+                                               log_ratios, mismatch_metrics)
 from twofold.engine.data.loading import BatchStream, Fields
 from twofold.engine.train.distributed import DistEnv
 from twofold.engine.run.eval import evaluate
 from twofold.engine.train.model import build_policy, build_reference, load_hf_config
-from twofold.engine.train.packing import Sequence
+from twofold.engine.train.packing import MicroBatch, PackedBatch, Sequence, per_sequence
 from twofold.engine.rollout.build import RolloutCollector, build_sequences, replays_kept
 from twofold.engine.rollout.backends import build_sampler
 from twofold.engine.rollout.sampler import GenerationParams, Sampler, quiet_vllm, sample_distributed, write_model_dir
 from twofold.engine.data.tasks import load_problems
 from twofold.engine.rollout.token_rm import TokenRewardModel
 from twofold.engine.run.tracking import Tracker
-from twofold.engine.train.trainer import Trainer, counted_len, sequence_logprobs
+from twofold.engine.train.trainer import Trainer, score_packed, sequence_logprobs
 from twofold.engine.verifier import VerifierPool, build_pool
 from twofold.engine.rollout.weight_sync import sync_weights
-from twofold.objectives import OBJECTIVES
+from twofold.objectives import get_spec
 
 log = logging.getLogger("twofold")
 
@@ -63,10 +68,11 @@ class CanaryError(RuntimeError):
 
 
 def needs_ref_logp(config: Config) -> bool:
-    params = inspect.signature(OBJECTIVES[config.objective.name]).parameters
-    if "ref_logp" not in params:
+    """The objective's spec needs the reference's per-token log-probs and its KL coefficient `beta` is > 0."""
+    spec = get_spec(config.objective.name)
+    if "reference" not in spec.needs:
         return False
-    return float(config.objective.kwargs.get("beta", params["beta"].default)) > 0
+    return float(config.objective.kwargs.get("beta", inspect.signature(spec.loss).parameters["beta"].default)) > 0
 
 
 def sampler_model_dir(config: Config, tokenizer) -> str:
@@ -177,7 +183,7 @@ class OnlineRun:
             self.ref = build_reference(config.model, env, self.policy)  # before any update or resume
             self.clock.lap("reference")
         self.token_rm = None
-        if config.objective.name == "oreal" and config.rollout.token_rm:
+        if "token_rm" in get_spec(config.objective.name).needs and config.rollout.token_rm:
             self.token_rm = TokenRewardModel(config.model, env, config.rollout.token_rm_lr, seed, self.budget, self.pad)
             self.clock.lap("token_rm")
         self.collector = RolloutCollector(self.sampler, self.pool, config.rollout, config.objective.name,
@@ -219,20 +225,24 @@ class OnlineRun:
         metrics = {"step": self.rollout_steps + 1, **stats.metrics()}  # 1..N, as offline
         batch = build_sequences(self.config.objective.name, groups, self.config.rollout, self.tokenizer,
                                 self.config.reward)
-        if self.token_rm is not None and batch:
-            metrics |= self.token_rm.update(batch)  # first, so that its scores already reflect this batch
+        # one plan and one pack per mini-batch for the whole step: every pass below reads and extends these
+        packs = [self.trainer.pack(mini) for mini in split_groups(batch, self.config.rollout.mini_batches)]
+        if self.token_rm is not None and packs:  # first, so that its scores already reflect this batch
+            metrics |= self.token_rm.update([mb for p in packs for mb in p.micro], len(batch))
         t = time.perf_counter()
-        self.add_token_fields(batch)
+        self.add_token_fields(packs)
         behavior = bool(batch) and "behavior_logp" in batch[0].token_fields
-        if behavior and "old_logp" in batch[0].token_fields:
-            metrics |= self.correct(batch, [s.token_fields["old_logp"] for s in batch])
+        off_policy = needs_old_logp(self.config)
+        if behavior and off_policy:
+            metrics |= self.correct(packs)
         metrics["time/old_logp_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        on_policy = behavior and "old_logp" not in batch[0].token_fields
+        on_policy = behavior and not off_policy
         self.trainer.keep_logp = on_policy  # the first (only) update's forward scores the sampling weights
-        metrics |= self.train(batch)
-        if on_policy and len(self.trainer.step_logp) == len(batch) and "skipped" in metrics:
-            metrics |= mismatch_metrics(sequence_ratios(batch, self.trainer.step_logp))
+        metrics |= self.train(packs)
+        if on_policy and self.trainer.step_logp:  # the update ran, on the one mini-batch
+            metrics |= self.mismatch([r for mb, logp in zip(packs[0].micro, self.trainer.step_logp)
+                                      for r in micro_ratios(mb, logp)])
         self.trainer.keep_logp, self.trainer.step_logp = False, []
         metrics["time/train_s"] = time.perf_counter() - t
         metrics |= self.sync()
@@ -240,26 +250,45 @@ class OnlineRun:
         self.rollout_steps += 1
         return metrics
 
-    def add_token_fields(self, batch: list[Sequence]) -> None:
-        """No-grad passes: old log-probs, reference log-probs, token-RM scores, as per-token fields."""
-        if not batch:
-            return
+    def add_token_fields(self, packs: list[PackedBatch]) -> None:
+        """No-grad passes over the packed micro-batches: old log-probs, reference log-probs, token-RM scores, as
+        [N] per-token fields of those micro-batches."""
         sources = {"old_logp": self.policy if needs_old_logp(self.config) else None, "ref_logp": self.ref}
-        for name, model in sources.items():
-            if model is not None:
-                scored = sequence_logprobs(model, batch, self.env, self.budget, self.pad, self.temperature)
-                for seq, values in zip(batch, scored):
-                    seq.token_fields[name] = values
-        if self.token_rm is not None:
-            for seq, values in zip(batch, self.token_rm.scores(batch)):
-                seq.token_fields["token_scores"] = values
+        for packed in packs:
+            for name, model in sources.items():
+                if model is not None:
+                    for mb, values in zip(packed.micro, score_packed(model, packed.micro, self.env,
+                                                                     self.temperature)):
+                        mb.token_fields[name] = values
+            if self.token_rm is not None:
+                for mb, values in zip(packed.micro, self.token_rm.packed_scores(packed.micro)):
+                    mb.token_fields["token_scores"] = values
 
     # ---- sampler / trainer mismatch ------------------------------------------------------------------------------
-    def correct(self, batch: list[Sequence], trainer_logp: list[list[float]]) -> dict[str, float]:
-        """Mismatch metrics from the trainer's log-probs under the sampling weights, and the correction's fields."""
+    def mismatch(self, ratios: list[torch.Tensor], weights: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """The mismatch metrics over every rank's sequences (`ratios`, `weights`: this rank's)."""
+        parts = [(ratios, weights)]
+        if self.env.world_size > 1:
+            parts = [None] * self.env.world_size
+            dist.all_gather_object(parts, (ratios, weights))
+        return mismatch_metrics([r for rs, _ in parts for r in rs],
+                                None if weights is None else [w for _, ws in parts for w in ws])
+
+    def correct(self, packs: list[PackedBatch]) -> dict[str, float]:
+        """Mismatch metrics from the trainer's log-probs under the sampling weights (`old_logp`); with a
+        correction, each micro-batch's [N] `is_weight` (a weight mode) or `correction_mask` (a rejection mask)."""
         r = self.config.rollout
-        return correct_sequences(batch, trainer_logp, correction_mode(self.config), r.correction_c_low,
-                                 r.correction_c_high)
+        mode = correction_mode(self.config)
+        ratios, weights = [], []
+        for mb in (mb for packed in packs for mb in packed.micro):
+            got = micro_ratios(mb, mb.token_fields["old_logp"])
+            ratios += got
+            if mode != "none":
+                w = correction_weights(mode, got, r.correction_c_low, r.correction_c_high)
+                name = IS_WEIGHT if mode in WEIGHTS else CORRECTION_MASK
+                mb.token_fields[name] = correction_field(mb, w, whole_sequence=mode in SEQUENCE_MASKS)
+                weights += w
+        return self.mismatch(ratios, None if mode == "none" else weights)
 
     # ---- weight sync and its canary --------------------------------------------------------------------------------
     def sync(self) -> dict[str, float]:
@@ -288,7 +317,7 @@ class OnlineRun:
                          token_fields={"behavior_logp": list(s.logprobs)}, kept=s.kept)
                 for p, s in zip(problems, samples)]
         scored = sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad, self.temperature)
-        gap = mismatch_metrics(sequence_ratios(seqs, scored))
+        gap = mismatch_metrics(log_ratios(scored, [s.token_fields["behavior_logp"] for s in seqs]))
         worst = gap["mismatch/max_abs_logp_diff"]
         if worst > cfg.canary_stop:
             raise CanaryError(
@@ -300,17 +329,18 @@ class OnlineRun:
                         "(sampler.canary_warn=%g)", self.syncs, worst, cfg.canary_warn)
         return {"canary/max_abs_logp_diff": worst, "canary/k3_kl": gap["mismatch/k3_kl"]}
 
-    def train(self, batch: list[Sequence]) -> dict[str, float]:
-        """ppo_epochs x mini_batches optimizer steps over whole groups; metrics averaged over the updates.
-        Sequences a correction dropped entirely leave the batch."""
+    def train(self, packs: list[PackedBatch]) -> dict[str, float]:
+        """ppo_epochs x mini_batches optimizer steps over the packed mini-batches of whole groups; metrics
+        averaged over the updates. Sequences a correction dropped entirely leave their mini-batch, and a
+        mini-batch left with no counted token makes no update."""
         out: dict[str, float] = {}
-        batch = [s for s in batch if counted_len(s) > 0]
         frozen = self.rollout_steps < self.config.rollout.freeze_actor_steps
-        if not batch or frozen:
+        if not frozen:
+            packs = [p for p in packs if self.trainer.prepare(p)["num_tokens"] > 0]
+        if not packs or frozen:
             return out | {"loss": 0.0, "grad_norm": 0.0, "lr": self.trainer.last_lr, "tokens": 0.0,
                           "tokens_per_s": 0.0, "skipped": 1.0, "actor_frozen": float(frozen)}
-        updates = [self.trainer.step(mini) for _ in range(self.config.rollout.ppo_epochs)
-                   for mini in split_groups(batch, self.config.rollout.mini_batches)]
+        updates = [self.trainer.step(packed) for _ in range(self.config.rollout.ppo_epochs) for packed in packs]
         for key in updates[0]:
             if key not in ("step", "lr"):
                 out[key] = sum(u.get(key, 0.0) for u in updates) / len(updates)
@@ -374,8 +404,30 @@ class OnlineRun:
             self.pool.close()
 
 
+def micro_ratios(mb: MicroBatch, trainer_logp: torch.Tensor) -> list[torch.Tensor]:
+    """Per sequence of a packed micro-batch, r_t = trainer - sampler log-prob over its sampled tokens."""
+    sampled = per_sequence(mb.token_fields["sampled"], mb) if "sampled" in mb.token_fields else None
+    return log_ratios(per_sequence(trainer_logp, mb), per_sequence(mb.token_fields["behavior_logp"], mb), sampled)
+
+
+def correction_field(mb: MicroBatch, weights: list[torch.Tensor], whole_sequence: bool = False) -> torch.Tensor:
+    """The [N] per-token field of a correction: each sequence's weights on its sampled tokens, 1 on its other loss
+    positions (JEPO's appended answer), 0 off them. `whole_sequence` (a sequence-level rejection): a rejected
+    sequence gets 0 on every loss position, its answer too (it leaves JEPO's group). `per_sequence` order is
+    packed order."""
+    field = mb.loss_mask.float()
+    sampled = mb.loss_mask & (mb.token_fields["sampled"] > 0) if "sampled" in mb.token_fields else mb.loss_mask
+    if weights:
+        field[sampled] = torch.cat(weights).float()
+    if whole_sequence and weights:
+        rejected = torch.tensor([bool(w.numel()) and float(w[0]) == 0 for w in weights])
+        field[mb.loss_mask & rejected[mb.seq_index]] = 0.0
+    return field
+
+
 def split_groups(batch: list[Sequence], parts: int) -> list[list[Sequence]]:
-    """`parts` mini-batches of whole groups (consecutive group ids), as even as the group count allows."""
+    """`parts` mini-batches of whole groups (consecutive group ids), as even as the group count allows (none for
+    an empty batch)."""
     ids = list(dict.fromkeys(s.fields["group_ids"] for s in batch))
     parts = min(parts, len(ids))
     chunks = [set(ids[i * len(ids) // parts:(i + 1) * len(ids) // parts]) for i in range(parts)]

@@ -43,6 +43,7 @@ from twofold.engine.verifier.pool import RewardFunctionError, resolve_functions
 from twofold.engine.run.tracking import Tracker
 from twofold.engine.train.trainer import Trainer, sequence_logprobs
 from twofold.kernels.chunked import gemm_precision
+from twofold.objectives import get_spec
 
 log = logging.getLogger("twofold")
 
@@ -147,7 +148,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
                       max_tokens_per_microbatch=data.max_tokens_per_microbatch,
                       pad_token_id=tokenizer.pad_token_id or 0, head=config.train.head)
     # after the optimizer exists: a forward leaves the FSDP2 root unsharded, and the optimizer must hold the shards
-    if config.objective.name == "dpo" and data.precompute_ref_logp:
+    if "reference_sums" in get_spec(config.objective.name).needs and data.precompute_ref_logp:
         add_reference_sums(policy, sequences, env, data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0)
     stream = BatchStream(sequences, data.batch_size, data.shuffle, config.train.seed)
     resumed = resume(config, trainer)

@@ -6,14 +6,14 @@ FSDP2 like any other.
 
 - `LogprobsHead`: `kernels.linear_logprobs` -> the objective on those log-probs -> autograd. 8NHV on the head
   (2NHV forward; logits recomputed, dX and dW in backward).
-- `FusedHead`, token-local objectives (SFT, RFT, GRPO, DAPO, Dr. GRPO, NFT, OREAL, CISPO): one `fused_linear_loss` pass
+- `FusedHead`, token-local objectives (`ObjectiveSpec.token_local`): one `fused_linear_loss` pass
   forms the loss and its gradient in the forward, 6NHV. The token function and its inputs are the objective's
   own: the objective is called once on a NaN probe inside `recording_token_local()`, which records what it hands
   to `apply_token_local` (aggregation weight, advantages, old/ref log-probs, ...), so no input is computed twice.
   An input that aliases the probe is the current log-prob itself (on-policy `old_logp = sg[logp]`, R = 1); the
   kernel passes its live log-prob there. A NaN probe makes any other dependence on the log-probs poison the loss
   loudly instead of silently. Metrics come from a second, elementwise call on the returned log-probs.
-- `TwoPhaseHead`, every other objective (DPO, SimPO, JEPO, REDI, GSPO, ...): log-probs forward only (2NHV, on the
+- `TwoPhaseHead`, every other objective: log-probs forward only (2NHV, on the
   same hidden states: the trunk runs once), the objective's dL/dlogp by autograd on those [N] values, then one
   fused pass with that gradient as the per-token weight (6NHV).
 
@@ -35,11 +35,10 @@ from torch import Tensor
 
 from twofold.kernels import linear_logprobs
 from twofold.kernels.fused import fused_linear_loss
+from twofold.objectives import get_spec
 from twofold.objectives.layout import recording_token_local
 
 HEADS = ("fused", "logprobs")
-# objectives whose loss is one `apply_token_local` call on the micro-batch's [N] log-probs
-SINGLE_PASS = ("sft", "rft", "grpo", "dapo", "drgrpo", "nft", "oreal", "cispo")
 
 # call_objective(logp [N], entropy [N] | None) -> (loss, metrics): the objective bound to one micro-batch
 ObjectiveCall = Callable[..., tuple[Tensor, dict]]
@@ -143,4 +142,4 @@ def make_head(head: str, objective: str, call_objective: ObjectiveCall, entropy:
         raise ValueError(f"train.head must be one of {HEADS}, got {head!r}")
     if head == "logprobs":
         return LogprobsHead(call_objective, entropy)
-    return (FusedHead if objective in SINGLE_PASS else TwoPhaseHead)(call_objective, entropy)
+    return (FusedHead if get_spec(objective).token_local else TwoPhaseHead)(call_objective, entropy)

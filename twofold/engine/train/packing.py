@@ -16,6 +16,10 @@ Planning (all ranks compute the same plan from the same mini-batch, then each ta
    n_bins / W micro-batches and close to the same number of tokens.
 A rank with fewer sequences than micro-batches (tiny mini-batches) gets a one-token placeholder micro-batch with no
 loss positions, so the FSDP collectives of every rank still line up.
+
+A mini-batch is planned and packed once (`PackedBatch`, `trainer.Trainer.pack`); what later passes compute per
+token (old and reference log-probs, token-RM scores, the rollout correction) is written into the packed
+micro-batches as [N] tensors, and `drop_sequences` removes sequences from them without planning again.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class KeptSets:
 
 @dataclass
 class Sequence:
-    """One training sequence. `token_fields` hold one value per response token (old/ref log-probs, ...)."""
+    """One training sequence. `token_fields` hold one value per response token (a list or a 1-d tensor)."""
 
     tokens: list[int]
     prompt_len: int
@@ -126,6 +130,46 @@ class MicroBatch:
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                           self.seq_index.to(device), move(self.seq_fields), move(self.token_fields),
                           self.sequence_ids, None if self.kept is None else self.kept.to(device, non_blocking=True))
+
+
+@dataclass
+class PackedBatch:
+    """One mini-batch, planned and packed once: every rank holds all its sequences and packs only its own share."""
+
+    sequences: list[Sequence]  # the global mini-batch, in order (MicroBatch.sequence_ids index it)
+    micro: list[MicroBatch]  # this rank's micro-batches (CPU tensors); per-token passes add [N] fields to them
+    lengths: list[float] | None = None  # counted response tokens per sequence, once corrections are applied
+    totals: dict | None = None  # the mini-batch normalisers, set with `lengths` before the first update
+
+
+def loss_counts(mb: MicroBatch) -> list[int]:
+    """Loss positions of each sequence of the micro-batch, in order."""
+    return torch.bincount(mb.seq_index[mb.loss_mask], minlength=len(mb.sequence_ids)).tolist()
+
+
+def per_sequence(values: Tensor, mb: MicroBatch) -> list[Tensor]:
+    """[N] per-token values -> one tensor per sequence of the micro-batch: its values at its loss positions.
+    `collate` lays each sequence out contiguously, in order, so this is one selection and a split."""
+    if not mb.sequence_ids:
+        return []
+    return list(values[mb.loss_mask].split(loss_counts(mb)))
+
+
+def drop_sequences(mb: MicroBatch, keep: Tensor) -> MicroBatch:
+    """The micro-batch without the sequences where `keep` ([S] bool) is False: their tokens and fields leave it
+    (a placeholder with no loss position if none is left). Position ids restart per sequence, so the others are
+    packed exactly as before."""
+    if bool(keep.all()) or not mb.sequence_ids:
+        return mb
+    if not bool(keep.any()):
+        return _placeholder(int(mb.input_ids[0]), mb.seq_fields, mb.token_fields)
+    tokens = keep[mb.seq_index]
+    renumber = keep.long().cumsum(0) - 1
+    return MicroBatch(mb.input_ids[tokens], mb.position_ids[tokens], mb.targets[tokens],
+                      renumber[mb.seq_index[tokens]], {k: v[keep] for k, v in mb.seq_fields.items()},
+                      {k: v[tokens] for k, v in mb.token_fields.items()},
+                      [i for i, kept in zip(mb.sequence_ids, keep.tolist()) if kept],
+                      None if mb.kept is None else mb.kept[tokens])
 
 
 @dataclass
@@ -242,7 +286,8 @@ def _deal_to_ranks(bins: list[list[int]], lengths: list[int], world_size: int) -
 def collate(sequences: list[Sequence], indices: list[int], pad_token_id: int = 0) -> MicroBatch:
     """Pack the chosen sequences into one flat micro-batch (a placeholder token when `indices` is empty)."""
     if not indices:
-        return _placeholder(pad_token_id, sequences)
+        template = sequences[:1] or [Sequence([0, 0], 1)]
+        return _placeholder(pad_token_id, _seq_fields(template), _token_fields(template))
     chosen = [sequences[i] for i in indices]
     inputs, positions, targets, seq_index = [], [], [], []
     for s, seq in enumerate(chosen):
@@ -289,15 +334,15 @@ def _token_fields(chosen: list[Sequence]) -> dict[str, Tensor]:
         for seq in chosen:
             # response token j is predicted at position prompt_len - 1 + j
             parts.append(torch.zeros(seq.prompt_len - 1))
-            parts.append(torch.tensor(seq.token_fields[name], dtype=torch.float32))
+            parts.append(torch.as_tensor(seq.token_fields[name], dtype=torch.float32))
         out[name] = torch.cat(parts)
     return out
 
 
-def _placeholder(pad_token_id: int, sequences: list[Sequence]) -> MicroBatch:
+def _placeholder(pad_token_id: int, seq_fields: dict[str, Tensor], token_fields: dict[str, Tensor]) -> MicroBatch:
+    """One pad token, no loss position, zero fields with the names and dtypes of those given."""
     one = torch.tensor([pad_token_id], dtype=torch.long)
     zero = torch.zeros(1, dtype=torch.long)
-    template = sequences[0] if sequences else Sequence([0, 0], 1)
-    seq_fields = {k: torch.zeros(1, dtype=v.dtype) for k, v in _seq_fields([template]).items()}
-    token_fields = {k: torch.zeros(1) for k in template.token_fields}
-    return MicroBatch(one, zero, torch.full((1,), IGNORE_INDEX), zero.clone(), seq_fields, token_fields, [])
+    zeros = lambda fields: {k: torch.zeros(1, dtype=v.dtype) for k, v in fields.items()}  # noqa: E731
+    return MicroBatch(one, zero, torch.full((1,), IGNORE_INDEX), zero.clone(), zeros(seq_fields),
+                      zeros(token_fields), [])

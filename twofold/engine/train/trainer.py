@@ -1,19 +1,23 @@
 """The training step: one mini-batch of sequences -> packed micro-batches -> objective -> one optimizer step.
 
-Contract: every rank passes the same global mini-batch (a list of `Sequence`); the step packs it, each rank runs
-its share of micro-batches, and the objective's aggregation uses the mini-batch totals (counted tokens and
-sequences over all micro-batches and ranks). Each micro-batch loss is therefore its exact share of the mini-batch
+Contract: every rank passes the same global mini-batch (a list of `Sequence`, or the `PackedBatch` that `pack`
+made of it); each rank plans it (the same plan everywhere), packs only its own share of micro-batches, once, and
+runs them; the objective's aggregation uses the mini-batch totals (counted tokens and sequences over all
+micro-batches and ranks). The online loop packs each mini-batch once per rollout step and its no-grad passes (old
+and reference log-probs, token-RM scores, the correction) add [N] fields to those micro-batches; `prepare` then
+drops corrected tokens, counts the totals and lets the objective check this rank's share, once for all epochs. Each micro-batch loss is therefore its exact share of the mini-batch
 loss; FSDP2 sums (not averages) the gradients over ranks, so the accumulated gradient equals the gradient of the
 whole mini-batch in one piece, at any world size and any token budget.
 
 Objectives are called by parameter name from what the packed batch holds: `logp`, `mask`, `seq_index`,
 `num_tokens`, `num_seqs`, per-sequence fields ([S]: rewards, advantages, group_ids, ...) and per-token fields
-([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config. Pair objectives (REDI, DPO, SimPO: a
-`chosen_logp` argument) get the pair view of the same tensors (`pair_inputs`); their sequences carry the fields
-`pair_id` and `chosen` (1/0), and both sides of a pair are packed into the same micro-batch.
+([N]: old_logp, ref_logp, ...), plus `objective.kwargs` from the config. Pair objectives
+(`ObjectiveSpec.packing_unit` pair, a `chosen_logp` argument) get the pair view of the same tensors
+(`pair_inputs`); their sequences carry the fields `pair_id` and `chosen` (1/0), and both sides of a pair are packed
+into the same micro-batch.
 
-Statistics that depend on the current policy's log-probs of the whole mini-batch (JEPO's advantage stds,
-`objectives.BATCH_STATISTICS`) come from a no-grad pre-pass over this rank's micro-batches, summed over ranks,
+Statistics that depend on the current policy's log-probs of the whole mini-batch (`ObjectiveSpec.statistics`,
+JEPO's advantage moments) come from a no-grad pre-pass over this rank's micro-batches, summed over ranks,
 and reach every micro-batch loss like `num_tokens` (skipped when the mini-batch is one micro-batch on one rank,
 where the loss's own statistics are the mini-batch's). With `entropy_coef` the head also computes the per-token
 entropy (with its gradient) for the loss's entropy bonus.
@@ -43,8 +47,9 @@ from twofold.engine.rollout.correction import CORRECTION_MASK, IS_WEIGHT
 from twofold.engine.train.distributed import DistEnv, all_reduce_sum
 from twofold.engine.train.heads import make_head
 from twofold.engine.train.model import PolicyModel, count_parameters
-from twofold.engine.train.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
-from twofold.objectives import BATCH_STATISTICS, OBJECTIVES
+from twofold.engine.train.packing import (IGNORE_INDEX, MicroBatch, PackedBatch, Sequence, check_sequence, collate,
+                                    drop_sequences, loss_counts, plan_microbatches)
+from twofold.objectives import get_spec
 from twofold.objectives.groups import group_index
 
 # Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets, without sparsity).
@@ -61,14 +66,6 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_objective(name: str) -> Callable:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective.name {name!r} is unknown; objectives: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
-# objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
-WHOLE_GROUPS = ("jepo",)
 
 
 def counted_len(seq: Sequence) -> int:
@@ -77,16 +74,18 @@ def counted_len(seq: Sequence) -> int:
     return seq.response_len if weights is None else sum(w > 0 for w in weights)
 
 
-def batch_totals(batch: list[Sequence]) -> dict[str, float]:
+def batch_totals(batch: list[Sequence], lengths: list[float] | None = None) -> dict[str, float]:
     """The mini-batch normalisers every micro-batch loss divides by (counted tokens, sequences, pairs, prompts,
-    positive / negative tokens); an objective reads those its signature names."""
-    lengths = [counted_len(s) for s in batch]
-    totals = {"num_tokens": float(sum(lengths)), "num_seqs": float(sum(n > 0 for n in lengths))}
+    positive / negative tokens); an objective reads those its signature names. `lengths`: the counted tokens of
+    each sequence (default `counted_len`); a sequence with none counts nowhere."""
+    lengths = [counted_len(s) for s in batch] if lengths is None else lengths
+    kept = [s for s, n in zip(batch, lengths) if n > 0]
+    totals = {"num_tokens": float(sum(lengths)), "num_seqs": float(len(kept))}
     fields = batch[0].fields if batch else {}
     if "pair_id" in fields:
-        totals["num_pairs"] = float(len({s.fields["pair_id"] for s in batch}))
+        totals["num_pairs"] = float(len({s.fields["pair_id"] for s in kept}))
     if "group_ids" in fields:
-        totals["num_prompts"] = float(len({s.fields["group_ids"] for s in batch}))
+        totals["num_prompts"] = float(len({s.fields["group_ids"] for s in kept}))
     if "rewards" in fields:
         totals["num_pos_tokens"] = float(sum(n for s, n in zip(batch, lengths) if s.fields["rewards"] > 0))
         totals["num_neg_tokens"] = totals["num_tokens"] - totals["num_pos_tokens"]
@@ -124,19 +123,35 @@ def pair_inputs(logp: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
 
 def plan_rank(batch: list[Sequence], budget: int, env: DistEnv, pad_token_id: int,
               units: list | None = None) -> list[MicroBatch]:
-    """This rank's packed micro-batches of a global batch (every rank gets the same number)."""
+    """This rank's packed micro-batches of a global batch (every rank gets the same number): one plan, one
+    `collate` per micro-batch."""
     plan = plan_microbatches([s.packed_len for s in batch], budget, env.world_size, units)
-    return [drop_corrected(collate(batch, indices, pad_token_id)) for indices in plan[env.rank]]
+    return [collate(batch, indices, pad_token_id) for indices in plan[env.rank]]
 
 
 def drop_corrected(mb: MicroBatch) -> MicroBatch:
-    """Tokens whose rejection mask is 0 stop being loss positions (and leave the objective's own masks)."""
+    """Tokens whose rejection mask is 0 stop being loss positions (and leave the objective's own masks); a
+    sequence left with none leaves the micro-batch, as if it were not in the mini-batch."""
     weights = mb.token_fields.get(CORRECTION_MASK)
     if weights is None:
         return mb
     keep = weights > 0
     fields = {k: v * keep if k.endswith("_mask") else v for k, v in mb.token_fields.items()}
-    return dataclasses.replace(mb, targets=torch.where(keep, mb.targets, IGNORE_INDEX), token_fields=fields)
+    mb = dataclasses.replace(mb, targets=torch.where(keep, mb.targets, IGNORE_INDEX), token_fields=fields)
+    return drop_sequences(mb, torch.tensor(loss_counts(mb)) > 0)
+
+
+def counted_lengths(micro: list[MicroBatch], size: int, env: DistEnv) -> list[float]:
+    """Loss positions of each of the mini-batch's `size` sequences, from this rank's micro-batches, summed over
+    ranks (each sequence sits in one micro-batch of one rank)."""
+    counts = torch.zeros(size, dtype=torch.float64)
+    for mb in micro:
+        if mb.sequence_ids:
+            counts[torch.tensor(mb.sequence_ids)] = torch.tensor(loss_counts(mb), dtype=torch.float64)
+    if env.world_size > 1:
+        counts = counts.to(env.device)
+        dist.all_reduce(counts)
+    return counts.tolist()
 
 
 def objective_args(fn: Callable, name: str, logp: torch.Tensor, mb: MicroBatch, totals: dict, validate: bool,
@@ -187,23 +202,32 @@ def sequence_logprobs(model: PolicyModel, batch: list[Sequence], env: DistEnv, b
     log-probs). Each rank scores its micro-batches; the result is gathered, so every rank returns the whole
     batch."""
     local: dict[int, list[float]] = {}
-    plan = [collate(batch, indices, pad_token_id) for indices in plan_microbatches(
-        [s.packed_len for s in batch], budget, env.world_size)[env.rank]]  # every response token, corrected or not
-    for mb in plan:
-        dev = mb.to(env.device)
-        logp = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature, kept=dev.kept).float().cpu()
+    micro = plan_rank(batch, budget, env, pad_token_id)
+    for mb, logp in zip(micro, score_packed(model, micro, env, temperature)):
         local.update(split_by_sequence(logp, mb))
     return gather_sequences(local, len(batch), env)
+
+
+@torch.no_grad()
+def score_packed(model: PolicyModel, micro: list[MicroBatch], env: DistEnv,
+                 temperature: float = 1.0) -> list[torch.Tensor]:
+    """[N] fp32 CPU values of `model` (log-probs at `temperature`, or a scorer's per-token scores) at the loss
+    positions of each micro-batch, 0 elsewhere (the layout of a packed per-token field). Every micro-batch runs,
+    placeholders included, so the FSDP collectives of every rank line up."""
+    out = []
+    for mb in micro:
+        dev = mb.to(env.device)
+        values = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature, kept=dev.kept).float().cpu()
+        out.append(torch.where(mb.loss_mask, values, torch.zeros((), dtype=values.dtype)))
+    return out
 
 
 def split_by_sequence(logp: torch.Tensor, mb: MicroBatch) -> dict[int, list[float]]:
     """[N] per-token values of a micro-batch -> {sequence index in the mini-batch: its loss-position values}.
     `collate` lays each sequence's tokens out contiguously, in order: one selection and one `tolist` for the
     micro-batch, then list slices (a mask per sequence cost ~3 ms per call at the demo's 128 sequences)."""
-    keep = mb.targets != IGNORE_INDEX
-    counts = torch.bincount(mb.seq_index[keep], minlength=len(mb.sequence_ids)).tolist()
-    values, out, start = logp[keep].tolist(), {}, 0
-    for index, count in zip(mb.sequence_ids, counts):
+    values, out, start = logp[mb.loss_mask].tolist(), {}, 0
+    for index, count in zip(mb.sequence_ids, loss_counts(mb)):
         out[index], start = values[start:start + count], start + count
     return out
 
@@ -226,9 +250,10 @@ class Trainer:
         self.policy, self.env, self.optim_cfg = policy, env, optim
         self.head, self.temperature = head, float(temperature)
         self.head_factory = make_head  # (head, objective, call, entropy) -> head; bench swaps it
-        self.keep_logp = False  # set to gather the step's per-sequence log-probs into `step_logp`
-        self.step_logp: list[list[float]] = []
-        self.loss_fn = resolve_objective(objective)
+        self.keep_logp = False  # set to keep the step's [N] log-probs of each micro-batch in `step_logp`
+        self.step_logp: list[torch.Tensor] = []
+        self.spec = get_spec(objective)
+        self.loss_fn = self.spec.loss
         self.objective_name, self.objective_kwargs = objective, dict(objective_kwargs or {})
         self.budget, self.pad_token_id = max_tokens_per_microbatch, pad_token_id
         # foreach: torch picks the per-tensor loop for CPU (and DTensor) parameters, ~3x the Python time per step
@@ -238,35 +263,51 @@ class Trainer:
         schedule = dict(warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
                         min_lr_ratio=optim.min_lr_ratio)
         self.scheduler = LambdaLR(self.optimizer, lambda s: lr_lambda(s, **schedule))
-        self.pairwise = "chosen_logp" in inspect.signature(self.loss_fn).parameters
-        self.statistics_fn = BATCH_STATISTICS.get(objective)
+        self.pairwise = self.spec.packing_unit == "pair"
+        self.statistics_fn = self.spec.statistics
         self.wants_entropy = float(self.objective_kwargs.get("entropy_coef", 0.0)) != 0
-        self.unit_field = "pair_id" if self.pairwise else "group_ids" if objective in WHOLE_GROUPS else None
+        self.unit_field = self.spec.unit_field
         self.steps_done = 0
         self.skipped_steps = 0
         _, self.flop_params = count_parameters(policy)
 
+    def pack(self, batch: list[Sequence]) -> PackedBatch:
+        """Check the rows (by row id), then plan and pack the mini-batch once: this rank's micro-batches."""
+        self.check_rows(batch)
+        units = [s.fields[self.unit_field] for s in batch] if self.unit_field else None
+        return PackedBatch(batch, plan_rank(batch, self.budget, self.env, self.pad_token_id, units))
+
     def plan(self, batch: list[Sequence]) -> list[MicroBatch]:
         """This rank's packed micro-batches of the mini-batch (CPU tensors)."""
-        units = [s.fields[self.unit_field] for s in batch] if self.unit_field else None
-        return plan_rank(batch, self.budget, self.env, self.pad_token_id, units)
+        return self.pack(batch).micro
 
-    def step(self, batch: list[Sequence]) -> dict[str, float]:
-        """One optimizer step on a global mini-batch; returns metrics (same values on every rank)."""
-        self.check_batch(batch)
+    def prepare(self, packed: PackedBatch) -> dict[str, float]:
+        """Once per packed mini-batch, before its first update (later ones reuse it): tokens a correction set to 0
+        leave the micro-batches, the mini-batch totals are counted (over ranks), and the objective checks this
+        rank's share."""
+        if packed.totals is None:
+            packed.micro = [drop_corrected(mb) for mb in packed.micro]
+            packed.lengths = counted_lengths(packed.micro, len(packed.sequences), self.env)
+            packed.totals = batch_totals(packed.sequences, packed.lengths)
+            self.check_share(packed)
+        return packed.totals
+
+    def step(self, batch: list[Sequence] | PackedBatch) -> dict[str, float]:
+        """One optimizer step on a global mini-batch (packed here unless it comes packed); returns metrics (same
+        values on every rank)."""
+        packed = batch if isinstance(batch, PackedBatch) else self.pack(batch)
+        totals = dict(self.prepare(packed))
         start = time.perf_counter()
         if self.env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.env.device)
-        totals = batch_totals(batch)
-        num_tokens = totals["num_tokens"]
-        micro = self.plan(batch)
+        num_tokens, micro = totals["num_tokens"], packed.micro
         totals |= self.batch_statistics(micro)
         local_loss, weighted = torch.zeros((), dtype=torch.float64, device=self.env.device), {}
-        local_logp: dict[int, list[float]] = {}
+        kept_logp = []
         for mb in micro:
             loss, metrics = self.micro_step(mb.to(self.env.device), totals)
             if self.keep_logp:
-                local_logp.update(split_by_sequence(self.last_logp.cpu(), mb))
+                kept_logp.append(self.last_logp.cpu())
             local_loss += loss.detach().double()
             share = float(mb.loss_mask.sum()) / num_tokens  # objective metrics are per-micro-batch token means
             for k, v in metrics.items():
@@ -279,12 +320,13 @@ class Trainer:
         lr = self.last_lr  # the rate this update uses; apply_gradients advances the schedule
         grad_norm, applied = self.apply_gradients(loss)
         if self.keep_logp:
-            self.step_logp = gather_sequences(local_logp, len(batch), self.env)
+            self.step_logp = kept_logp
         elapsed = time.perf_counter() - start
+        kept = [s for s, n in zip(packed.sequences, packed.lengths) if n > 0]
         return {"step": self.steps_done, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                 "skipped": float(not applied), "tokens": packed_tokens, "loss_tokens": num_tokens,
                 "microbatches": float(len(micro)), "tokens_per_s": packed_tokens / elapsed, "step_time_s": elapsed,
-                **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(batch, elapsed)}
+                **dict(zip(weighted, totals[2:])), **self.memory_and_mfu(kept, elapsed)}
 
     def micro_step(self, mb: MicroBatch, totals: dict):
         """Forward (trunk + head, inside the FSDP2 root) and backward of one micro-batch; keeps its log-probs."""
@@ -320,9 +362,8 @@ class Trainer:
         return fn(**objective_args(fn, self.objective_name, logp, mb, totals, validate, self.objective_kwargs,
                                    entropy, strict=fn is self.loss_fn))
 
-    def check_batch(self, batch: list[Sequence]) -> None:
-        """Reject bad sequences by row id, then let the objective validate all its inputs once, on CPU
-        (off the device: no host sync on the hot path, where the loss runs with validate=False)."""
+    def check_rows(self, batch: list[Sequence]) -> None:
+        """Reject bad sequences by row id (before planning: a too-long one would fail there less clearly)."""
         if len(batch) < 1:
             raise ValueError("the mini-batch is empty")
         fields, token_fields = set(batch[0].fields), set(batch[0].token_fields)
@@ -334,14 +375,26 @@ class Trainer:
                 raise ValueError(f"sequence of row {seq.row_id!r}: {problem}")
         if self.pairwise:
             check_pairs(batch)
-        if IS_WEIGHT in token_fields and IS_WEIGHT not in inspect.signature(self.loss_fn).parameters:
-            raise ValueError(f"objective {self.objective_name!r} takes no `{IS_WEIGHT}` (a rollout correction's "
-                             "importance weight on its policy-gradient term); use a rejection mask "
-                             "(rollout.correction=token_mask, seq_mask or geo_mask) or none")
-        whole = drop_corrected(collate(batch, list(range(len(batch))), self.pad_token_id))
-        zeros = torch.zeros(whole.num_tokens)
-        self.call_objective(zeros, whole, batch_totals(batch), validate=True,
-                            entropy=zeros if self.wants_entropy else None)
+
+    def check_share(self, packed: PackedBatch) -> None:
+        """Let the objective validate all its inputs on this rank's micro-batches, with the mini-batch totals, on
+        CPU (off the device: no host sync on the hot path, where the loss runs with validate=False)."""
+        takes_weight = IS_WEIGHT in inspect.signature(self.loss_fn).parameters
+        for mb in packed.micro:
+            if IS_WEIGHT in mb.token_fields and not takes_weight:
+                raise ValueError(f"objective {self.objective_name!r} takes no `{IS_WEIGHT}` (a rollout correction's "
+                                 "importance weight on its policy-gradient term); use a rejection mask "
+                                 "(rollout.correction=token_mask, seq_mask or geo_mask) or none")
+            if mb.sequence_ids:  # a placeholder holds no input
+                zeros = torch.zeros(mb.num_tokens)
+                self.call_objective(zeros, mb, packed.totals, validate=True,
+                                    entropy=zeros if self.wants_entropy else None)
+
+    def check_batch(self, batch: list[Sequence] | PackedBatch) -> PackedBatch:
+        """The rows, then the objective on this rank's share (once per packed mini-batch); returns it packed."""
+        packed = batch if isinstance(batch, PackedBatch) else self.pack(batch)
+        self.prepare(packed)
+        return packed
 
     def apply_gradients(self, loss: float) -> tuple[float, bool]:
         """Clip and step; on a non-finite loss or gradient norm skip the update (weights and optimizer state

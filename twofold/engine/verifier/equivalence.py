@@ -226,11 +226,12 @@ def _not_equal_set(rel: Rel):
 def _absolute_set(rel: Rel):
     """`|k x + b| op c` (or `c op |k x + b|`) with constants k != 0, b and c, as a set of real x."""
     (left, right), (op,) = rel.exprs, rel.ops
-    if isinstance(right, sympy.Abs) and not isinstance(left, sympy.Abs):
+    if _scaled_abs(right) and not _scaled_abs(left):
         left, right, op = right, left, _FLIP[op]
-    if not isinstance(left, sympy.Abs) or right.free_symbols or not right.is_extended_real \
-            or len(left.free_symbols) != 1:
+    if not _scaled_abs(left) or right.free_symbols or not right.is_extended_real or len(left.free_symbols) != 1:
         return None
+    scale, left = left.as_coeff_Mul()  # sympy writes |2x| as 2|x|
+    right = right / scale
     (x,) = left.free_symbols
     inner = left.args[0]
     slope = sympy.diff(inner, x)
@@ -242,6 +243,12 @@ def _absolute_set(rel: Rel):
     if op in ("<", "<="):
         return sympy.Interval(center - radius, center + radius, op == "<", op == "<")
     return sympy.Complement(sympy.S.Reals, sympy.Interval(center - radius, center + radius, op == ">=", op == ">="))
+
+
+def _scaled_abs(e: sympy.Expr) -> bool:
+    """`|...|` times a positive number."""
+    scale, rest = e.as_coeff_Mul()
+    return isinstance(rest, sympy.Abs) and scale > 0
 
 
 def same_set(a: sympy.Set, b: sympy.Set) -> bool:
@@ -271,12 +278,18 @@ def same_sequence(answer, gold) -> bool:
     if isinstance(answer, Matrix) and isinstance(gold, Matrix):
         return len(answer.rows) == len(gold.rows) and all(
             same_sequence(Seq(x, "(", ")"), Seq(y, "(", ")")) for x, y in zip(answer.rows, gold.rows))
+    if {_bracket(answer), _bracket(gold)} in ({"{", "("}, {"{", "["}):
+        return False  # the set {1, 2} is neither the pair (1, 2) nor the interval [1, 2]
     items_a, items_b = _items(answer), _items(gold)
     if items_a is None or items_b is None or len(items_a) != len(items_b):
         return False
     if isinstance(gold, Matrix) or (isinstance(gold, Seq) and gold.open in ("(", "[")):
         return all(same(x, y) for x, y in zip(items_a, items_b))
     return _match_unordered(items_a, items_b)
+
+
+def _bracket(value) -> str | None:
+    return value.open if isinstance(value, Seq) else "(" if isinstance(value, Matrix) else None
 
 
 def _items(value):

@@ -12,3 +12,12 @@ def hanging_check(answer: str, gold: str) -> bool:
 def boxed_bonus(response: str, gold: str) -> float:
     """A custom reward term: 1 for a response that starts with its boxed answer."""
     return float(response.startswith("\\boxed{"))
+
+
+def hang_marked_check(answer: str, gold: str) -> bool:
+    """`is_equivalent`, except that the answer `HANG` never returns."""
+    if answer == "HANG":
+        while True:
+            pass
+    from twofold.engine.verifier.equivalence import is_equivalent
+    return is_equivalent(answer, gold)

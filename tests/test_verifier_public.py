@@ -174,3 +174,19 @@ def test_trl_signature_conversational_completions_and_a_clear_error_for_a_missin
         reward(prompts=["a"], completions=["\\boxed{1}"], problem=["1"])
     with pytest.raises(ValueError, match="check must be one of"):
         tv.MathReward(check="sympy")
+
+
+@pytest.mark.slow
+def test_twofold_verifier_runs_where_only_twofold_and_sympy_are_installed(twofold_wheel, tmp_path):
+    """The wheel with the `verifier` extra's packages alone, and no site-packages at all (`python -S`): no torch."""
+    from tests.pip_target import pip_target
+    site = pip_target(tmp_path / "site", str(twofold_wheel), "sympy==1.14.0", "mpmath==1.3.0")
+    code = ("import sys, twofold.verifier as v\n"
+            "assert v.math_reward(prompts=['q'], completions=['\\\\boxed{\\\\sqrt[3]{-8}}'], answer=['-2']) == [1.0]\n"
+            "assert 'torch' not in sys.modules and v.__file__.startswith(sys.argv[1])\n")
+    run = subprocess.run([sys.executable, "-S", "-c", code, str(site)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site), PYTHONNOUSERSITE="1"))
+    assert run.returncode == 0, run.stderr
+    probe = subprocess.run([sys.executable, "-S", "-c", "import torch"], capture_output=True, text=True,
+                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)))
+    assert probe.returncode != 0  # torch really is absent there

@@ -16,7 +16,7 @@ The pool shuts down at exit. What the verifier accepts (and refuses) is in docs/
 from __future__ import annotations
 
 from twofold.engine.verifier.equivalence import is_equivalent
-from twofold.engine.verifier.extract import DEFAULT_EXTRACT, ExtractConfig, extract_answer
+from twofold.engine.verifier.extract import DEFAULT_EXTRACT, ExtractConfig, extract_answer, last_boxed
 from twofold.engine.verifier.pool import CHECKS
 from twofold.engine.verifier.service import VerifierService, shared_service, shutdown
 
@@ -38,15 +38,20 @@ def _service(workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024, chec
 
 def verify(responses: list[str], golds: list[str], *, budget: float | None = None, **options) -> list[float]:
     """1.0 / 0.0 per response: whether its final answer (the last \\boxed{}, else "The answer is ...") equals its gold
-    answer. Options: workers (2), timeout (5 s per check), memory_mb (1024 per worker), check ("twofold",
+    answer (a gold answer with a box, a worked solution, counts by its last box). Options: workers (2), timeout (5 s per check), memory_mb (1024 per worker), check ("twofold",
     "math_verify" or "module:function"), numeric_tolerance (0: decimals are exact), extract (ExtractConfig)."""
-    return _service(**options).verify(responses, golds, budget)
+    return _service(**options).verify(responses, _golds(golds), budget)
 
 
 async def verify_async(responses: list[str], golds: list[str], *, budget: float | None = None,
                        **options) -> list[float]:
     """`verify` for asyncio code (the event loop keeps running)."""
-    return await _service(**options).verify_async(responses, golds, budget)
+    return await _service(**options).verify_async(responses, _golds(golds), budget)
+
+
+def _golds(golds: list[str]) -> list[str]:
+    """A gold answer that is a worked solution (MATH's `solution` column) is its last box."""
+    return [last_boxed(g) or g for g in map(str, golds)]
 
 
 def _text(completion) -> str:

@@ -31,7 +31,7 @@ _UNITS = (
     "meter", "meters", "centimeter", "centimeters", "unit", "units", "sq", "square", "cubic", "kg", "gram",
     "grams", "sec", "second", "seconds", "min", "minute", "minutes", "hour", "hours", "day", "days",
     "dollar", "dollars", "cent", "cents", "mph", "degree", "degrees", "radian", "radians", "liter", "liters",
-    "people", "students", "ways", "times",
+    "people", "students", "ways", "times", "percent", "percentage", "pct",
 )
 _UNIT_WORDS = "|".join(sorted(_UNITS, key=len, reverse=True))
 # Single letters (m, g, s) are left out: `2 m` is more often a product than a length.
@@ -47,6 +47,7 @@ _REPLACEMENTS = (
 _SIZING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])")
 _SPACING_RE = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad(?![A-Za-z])|~")  # not the `\\` row break
 _WORD_SEPARATOR_RE = re.compile(r"\s+(?:and|or)\s+|;")
+_THIN_THOUSANDS_RE = re.compile(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))")  # `11,\! 111`: a comma kept tight is a separator
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SPACED_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
 _MIXED_NUMBER_RE = re.compile(r"(-?\d+) (\d+)/(\d+)")
@@ -66,6 +67,7 @@ def normalize_with_units(answer: str) -> tuple[str, tuple]:
     for old, new in _UNICODE_MATH.items():
         s = s.replace(old, new)
     s = _strip_math_delimiters(s.strip())
+    s = _THIN_THOUSANDS_RE.sub(",", s)
     for old, new in _REPLACEMENTS:
         s = s.replace(old, new)
     s = _SIZING_RE.sub("", s)

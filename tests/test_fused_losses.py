@@ -251,11 +251,11 @@ def test_gpu_bf16_fused_close_to_float64_reference():
         assert rel < 2e-2, f"relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32-gemm", "bf16-gemm"])
-def test_torch_backend_bf16_on_both_gemm_policies(native_bf16, monkeypatch):
-    """bf16 inputs on CPU: fp32 GEMMs where the CPU lacks native bf16, bf16 GEMMs (fp32 accumulation) where it has
-    it; both are within bf16 rounding of float64 math on the same rounded inputs."""
-    monkeypatch.setattr(chunked, "cpu_has_native", lambda dtype: native_bf16)
+@pytest.mark.parametrize("policy", ["fp32-upcast", "native"])
+def test_torch_backend_bf16_on_both_gemm_policies(policy, monkeypatch):
+    """bf16 inputs on CPU under each GEMM policy (forced, whatever this CPU picks): fp32 GEMMs, or bf16 GEMMs with
+    fp32 accumulation; both are within bf16 rounding of float64 math on the same rounded inputs."""
+    monkeypatch.setenv(chunked.GEMM_PRECISION_ENV, policy)
     hidden, weight, targets, inputs = case_with_inputs("nft", n=33, h=32, v=123, seed=3)
     ours = fused(hidden, weight, targets, "nft", inputs, torch.bfloat16, backend="torch", chunk_size=16)
     ref = reference(hidden.bfloat16().double(), weight.bfloat16().double(), targets, "nft", inputs)

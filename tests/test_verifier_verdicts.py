@@ -8,6 +8,8 @@ from twofold.engine.data import Fields
 from twofold.engine.tasks import load_problems
 from twofold.engine.tiny import build_char_tokenizer
 from twofold.engine.verifier import VerifierPool, is_equivalent
+from twofold.engine.verifier import equivalence as equivalence_module
+from twofold.engine.verifier import parser as parser_module
 from twofold.engine.verifier.parser import ParseError, parse
 
 PI_36 = "3.14159265358979323846264338327950288"  # pi to 36 significant digits
@@ -61,33 +63,47 @@ def test_three_exclamation_marks_are_ambiguous():
 @pytest.mark.parametrize("hazard", ["\\sqrt{2^{49999}+1}", "\\sqrt{2^{20000}+1}", "(2^{9000}+1)^{1/3}",
                                     "\\log(2^{30000}+1)", "\\log_{2^{5000}+1} 7"])
 def test_roots_and_logs_of_huge_integers_are_refused_fast(hazard):
-    start = time.monotonic()
+    # CPU time of this process, not wall time: a loaded machine does not stretch it
+    start = time.process_time()
     with pytest.raises(ParseError, match="too large a number"):
         parse(hazard)
     assert not is_equivalent(hazard, hazard.replace("+1", "+ 1") + "+0")
-    assert time.monotonic() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_roots_of_integers_up_to_the_bound_still_work():
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: see above
     assert is_equivalent("\\sqrt{2^{1000}}", "2^{500}")
     assert is_equivalent("\\sqrt{2^{1000}+1}", "(2^{1000}+1)^{1/2}")
-    assert time.monotonic() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
-SLOW_GOLD = "+".join(f"\\sqrt{{2^{{1020}}+{2 * k + 1}}}" for k in range(50))  # within every bound, ~2 s to parse
+# Within every bound: 50 roots of 1020-bit integers, each a perfect-power search in sympy. It parses in 0.33 s on an
+# AMD EPYC with AVX512 (`parse(SLOW_GOLD)`, one core), ~2 s on an AVX2 one; the 1 ms timeout below is 300x less than
+# the first, which no CPU closes, and the pool only counts from the moment the job reaches its worker.
+SLOW_GOLD = "+".join(f"\\sqrt{{2^{{1020}}+{2 * k + 1}}}" for k in range(50))
+FAR_BELOW_SLOW_GOLD = 1e-3  # seconds
 
 
-def test_gold_answers_are_parsed_in_the_workers_and_bad_or_slow_ones_are_skipped_and_counted(tmp_path):
-    rows = [{"prompt": "a", "answer": "7"}, {"prompt": "b", "answer": "\\sqrt{2^{20000}+1}"},
-            {"prompt": "c", "answer": SLOW_GOLD}, {"prompt": "d", "answer": "\\frac{"}, {"prompt": "e", "answer": "7"}]
-    path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with VerifierPool(num_workers=1, timeout=0.3) as pool:
-        start = time.monotonic()
+def write_golds(path, golds):
+    path.write_text("".join(json.dumps({"prompt": chr(97 + k), "answer": gold}) + "\n" for k, gold in enumerate(golds)))
+    return path
+
+
+def test_gold_answers_are_parsed_in_the_workers_and_bad_or_slow_ones_are_skipped_and_counted(tmp_path, monkeypatch):
+    def not_in_the_trainer(*args, **kwargs):
+        raise AssertionError("a gold answer was parsed in the trainer process")
+
+    for module in (parser_module, equivalence_module):  # the workers are fresh processes: they parse for real
+        monkeypatch.setattr(module, "parse", not_in_the_trainer)
+    path = write_golds(tmp_path / "p.jsonl", ["7", "\\sqrt{2^{20000}+1}", SLOW_GOLD, "\\frac{", "7"])
+    # a timeout no machine reaches: the slow gold is a valid one, and kept
+    with VerifierPool(num_workers=1, timeout=120) as pool:
         found = load_problems(path, build_char_tokenizer(), Fields(), 64, check_golds=pool.check_golds)
-        elapsed = time.monotonic() - start
-        assert pool.stats.timeouts == 1  # the slow one was killed at the timeout, in the worker
-    assert [p.row_id for p in found.problems] == [1, 5]
-    assert found.skipped == {"unparseable gold answer": 2, "gold answer too slow to parse (verifier.timeout)": 1}
-    assert elapsed < 30  # one worker restart on a loaded machine; never the seconds of parsing in the trainer
+        assert pool.stats.timeouts == 0
+    assert [p.row_id for p in found.problems] == [1, 3, 5]
+    assert found.skipped == {"unparseable gold answer": 2}
+    # a timeout far below its cost: killed in the worker, and named as too slow
+    with VerifierPool(num_workers=1, timeout=FAR_BELOW_SLOW_GOLD) as pool:
+        assert pool.check_golds([SLOW_GOLD]) == ["gold answer too slow to parse (verifier.timeout)"]
+        assert pool.stats.timeouts == 1 and pool.stats.restarts == 1

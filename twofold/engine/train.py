@@ -40,6 +40,7 @@ from twofold.engine.packing import Sequence
 from twofold.engine.tiny import build_char_tokenizer
 from twofold.engine.tracking import Tracker
 from twofold.engine.trainer import Trainer, sequence_logprobs
+from twofold.kernels.chunked import gemm_precision
 
 log = logging.getLogger("twofold")
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        gemm_precision()  # a bad TWOFOLD_GEMM_PRECISION fails here, not at the first step
         config = load_config(args.config, args.overrides)
     except ValueError as err:
         sys.exit(f"config error: {err}")

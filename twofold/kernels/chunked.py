@@ -18,16 +18,19 @@ Elementwise work per tile is kept to few passes because on CPU it costs as much 
 runs in place as one fused kernel, and the backward forms dz in place in three passes (five with the entropy),
 with the temperature folded into the per-token coefficients.
 
-Precision: the softmax math is always fp32 (fp64 for fp64 inputs). The GEMMs run in `gemm_dtype`: bf16/fp16
-inputs use low-precision GEMMs (fp32 accumulation, the logits rounded to the input dtype, as eager's are) where
-the hardware has them, and fp32 GEMMs on a CPU without native bf16/fp16 support, where a bf16 GEMM is emulated
-and several times slower (7x on an AVX2 AMD EPYC: bench/README.md). Autocast is off inside the head in forward
-and backward alike, so the backward's recomputed logits are the forward's.
+Precision: the softmax math is always fp32 (fp64 for fp64 inputs). The GEMMs run in `gemm_dtype`: for bf16/fp16
+inputs, the `native` policy (low-precision GEMMs with fp32 accumulation, the logits rounded to the input dtype, as
+eager's are) on a GPU and on a CPU whose oneDNN runs the dtype natively, else `fp32-upcast` (fp32 GEMMs: on a CPU
+without native bf16 a bf16 GEMM is emulated and several times slower, bench/README.md). TWOFOLD_GEMM_PRECISION
+forces either; docs/kernels.md states what each promises. Autocast is off inside the head in forward and backward
+alike, so the backward's recomputed logits are the forward's.
 
 The whole-vocabulary chunk helpers (`chunk_logits`, `chunk_stats_`, `default_chunk_size`) serve the fused loss
 pass (`twofold.kernels.fused`), which needs a row's whole softmax before it can form that row's gradient.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -52,18 +55,70 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The switch that forces the head's GEMM policy for bf16/fp16 inputs (docs/kernels.md, "Precision contract"):
+#   fp32-upcast  the inputs are upcast and the GEMMs run in fp32 (exact products, fp32 accumulation);
+#   native       the GEMMs run in the input dtype with fp32 accumulation, each logit rounded to that dtype;
+#   auto         (the default) native on a GPU and on a CPU where oneDNN runs that dtype natively, else fp32-upcast.
+GEMM_PRECISION_ENV = "TWOFOLD_GEMM_PRECISION"
+GEMM_POLICIES = ("auto", "fp32-upcast", "native")
+
+# oneDNN's x86 ISA levels, lowest first, by the names ONEDNN_MAX_CPU_ISA takes (the older aliases map onto them).
+# A cap below the level where the dtype's dot-product instructions live makes oneDNN emulate that dtype: at
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE its bf16 GEMM ran at 38 GFLOP/s against 97-103 for fp32 (bench/README.md).
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+               "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+               "AVX10_2_512_AMX_2")
+ONEDNN_ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX",
+                      "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16"}
+# dtype -> (does the CPU have its dot-product instructions, does torch's oneDNN run the dtype, lowest oneDNN ISA
+# that uses those instructions)
+NATIVE_GEMM = {
+    torch.bfloat16: (lambda: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+                     lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported(), "AVX512_CORE_BF16"),
+    torch.float16: (lambda: torch.cpu._is_amx_fp16_supported(),
+                    lambda: torch.ops.mkldnn._is_mkldnn_fp16_supported(), "AVX10_1_512_AMX_FP16"),
+}
+
+
+def onednn_isa_allows(level: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA), read by oneDNN at start-up, lets it use
+    `level`. An unknown cap counts as below: the fp32 path is never the slow one."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap in ("ALL", "DEFAULT"):
+        return True
+    cap = ONEDNN_ISA_ALIASES.get(cap, cap)
+    return cap in ONEDNN_ISAS and ONEDNN_ISAS.index(cap) >= ONEDNN_ISAS.index(level)
+
+
 def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU runs `dtype` GEMMs natively (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16)."""
-    if dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return dtype == torch.float16 and torch.cpu._is_amx_fp16_supported()
+    """Whether torch's CPU GEMMs run `dtype` natively, as the math library will actually run them: the CPU has
+    the instructions (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16), oneDNN reports the dtype supported, and
+    ONEDNN_MAX_CPU_ISA does not cap oneDNN below them. The CPU flags alone are not enough: under a cap oneDNN
+    emulates bf16 (14x slower than upcasting at ONEDNN_MAX_CPU_ISA=AVX2)."""
+    if dtype not in NATIVE_GEMM:
+        return False
+    has_instructions, onednn_runs, level = NATIVE_GEMM[dtype]
+    return has_instructions() and onednn_runs() and onednn_isa_allows(level)
+
+
+def gemm_precision() -> str:
+    """The GEMM policy forced by TWOFOLD_GEMM_PRECISION, or "auto"."""
+    policy = os.environ.get(GEMM_PRECISION_ENV, "auto").strip().lower() or "auto"
+    if policy not in GEMM_POLICIES:
+        raise ValueError(f"{GEMM_PRECISION_ENV}={os.environ[GEMM_PRECISION_ENV]!r} is not a GEMM policy: set it to "
+                         f"one of {', '.join(GEMM_POLICIES)} (docs/kernels.md), or unset it")
+    return policy
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the head's GEMMs run in for inputs of `dtype` on `device` (see the module docstring)."""
-    if dtype in (torch.float32, torch.float64) or device.type != "cpu" or cpu_has_native(dtype):
+    """The dtype the head's GEMMs run in for inputs of `dtype` on `device`: fp32/fp64 as they are; bf16/fp16 per
+    the policy (`gemm_precision`; "auto": native on a GPU or where `cpu_has_native`, else fp32-upcast)."""
+    if dtype in (torch.float32, torch.float64):
         return dtype
-    return torch.float32
+    policy = gemm_precision()
+    if policy == "auto":
+        policy = "native" if device.type != "cpu" or cpu_has_native(dtype) else "fp32-upcast"
+    return dtype if policy == "native" else torch.float32
 
 
 def no_autocast(device: torch.device):

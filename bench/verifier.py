@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--throughput", type=int, default=1000, help="synthetic responses for responses/s (0: skip)")
     parser.add_argument("--verifiers", default="twofold,math_verify")
     parser.add_argument("--suites", default=",".join(suites()))
+    parser.add_argument("--limit", type=int, default=None, help="only the first LIMIT cases of each suite")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    chosen = {name: cases for name, cases in suites().items() if name in args.suites.split(",")}
+    chosen = {name: cases[:args.limit] for name, cases in suites().items() if name in args.suites.split(",")}
     verifiers = args.verifiers.split(",")
     if "math_verify" in verifiers:
         try:

@@ -91,9 +91,13 @@ def parse_answer(text: str):
 
 
 def same(answer, gold) -> bool:
-    answer, gold = _as_tuple(answer, gold), _as_tuple(gold, answer)
-    if answer is None or gold is None:
+    tuple_a, tuple_g = _as_tuple(answer, gold), _as_tuple(gold, answer)
+    if tuple_a is None or tuple_g is None:
         return False
+    # assignments to distinct variables name a tuple: a bare list on the other side is then read in order too
+    converted_a, converted_g = tuple_a is not answer, tuple_g is not gold
+    answer = tuple_a if converted_a else _ordered(answer) if converted_g else answer
+    gold = tuple_g if converted_g else _ordered(gold) if converted_a else gold
     answer, gold = _drop_label(answer, gold), _drop_label(gold, answer)
     answer_set, gold_set = _as_set(answer, gold), _as_set(gold, answer)
     if answer_set is not None and gold_set is not None:
@@ -120,16 +124,25 @@ def _assignment(value):
 
 
 def _as_tuple(value, other):
-    """Assignments answering an ordered tuple: `y = 4, x = 3` is the tuple (3, 4), its variables in alphabetical
-    order, the convention of (x, y), (a, b, c) and (r, theta) answers; None (no match) when a variable repeats."""
-    if not (isinstance(other, Seq) and other.open in ("(", "[") and isinstance(value, Seq) and value.open == ""):
+    """Assignments answering a tuple: `y = 4, x = 3` is the tuple (3, 4), its variables in alphabetical order, the
+    convention of (x, y), (a, b, c) and (r, theta) answers. Against an ordered tuple or vector a repeated variable
+    is no match (None: `x = 3, x = 3` lists solutions of x); against a bare list it stays a list of solutions."""
+    ordered = (isinstance(other, Seq) and other.open in ("(", "[")) or (isinstance(other, Matrix) and
+                                                                        _items(other) is not None)
+    bare = isinstance(other, Seq) and other.open == "" and not _has_equation(other)
+    if not ((ordered or bare) and isinstance(value, Seq) and value.open == ""):
         return value
     pairs = [_assignment(item) for item in value.items]
-    if any(p is None for p in pairs) or len(pairs) != len(other.items):
+    if any(p is None for p in pairs) or len(pairs) != len(_items(other)):
         return value
     if len({symbol for symbol, _ in pairs}) != len(pairs):
-        return None  # `x = 3, x = 3` lists solutions of x, it is no pair
+        return None if ordered else value
     return Seq(tuple(v for _, v in sorted(pairs, key=lambda p: str(p[0]))), "(", ")")
+
+
+def _ordered(value):
+    """A bare list read as a tuple."""
+    return Seq(value.items, "(", ")") if isinstance(value, Seq) and value.open == "" else value
 
 
 def _drop_label(value, other):

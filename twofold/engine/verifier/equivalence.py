@@ -28,9 +28,12 @@ MAX_ANSWER_CHARS = 1000
 PRECISION = 50  # digits for numeric comparison
 RTOL = sympy.Float(10) ** -35
 PROOF_DIGITS = 1000
-"""Working precision (digits) for evaluating the difference of two values that agree to RTOL: a difference that
-is not zero comes back from evalf with full precision (sqrt(2) * 10^-40 is told apart from 0), a true zero as a
-value evalf cannot separate from zero."""
+"""Least working precision (digits) for evaluating the difference of two values that agree to RTOL: a difference
+that is not zero comes back from evalf with full precision (sqrt(2) * 10^-40 is told apart from 0), a true zero as
+a value evalf cannot separate from zero. Raised to 4x the digits of the numbers written in the answers, so that a
+perturbation (cos(10^-1000) - 1 is about 10^-2000) stays visible; past MAX_PROOF_DIGITS no verdict of equality is
+given."""
+MAX_PROOF_DIGITS = 40_000
 # Sample values per free symbol; symbol k adds k/13 so distinct symbols never coincide.
 _SAMPLES = (sympy.Rational(7, 11), sympy.Rational(-13, 7), sympy.Rational(23, 9))
 _SPECIAL = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
@@ -366,7 +369,7 @@ def same_scalar(a: sympy.Expr, b: sympy.Expr) -> bool:
     difference = a - b
     if _rational_with_rational_coefficients(difference):
         return sympy.cancel(difference) == 0  # exact and decidable
-    if agree and not _difference_vanishes(difference):
+    if agree and not _difference_vanishes(difference, _proof_digits(a, b)):
         return False  # equal to 35 digits, but not beyond: sqrt(2) (1 + 10^-40) is not sqrt(2)
     if agree is None or _DECIMALS.get():  # no number to compare, or an exact decimal: only a proof will do
         return sympy.simplify(difference) == 0
@@ -402,11 +405,18 @@ def _points(symbols) -> list[dict]:
             for j in range(len(_SAMPLES) if symbols else 1)]
 
 
-def _difference_vanishes(difference: sympy.Expr) -> bool:
-    """Whether the difference, evaluated at each sample point with up to PROOF_DIGITS digits of working precision,
-    stays indistinguishable from zero."""
+def _proof_digits(a: sympy.Expr, b: sympy.Expr) -> int:
+    written = sum(len(str(max(abs(r.p), r.q))) for e in (a, b) for r in e.atoms(sympy.Rational))
+    return max(PROOF_DIGITS, 4 * written)
+
+
+def _difference_vanishes(difference: sympy.Expr, digits: int) -> bool:
+    """Whether the difference, evaluated at each sample point with up to `digits` digits of working precision,
+    stays indistinguishable from zero (never, past MAX_PROOF_DIGITS)."""
+    if digits > MAX_PROOF_DIGITS:
+        return False
     for point in _points(difference.free_symbols):
-        value = difference.evalf(15, subs=point, maxn=PROOF_DIGITS)
+        value = difference.evalf(15, subs=point, maxn=digits)
         if not (value.is_number and _indistinguishable_from_zero(abs(value))):
             return False
     return True

@@ -329,7 +329,11 @@ def _match_unordered(items_a: list, items_b: list) -> bool:
 
 
 def same_relation(a: Rel, b: Rel) -> bool:
-    """Equations match up to a nonzero factor, inequalities up to a positive one (after orienting)."""
+    """Equations match up to a nonzero factor, inequalities up to a positive one (after orienting). A solved equation
+    (`x = 3`) is matched only by a solved one: `x + 1 = 4` restates the problem, it does not answer it."""
+    solved = [p for p in (_assignment(a), _assignment(b)) if p is not None and not p[1].free_symbols]
+    if solved and (_assignment(a) is None or _assignment(b) is None):
+        return False
     if len(a.ops) != 1 or len(b.ops) != 1:
         return a.ops == b.ops and all(same_scalar(x, y) for x, y in zip(a.exprs, b.exprs))
     (op_a,), (op_b,) = a.ops, b.ops

@@ -26,7 +26,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m twofold.engine.demo
+	$(PY) -m twofold.engine.run.demo
 
 bench: $(STAMP)
 	$(PY) -m bench.kernels --out bench/results/cpu-kernels.json

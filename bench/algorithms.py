@@ -35,15 +35,16 @@ from pathlib import Path
 import torch
 
 from bench.tasks import LEVELS, Problem, problem_sets, random_problem, sloppy_trace, trace, wrong_trace
-from twofold.engine.config import Config, load_config
-from twofold.engine.data import Fields
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.eval import evaluate
-from twofold.engine.model import build_policy
-from twofold.engine.tasks import load_problems
-from twofold.engine.tracking import read_metrics
-from twofold.engine.train import load_tokenizer, run
-from twofold.engine.weight_sync import sync_weights
+from twofold.engine.run.config import Config, load_config
+from twofold.engine.data.loading import Fields
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.run.eval import evaluate
+from twofold.engine.train.model import build_policy
+from twofold.engine.data.tasks import load_problems
+from twofold.engine.run.tracking import read_metrics
+from twofold.engine.data.tokenizer import load_tokenizer
+from twofold.engine.run.train import run
+from twofold.engine.rollout.weight_sync import sync_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METRIC = "eval/pass1_greedy"
@@ -203,7 +204,7 @@ class Bench:
     def shared_engine(self, cfg: Config) -> dict:
         """One vLLM engine and one verifier pool for every run (weights arrive by sync at each run's start)."""
         if self.sampler is None:
-            from twofold.engine.sampler import build_sampler
+            from twofold.engine.rollout.backends import build_sampler
             from twofold.engine.verifier import VerifierPool
             self.sampler = build_sampler(cfg.sampler, cfg.model.path, 0)
             self.pool = VerifierPool(cfg.verifier.workers, cfg.verifier.timeout)

@@ -19,12 +19,13 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.model import build_policy
-from twofold.engine.sampler import GenerationParams, SamplerConfig, build_sampler, sample_distributed, write_model_dir
-from twofold.engine.tiny import CHAR_VOCAB_SIZE, build_char_tokenizer, preset_config
-from twofold.engine.weight_sync import sync_weights
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.model import build_policy
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import GenerationParams, SamplerConfig, sample_distributed, write_model_dir
+from twofold.engine.train.tiny import CHAR_VOCAB_SIZE, build_char_tokenizer, preset_config
+from twofold.engine.rollout.weight_sync import sync_weights
 
 
 def tiny_sampler_config(tie: bool = True) -> PretrainedConfig:
@@ -106,7 +107,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", help="tiny, or a preset of twofold.engine.tiny (qwen2.5-1.5b-shape)")
+    parser.add_argument("--shape", default="tiny", help="tiny, or a preset of twofold.engine.train.tiny (qwen2.5-1.5b-shape)")
     parser.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--prompts", type=int, default=16)

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import LoadWatch, Spread, device_name, ratio, reset_peak_rss, rss_bytes, time_call
-from twofold.engine.config import ModelConfig, OptimConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.heads import LogprobsHead, make_head
-from twofold.engine.model import build_policy
-from twofold.engine.packing import IGNORE_INDEX, Sequence
-from twofold.engine.trainer import Trainer, batch_totals
+from twofold.engine.run.config import ModelConfig, OptimConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.heads import LogprobsHead, make_head
+from twofold.engine.train.model import build_policy
+from twofold.engine.train.packing import IGNORE_INDEX, Sequence
+from twofold.engine.train.trainer import Trainer, batch_totals
 
 HEADS = ("fused", "logprobs", "eager")
 ATTENTIONS = ("packed", "masked")
@@ -65,10 +65,10 @@ class EagerHead(LogprobsHead):
         return (logp, -(logp_all.exp() * logp_all).sum(-1)) if entropy else logp
 
 
-def head_factory(head, objective, call_objective, correction=None, entropy=False):
+def head_factory(head, objective, call_objective, entropy=False):
     if head == "eager":
-        return EagerHead(call_objective, correction, entropy)
-    return make_head(head, objective, call_objective, correction, entropy)
+        return EagerHead(call_objective, entropy)
+    return make_head(head, objective, call_objective, entropy)
 
 
 def synthetic_batch(batch_tokens: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[Sequence]:
@@ -220,7 +220,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--shape", choices=("default", "demo"), default="default",
                    help="demo: the CPU demo's online batch (tiny-qwen2-vllm, ~128 sequences of 10-20 tokens)")
-    p.add_argument("--preset", help="twofold.engine.tiny preset (default: cpu-bench-qwen2 on CPU, qwen2.5-1.5b-shape on CUDA)")
+    p.add_argument("--preset", help="twofold.engine.train.tiny preset (default: cpu-bench-qwen2 on CPU, qwen2.5-1.5b-shape on CUDA)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of " + ",".join(HEADS))
     p.add_argument("--attention", default="packed", help="comma-separated subset of " + ",".join(ATTENTIONS))

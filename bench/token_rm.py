@@ -1,4 +1,4 @@
-"""Can OREAL's token reward model learn here? Train `twofold.engine.token_rm.TokenRewardModel` offline, the way
+"""Can OREAL's token reward model learn here? Train `twofold.engine.rollout.token_rm.TokenRewardModel` offline, the way
 the online loop does (one AdamW step per batch of 16 right + 16 wrong traces), on the teacher's traces of
 `bench.tasks`, from the shared SFT start of `bench.algorithms`, and score held-out traces.
 
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from bench.tasks import problem_sets, trace, wrong_trace
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.packing import Sequence
-from twofold.engine.token_rm import TokenRewardModel
-from twofold.engine.train import load_tokenizer
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.packing import Sequence
+from twofold.engine.rollout.token_rm import TokenRewardModel
+from twofold.engine.data.tokenizer import load_tokenizer
 from twofold.objectives import oreal_token_weights
 from twofold.objectives.layout import flatten
 

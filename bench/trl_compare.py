@@ -4,7 +4,7 @@
     python -m bench.trl_compare --quick               # 1 pair of 5 steps, SFT start of 100 steps: a smoke run
     python -m bench.trl_compare --pairs 2 --steps 20 --sft runs/demo/sft/hf --out bench/results/trl.json
 
-**The task**, as the CPU demo (`python -m twofold.engine.demo`, README): two-digit + one-digit addition answered in
+**The task**, as the CPU demo (`python -m twofold.engine.run.demo`, README): two-digit + one-digit addition answered in
 `\\boxed{}`, data generated in-process (`engine.tasks.write_addition_data`, the demo's sizes and seed). **The
 start**: one SFT checkpoint shared by every run, trained with `configs/demo_sft.yaml` (`--sft-steps`, default the
 demo's 1200; the tiny-qwen2-vllm preset, character tokenizer, nothing downloaded), or `--sft DIR`. **Each run**:
@@ -109,7 +109,7 @@ def child_env() -> dict[str, str]:
 
 def prepare_start(args) -> tuple[Path, Path]:
     """The demo's data files and the shared SFT checkpoint (trained once per --sft-steps, reused afterwards)."""
-    from twofold.engine.tasks import write_addition_data
+    from twofold.engine.data.tasks import write_addition_data
 
     work = Path(args.work)
     data = write_addition_data(work / "data", sft_rows=20_000, rl_prompts=5_000, eval_prompts=200, forget_carry=0.6)
@@ -118,7 +118,7 @@ def prepare_start(args) -> tuple[Path, Path]:
     run_dir = work / f"sft-{args.sft_steps}"
     if not (run_dir / "complete.json").is_file():
         log(f"SFT start: {args.sft_steps} steps of configs/demo_sft.yaml into {run_dir}")
-        cmd = [sys.executable, "-m", "twofold.engine.train", "--config", str(CONFIGS / "demo_sft.yaml"),
+        cmd = [sys.executable, "-m", "twofold.engine.run.train", "--config", str(CONFIGS / "demo_sft.yaml"),
                f"run_dir={run_dir}", f"data.path={data['sft']}", f"train.steps={args.sft_steps}",
                "run_dir_policy=overwrite", "checkpoint.resume=never", "log.progress_bar=false", "log.plot=false"]
         done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
@@ -245,7 +245,7 @@ def child_main(args) -> None:
 
 
 def demo_config(args, side: str):
-    from twofold.engine.config import load_config
+    from twofold.engine.run.config import load_config
 
     overrides = [f"run_dir={args._run_dir}/{side}", f"model.path={args.sft}", f"data.path={args._prompts}",
                  "eval.path=", f"train.steps={args.steps}", "objective.name=grpo",
@@ -257,8 +257,8 @@ def demo_config(args, side: str):
 
 
 def run_twofold(args) -> dict:
-    from twofold.engine.online import process_age_s
-    from twofold.engine.train import run
+    from twofold.engine.run.online import process_age_s
+    from twofold.engine.run.train import run
 
     born = time.time() - process_age_s()
     history = run(demo_config(args, "twofold"))

@@ -7,16 +7,17 @@ raises a BaseException before it runs (or after doing half of its work), which u
 leave the disk: nothing after that operation happens."""
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from twofold.engine.checkpoint import FILES, MANIFEST, CheckpointDamaged, complete_checkpoints
-from twofold.engine.config import load_config
-from twofold.engine.tracking import read_metrics
-from twofold.engine.train import run
+from twofold.engine.train.checkpoint import FILES, MANIFEST, CheckpointDamaged, complete_checkpoints, step_of
+from twofold.engine.run.config import load_config
+from twofold.engine.run.tracking import read_metrics
+from twofold.engine.run.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["model.preset=tiny-qwen2", "model.dtype=float32", f"data.path={REPO / 'configs/data/tiny_arith.jsonl'}",
@@ -202,3 +203,118 @@ def test_an_explicit_damaged_checkpoint_stops_the_run_and_only_damaged_ones_neve
         _run(_config(run_dir))
     with pytest.raises(CheckpointDamaged, match="holds only damaged checkpoints"):  # not a silent restart at 0
         _run(_config(run_dir))
+
+
+# ---- hostile checkpoints: a pickled call planted with a matching manifest is refused, never run ---------------
+
+class Payload:
+    """Unpickles as os.system(command): what a planted pickle does to a loader that trusts it."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def _reseal(step: Path) -> None:
+    """Rewrite the manifest to match the files as they are now (the manifest proves integrity, not origin)."""
+    from twofold.engine.train.checkpoint import _sha256
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(step.iterdir())
+             if p.is_file() and p.name != MANIFEST}
+    (step / MANIFEST).write_text(json.dumps({"step": step_of(step), "files": files}))
+
+
+def _plant_in_metadata(step: Path, marker: Path) -> None:
+    import pickle
+    with open(step / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # our own checkpoint: safe to load in full here
+    metadata.planner_data = Payload(f"touch {marker}")
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    _reseal(step)
+
+
+def test_a_pickled_call_in_the_dcp_metadata_is_refused_on_resume_and_export(after_two_steps, tmp_path):
+    from twofold.engine.train.checkpoint import CheckpointRefused
+    from twofold.engine.run.export import export_checkpoint
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(after_two_steps, run_dir)
+    step = run_dir / "checkpoints" / "step_00000002"
+    _plant_in_metadata(step, marker)
+    with pytest.raises(CheckpointRefused, match=r"its DCP \.metadata names posix\.system.*Nothing in it was run"):
+        _run(_config(run_dir))
+    assert step.is_dir() and not marker.exists()  # not run, and not set aside as if it were merely damaged
+    with pytest.raises(CheckpointRefused, match=r"posix\.system"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_checkpoint(step, tmp_path / "out", "float32")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_pickled_call_in_train_state_is_refused(after_one_step, tmp_path):
+    """The save itself writes the planted blob (so shards and manifest match); the next resume refuses it."""
+    from twofold.engine.train.checkpoint import CheckpointRefused
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(after_one_step, run_dir)
+    real = FILES.save_shards
+
+    def planted(state, path):
+        blob = io.BytesIO()
+        torch.save({"step": 2, "payload": Payload(f"touch {marker}")}, blob)
+        return real({**state, "train_state": blob}, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FILES, "save_shards", planted)
+        _run(_config(run_dir, "train.stop_after_steps=1"))
+    assert not marker.exists()
+    with pytest.raises(CheckpointRefused, match=r"its train_state names posix\.system"):
+        _run(_config(run_dir))
+    assert not marker.exists()
+
+
+def test_the_dcp_metadata_allow_list_admits_what_dcp_writes(after_two_steps):
+    """Every global a real .metadata names is on the list (and nothing else is needed to read it)."""
+    import pickle
+
+    from twofold.engine.train.checkpoint import _DCP_GLOBALS, SafeReader
+    named = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    step = after_two_steps / "checkpoints" / "step_00000002"
+    with open(step / ".metadata", "rb") as f:
+        expected = Recorder(f).load()
+    assert {n for n in named if n[0] != "torch" or n[1] in ("Size",)} <= _DCP_GLOBALS
+    assert SafeReader(str(step)).read_metadata().state_dict_metadata == expected.state_dict_metadata
+
+
+# ---- manifests: a missing one is named with the steps it discards, a malformed one is damage -------------------
+
+def test_a_deleted_manifest_warns_naming_the_steps_the_resume_discards(after_two_steps, tmp_path, uninterrupted,
+                                                                      caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(after_two_steps, run_dir)
+    (run_dir / "checkpoints" / "step_00000002" / MANIFEST).unlink()
+    _resume_and_compare(run_dir, uninterrupted, expected_start=1)
+    assert ("step_00000002 has no manifest.json (a save that never finished, or a deleted manifest): not "
+            "resumable; resuming from step_00000001 discards what was trained up to step 2") in caplog.text
+
+
+@pytest.mark.parametrize("tamper, says", [
+    (lambda m: {**m, "files": sorted(m["files"])}, "malformed manifest.json: 'files' must map each file name"),
+    (lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != ".metadata"}},
+     ".metadata not in manifest.json (its contents are not vouched for)"),
+    (lambda m: {**m, "files": {**m["files"], "../x": {"size": 1, "sha256": "0"}}}, "a file name with a directory"),
+], ids=["files-a-list", "a-file-unlisted", "a-path-outside"])
+def test_a_malformed_manifest_is_set_aside_like_a_damaged_checkpoint(tamper, says, after_two_steps, tmp_path,
+                                                                     uninterrupted, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(after_two_steps, run_dir)
+    manifest = run_dir / "checkpoints" / "step_00000002" / MANIFEST
+    manifest.write_text(json.dumps(tamper(json.loads(manifest.read_text()))))
+    _resume_and_compare(run_dir, uninterrupted, expected_start=1)
+    assert "step_00000002 is damaged" in caplog.text and says in caplog.text
+    assert (run_dir / "checkpoints" / ".bad-step_00000002").is_dir()

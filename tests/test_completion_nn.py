@@ -5,7 +5,7 @@ import torch
 from transformers import GPTJConfig, GPTJForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 import twofold
-from twofold.engine.tiny import build_preset_model
+from twofold.engine.train.tiny import build_preset_model
 from twofold.nn import FusedLinearGRPOLoss, FusedLinearNFTLoss, FusedLinearPolicyLoss, FusedLinearRFTLoss
 
 

@@ -6,10 +6,10 @@ import string
 
 import pytest
 
-from twofold.engine.config import load_config
-from twofold.engine.data import Fields, get_field, load_sequences, prompt_ids
-from twofold.engine.tasks import load_problems
-from twofold.engine.tiny import build_char_tokenizer, save_preset
+from twofold.engine.run.config import load_config
+from twofold.engine.data.loading import Fields, get_field, load_sequences, prompt_ids
+from twofold.engine.data.tasks import load_problems
+from twofold.engine.train.tiny import build_char_tokenizer, save_preset
 
 # a minimal ChatML-like template, in the char tokenizer's alphabet
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -154,8 +154,8 @@ def test_a_hub_dataset_name_offline_and_not_cached_says_how_to_fetch_it(tmp_path
     import subprocess
     import sys
     pytest.importorskip("datasets", reason="the data extra (pip install 'twofold[data]')")
-    code = ("from twofold.engine.data import load_sequences\n"
-            "from twofold.engine.tiny import build_char_tokenizer\n"
+    code = ("from twofold.engine.data.loading import load_sequences\n"
+            "from twofold.engine.train.tiny import build_char_tokenizer\n"
             "load_sequences('acme/absent-math', build_char_tokenizer(), 64)\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,

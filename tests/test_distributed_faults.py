@@ -16,7 +16,7 @@ TIMEOUT_S = 10
 def _launch(run_dir: Path, timeout_s: float) -> subprocess.Popen:
     """A two-rank offline run long enough to be interrupted (it is never let finish)."""
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
-           "twofold.engine.train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), f"run_dir={run_dir}",
+           "twofold.engine.run.train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), f"run_dir={run_dir}",
            "model.dtype=float32", "train.steps=100000", "checkpoint.every=0", "log.progress_bar=false",
            "log.plot=false", f"train.collective_timeout_s={timeout_s}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -104,3 +104,23 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
         out = _end(launcher, ranks)
     assert left == [], out[-3000:]
     assert "its launcher (pid" in out or not out  # the message goes to the dead launcher's pipe, when it can
+
+
+def test_a_killed_rank_is_named_in_the_engines_words(tmp_path):
+    """A SIGKILLed rank: its peer's collective fails at once (gloo: connection reset); the peer names the dead rank
+    in one line instead of ending on gloo's traceback."""
+    launcher = _launch(tmp_path, 600)
+    ranks = {}
+    try:
+        ranks = _wait_until_training(launcher, tmp_path)
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+        while _alive(ranks[0]) and time.monotonic() - killed < 60:
+            time.sleep(0.2)
+    finally:
+        out = _end(launcher, ranks)
+    rank0 = [line for line in out.splitlines() if line.startswith("[rank0]:") or line.startswith("error: rank 0")]
+    assert f"rank 0: a peer closed its connection in the middle of a collective: rank 1 (pid {ranks[1]} on " in out, \
+        out[-3000:]
+    assert "has exited (its own output says why). Ending the job." in out
+    assert not rank0 or "Connection reset by peer" not in rank0[-1], rank0[-3:]

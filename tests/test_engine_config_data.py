@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-from twofold.engine.config import load_config, to_yaml
-from twofold.engine.data import BatchStream, load_sequences
-from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.run.config import load_config, to_yaml
+from twofold.engine.data.loading import BatchStream, load_sequences
+from twofold.engine.train.tiny import build_char_tokenizer
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_changing_the_objective_on_the_command_line_needs_its_kwargs(tmp_path, d
 
 
 def test_drgrpo_constant_defaults_to_the_generation_budget(tmp_path, data_file):
-    from twofold.engine.config import objective_kwargs
+    from twofold.engine.run.config import objective_kwargs
     config = load_config(_recipe(tmp_path, data_file), ["train.mode=online", "objective.name=drgrpo",
                                                         "rollout.max_new_tokens=12"])
     assert objective_kwargs(config) == {"constant": 12.0}

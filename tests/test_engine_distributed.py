@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import twofold.engine.checkpoint
-from twofold.engine.checkpoint import complete_checkpoints
-from twofold.engine.config import load_config
-from twofold.engine.train import resume_path, run
-from twofold.engine.tracking import read_metrics
+import twofold.engine.train.checkpoint
+from twofold.engine.train.checkpoint import complete_checkpoints
+from twofold.engine.run.config import load_config
+from twofold.engine.run.train import resume_path, run
+from twofold.engine.run.tracking import read_metrics
 
 from tests.forked_ranks import run_ranks
 
@@ -43,7 +43,7 @@ def straight(tmp_path_factory, one_thread):
 def two_ranks(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("two_ranks")
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
-           "twofold.engine.train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), *BASE, f"run_dir={run_dir}",
+           "twofold.engine.run.train", "--config", str(REPO / "configs" / "tiny_sft.yaml"), *BASE, f"run_dir={run_dir}",
            "data.max_tokens_per_microbatch=40"]  # a smaller budget too: more micro-batches per rank
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -101,18 +101,18 @@ def test_keep_last_prunes_old_checkpoints(straight):
 
 def test_crash_mid_save_leaves_the_previous_checkpoint_as_the_newest(tmp_path, monkeypatch, one_thread):
     run(_config(tmp_path, "train.stop_after_steps=3"))
-    real_save = twofold.engine.checkpoint.dcp.save
+    real_save = twofold.engine.train.checkpoint.dcp.save
 
     def dies_after_writing(state, checkpoint_id):
         real_save(state, checkpoint_id=checkpoint_id)  # shards are on disk, the rename never happens
         raise KeyboardInterrupt("simulated kill during save")
 
-    monkeypatch.setattr(twofold.engine.checkpoint.dcp, "save", dies_after_writing)
+    monkeypatch.setattr(twofold.engine.train.checkpoint.dcp, "save", dies_after_writing)
     with pytest.raises(KeyboardInterrupt):
         run(_config(tmp_path, "train.stop_after_steps=1"))
     assert (tmp_path / "checkpoints" / ".tmp-step_00000004").is_dir()
     assert resume_path(_config(tmp_path)).name == "step_00000003"
-    monkeypatch.setattr(twofold.engine.checkpoint.dcp, "save", real_save)
+    monkeypatch.setattr(twofold.engine.train.checkpoint.dcp, "save", real_save)
     resumed = run(_config(tmp_path))
     assert [m["step"] for m in resumed] == [4, 5, 6]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -6,9 +6,9 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
-from twofold.engine.model import PACKED_SDPA, PolicyModel, resolve_attn_implementation
-from twofold.engine.packing import IGNORE_INDEX, PackedLayout, Sequence, collate, plan_microbatches
-from twofold.engine.tiny import preset_config
+from twofold.engine.train.model import PACKED_SDPA, PolicyModel, resolve_attn_implementation
+from twofold.engine.train.packing import IGNORE_INDEX, PackedLayout, Sequence, collate, plan_microbatches
+from twofold.engine.train.tiny import preset_config
 
 
 def _random_sequences(n, seed=0, max_len=40):

@@ -4,11 +4,11 @@ import functools
 import pytest
 import torch
 
-from twofold.engine.config import ModelConfig, OptimConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.model import build_policy
-from twofold.engine.packing import Sequence
-from twofold.engine.trainer import Trainer, batch_totals
+from twofold.engine.run.config import ModelConfig, OptimConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.model import build_policy
+from twofold.engine.train.packing import Sequence
+from twofold.engine.train.trainer import Trainer, batch_totals
 from twofold.objectives import sft_loss
 
 
@@ -149,7 +149,7 @@ def test_pairs_are_packed_together_and_a_broken_pair_is_named(env):
 
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine_to_its_floor():
-    from twofold.engine.trainer import lr_lambda
+    from twofold.engine.train.trainer import lr_lambda
     sched = dict(warmup_steps=4, total_steps=12, schedule="cosine", min_lr_ratio=0.1)
     assert [lr_lambda(s, **sched) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_lambda(8, **sched) == pytest.approx(0.1 + 0.9 * 0.5)

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from twofold.engine.config import load_config
-from twofold.engine.export import export_checkpoint
-from twofold.engine.tiny import build_char_tokenizer, save_preset
-from twofold.engine.tracking import Tracker, read_metrics
-from twofold.engine.train import RunDirError, main, run
+from twofold.engine.run.config import load_config
+from twofold.engine.run.export import export_checkpoint
+from twofold.engine.train.tiny import build_char_tokenizer, save_preset
+from twofold.engine.run.tracking import Tracker, read_metrics
+from twofold.engine.run.train import RunDirError, main, run
 
 
 @pytest.fixture(scope="module")

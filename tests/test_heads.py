@@ -1,8 +1,8 @@
 """train.head=fused equals train.head=logprobs for every objective: the loss and every parameter's gradient, fp32,
 two ranks (FSDP2, gloo), several packed micro-batches per rank, at a sampling temperature of 0.7; ratio objectives
-both on-policy (the fused kernel supplies old = sg[logp] itself) and with old log-probs; with a correction; with
-an entropy bonus (its gradient from the same pass). With a correction the two heads report different loss values
-(the fused head sum_t c_t loss_t), which also shows that two different code paths ran.
+both on-policy (the fused kernel supplies old = sg[logp] itself) and with old log-probs; with a rollout correction
+(an importance weight on the policy-gradient term and a rejection mask); with an entropy bonus (its gradient from
+the same pass).
 
 The comparison runs on two ranks forked from the test process (tests/forked_ranks.py); under torchrun
 (`torchrun --standalone --nproc_per_node=2 -m tests.test_heads`) this file runs the same check."""
@@ -39,8 +39,8 @@ CASES = [
 
 
 def make_batch(kind: str, old: bool, corrected: bool, seed: int = 0):
-    from twofold.engine.packing import Sequence
-    from twofold.engine.trainer import CORRECTION
+    from twofold.engine.train.packing import Sequence
+    from twofold.engine.rollout.correction import CORRECTION_MASK, IS_WEIGHT
 
     rng = random.Random(seed)
     out = []
@@ -62,15 +62,17 @@ def make_batch(kind: str, old: bool, corrected: bool, seed: int = 0):
             fields = {"group_ids": i // 3, "valid": float(i % 3 != 2), "extra_advantages": 0.0}
             token_fields = {"cot_mask": [1.0] * cot + [0.0] * (n - cot), "answer_mask": [0.0] * cot + [1.0] * (n - cot)}
         if corrected:
-            token_fields[CORRECTION] = [0.0 if rng.random() < 0.2 else rng.uniform(0.5, 2.0) for _ in range(n)]
+            token_fields[IS_WEIGHT] = [0.0 if rng.random() < 0.2 else rng.uniform(0.5, 2.0) for _ in range(n)]
+            masks = random.Random(1000 * seed + i)  # its own stream: the batch's lengths stay those of the rest
+            token_fields[CORRECTION_MASK] = [float(masks.random() > 0.1) for _ in range(n)]
         out.append(Sequence(tokens, prompt, row_id=i, fields=fields, token_fields=token_fields))
     return out
 
 
 def gradients(trainer, batch):
     """Accumulated gradients of one mini-batch (every rank's micro-batches, FSDP2-reduced) and the summed loss."""
-    from twofold.engine.distributed import all_reduce_sum
-    from twofold.engine.trainer import batch_totals
+    from twofold.engine.train.distributed import all_reduce_sum
+    from twofold.engine.train.trainer import batch_totals
 
     trainer.check_batch(batch)
     totals, loss = batch_totals(batch), 0.0
@@ -84,10 +86,10 @@ def gradients(trainer, batch):
 
 def check_heads(rank: int, report: str | None = None) -> None:
     """Every case on this rank (of two); rank 0 writes one line per case to `report`. Raises on a mismatch."""
-    from twofold.engine.config import ModelConfig, OptimConfig
-    from twofold.engine.distributed import init_distributed, shutdown_distributed
-    from twofold.engine.model import build_policy
-    from twofold.engine.trainer import Trainer
+    from twofold.engine.run.config import ModelConfig, OptimConfig
+    from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+    from twofold.engine.train.model import build_policy
+    from twofold.engine.train.trainer import Trainer
 
     torch.set_num_threads(1)
     env = init_distributed()
@@ -110,8 +112,7 @@ def check_heads(rank: int, report: str | None = None) -> None:
         lines.append(f"{case}: loss {loss_f:.6g} vs {loss_l:.6g}, max |grad diff| {worst:.2e} (max |grad| {scale:.2e})")
         if env.is_main:
             print(lines[-1], flush=True)
-        # with a correction the fused head reports sum_t c_t loss_t, the logprobs head the objective's own value
-        if not corrected and abs(loss_f - loss_l) > 1e-6 * max(1.0, abs(loss_l)):
+        if abs(loss_f - loss_l) > 1e-6 * max(1.0, abs(loss_l)):
             failures.append(f"{case}: loss {loss_f} != {loss_l}")
         if not worst <= 1e-6 * max(1.0, scale) or scale == 0:
             failures.append(f"{case}: gradients differ by {worst:.3e} (scale {scale:.3e})")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 import twofold
-from twofold.engine.tiny import save_preset
+from twofold.engine.train.tiny import save_preset
 
 PROMPTS = ["1+2=", "3+4=", "5+1=", "2+2=", "7+1=", "4+4=", "6+3=", "9+0="]
 

@@ -60,11 +60,14 @@ for mode in modes:
         # verl's seq-mean-token-mean divides by (length + 1e-8); everything else is exact
         torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-7, atol=1e-12)
         assert abs(our_metrics["actor/pg_clipfrac"] - their_metrics["actor/pg_clipfrac"]) < 1e-6  # verl: / (n + 1e-8)
-try:
-    ours_fn(old, log_prob, advantages, mask, "token-mean", config, torch.ones(b, t))
-    raise AssertionError("rollout_is_weights must be refused")
-except ValueError as e:
-    assert "rollout_is_weights" in str(e)
+# verl's rollout correction: truncated IS weights on the policy-gradient term (some 0: IcePop-style masking)
+weights = torch.rand(b, t, generator=g, dtype=torch.float64).mul(2.5).clamp(max=2.0) * (torch.rand(b, t, generator=g) > 0.2)
+for mode in modes:
+    theirs, _ = vanilla(old, log_prob, advantages, mask, mode, config, weights)
+    ours, _ = ours_fn(old, log_prob, advantages, mask, mode, config, weights)
+    assert abs((ours - theirs).item()) <= 1e-7 * max(1.0, abs(theirs.item())), mode
+    torch.testing.assert_close(torch.autograd.grad(ours, log_prob)[0], torch.autograd.grad(theirs, log_prob)[0],
+                               rtol=1e-7, atol=1e-12)
 
 # NFT: verl's actor sees only advantages, so the estimator writes +-r_hat and the loss reads both back
 uid = np.array(["a", "a", "a", "a", "b", "b", "c", "c"], dtype=object)
@@ -111,7 +114,7 @@ import torch
 from omegaconf import OmegaConf
 from verl import DataProto
 from verl.trainer.ppo.reward import load_reward_manager
-from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.train.tiny import build_char_tokenizer
 
 overrides = json.loads(sys.argv[1])  # the docs' lines, plus reward_kwargs that make "HANG" hang for 1 s at most
 config = OmegaConf.create({"reward": {"custom_reward_function": {"path": None, "name": None, "reward_kwargs": {}},

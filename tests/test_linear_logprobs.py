@@ -333,7 +333,7 @@ def test_a_bad_policy_is_named(monkeypatch):
 
 
 def test_a_bad_policy_stops_twofold_train_before_it_starts(monkeypatch):
-    from twofold.engine.train import main
+    from twofold.engine.run.train import main
 
     monkeypatch.setenv(chunked.GEMM_PRECISION_ENV, "fp16")
     with pytest.raises(SystemExit, match=r"config error: TWOFOLD_GEMM_PRECISION='fp16' is not a GEMM policy"):

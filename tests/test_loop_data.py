@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from twofold.engine.config import load_config
-from twofold.engine.data import Fields, load_sequences
-from twofold.engine.tasks import load_problems, sloppy_answer, write_addition_data
-from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.run.config import load_config
+from twofold.engine.data.loading import Fields, load_sequences
+from twofold.engine.data.tasks import load_problems, sloppy_answer, write_addition_data
+from twofold.engine.train.tiny import build_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_missing_field_names_field_and_row(tmp_path):
 
 
 def test_parquet_rows_read_like_jsonl(tmp_path):
-    import pyarrow as pa  # a dev dependency; users without it get a clear error (twofold/engine/data.py)
+    import pyarrow as pa  # a dev dependency; users without it get a clear error (twofold/engine/data/loading.py)
     import pyarrow.parquet as pq
     rows = [{"q": "1+1=", "gold": "2", "sol": "\\boxed{2}"}, {"q": "2+5=", "gold": "7", "sol": "\\boxed{7}"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
@@ -101,6 +101,6 @@ def test_recipes_load(recipe, tmp_path):
 @pytest.mark.parametrize("objective", ["nft", "rft", "grpo", "dapo", "drgrpo", "gspo", "cispo", "oreal"])
 def test_a_rollout_with_no_informative_group_builds_an_empty_batch(objective):
     """Dynamic sampling can drop every group (all samples right, or all wrong): the batch is empty, not an error."""
-    from twofold.engine.config import RolloutConfig
-    from twofold.engine.rollout import build_sequences
+    from twofold.engine.run.config import RolloutConfig
+    from twofold.engine.rollout.build import build_sequences
     assert build_sequences(objective, [], RolloutConfig(), tokenizer=None) == []

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from twofold.engine.distributed import DistEnv
-from twofold.engine.packing import Sequence, collate
-from twofold.engine.trainer import WHOLE_GROUPS, batch_totals, objective_args, sum_statistics
+from twofold.engine.train.distributed import DistEnv
+from twofold.engine.train.packing import Sequence, collate
+from twofold.engine.train.trainer import WHOLE_GROUPS, batch_totals, objective_args, sum_statistics
 from twofold.objectives import BATCH_STATISTICS, OBJECTIVES, group_advantages
 
 DT = torch.float64

@@ -8,6 +8,7 @@ something to learn from, whatever the CPU's kernels.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,12 @@ import pytest
 import torch
 
 from bench.rollout import write_tiny_model
-from twofold.engine.config import load_config
-from twofold.engine.online import needs_ref_logp
-from twofold.engine.sampler import SamplerConfig, build_sampler
-from twofold.engine.tracking import read_metrics
-from twofold.engine.train import run
+from twofold.engine.run.config import load_config
+from twofold.engine.run.online import needs_ref_logp
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import SamplerConfig
+from twofold.engine.run.tracking import read_metrics
+from twofold.engine.run.train import run
 from twofold.engine.verifier import VerifierPool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +96,7 @@ def online_config(files, warm, objective: str, run_dir: Path, *extra: str):
 
 
 def test_the_startup_clock_splits_phases_and_knows_the_process_age():
-    from twofold.engine.online import StartupClock, process_age_s
+    from twofold.engine.run.online import StartupClock, process_age_s
 
     assert 0 < process_age_s() < 24 * 3600  # pytest started this process a while ago, not before boot
     clock = StartupClock()
@@ -190,7 +192,7 @@ def test_every_sample_timing_out_in_the_verifier(files, warm, sampler, tmp_path)
 def chat_tokenizer(files):
     """The model's char tokenizer with a chat template that renders a user turn as its bare text, so that chat
     prompts tokenize exactly like the string prompts `warm` was trained on."""
-    from twofold.engine.tiny import build_char_tokenizer
+    from twofold.engine.train.tiny import build_char_tokenizer
     tok = build_char_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(files["root"] / "chat_tokenizer")
@@ -259,11 +261,34 @@ def test_reward_functions_and_math_verify_from_the_config(files, warm, sampler, 
     assert step["skipped"] == 0 and step["rollout/informative_groups"] >= 1
 
 
+def test_a_broken_reward_function_is_counted_and_past_max_error_frac_stops_the_run(files, warm, sampler, tmp_path):
+    """A reward function that raises on every call: with reward.max_error_frac=1 the step trains on the verifier's
+    verdicts and logs the function's errors and the other function's mean; with the default the run stops in one
+    line naming it (no more 'nothing to train on' with rc 0)."""
+    from twofold.engine.verifier import build_pool
+    from twofold.engine.verifier.pool import RewardFunctionError
+    functions = ("reward.functions=[{name: 'tests.verifier_functions:boxed_bonus', weight: 0.25}, "
+                 "{name: 'tests.verifier_functions:raises'}]")
+    tolerant = online_config(files, warm, "grpo", tmp_path / "tolerant", "verifier.workers=1", functions,
+                             "reward.max_error_frac=1")
+    with build_pool(tolerant) as scorer:
+        (step,) = run(tolerant, sampler=sampler, pool=scorer)
+    # every call failed (one call per distinct response: equal samples share it)
+    assert step["reward/raises/errors"] >= step["rollout/prompts"] and step["reward/raises/mean"] == 0.0
+    assert step["reward/boxed_bonus/errors"] == 0 and step["reward/boxed_bonus/mean"] > 0.5
+    assert 0 < step["rollout/accuracy"] < 1 and step["skipped"] == 0  # the verdicts survived the failures
+    strict = online_config(files, warm, "grpo", tmp_path / "strict", "verifier.workers=1", functions)
+    with build_pool(strict) as scorer, pytest.raises(RewardFunctionError) as stop:
+        run(strict, sampler=sampler, pool=scorer)
+    assert re.match(r"reward function raises failed on (\d+) of its \1 calls so far \(100% > reward.max_error_frac="
+                    r"0.05\); first error: ZeroDivisionError: division by zero", str(stop.value)), str(stop.value)
+
+
 def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm, sampler, pool, tmp_path):
-    """`python -m twofold.engine.eval` on the starting HF directory gives the run's step-0 evaluation, and on the
+    """`python -m twofold.engine.run.eval` on the starting HF directory gives the run's step-0 evaluation, and on the
     run's step_* checkpoint (exported on the fly) its final one."""
-    from twofold.engine.checkpoint import complete_checkpoints
-    from twofold.engine.eval import evaluate_checkpoint
+    from twofold.engine.train.checkpoint import complete_checkpoints
+    from twofold.engine.run.eval import evaluate_checkpoint
     config = online_config(files, warm, "nft", tmp_path / "run", f"eval.path={files['prompts']}", "eval.samples=2",
                            "checkpoint.export_hf=true", "checkpoint.export_dtype=float32")
     run(config, sampler=sampler, pool=pool)
@@ -274,6 +299,65 @@ def test_eval_command_scores_hf_and_step_checkpoints_as_the_run_did(files, warm,
     scores = evaluate_checkpoint(step, config, sampler=sampler, pool=pool)
     assert scores["eval/pass1_greedy"] == after["eval/pass1_greedy"] and scores["eval/avg@2"] == after["eval/avg@2"]
     assert scores["eval/prompts"] == 10
+
+
+# ---- JEPO on data no verifier can check (data.answers, docs/objectives.md §7.5) -----------------------------------
+def proof_rows():
+    """Proof-style rows: the digit prompts the warm policy answers, with reference answers in prose (unparseable)."""
+    return [{"prompt": f"{a}+0=", "answer": f"adding 0 leaves {a}"} for a in range(10)]
+
+
+def test_jepo_trains_on_proofs_and_twofold_eval_reports_their_likelihood(files, warm, sampler, pool, tmp_path):
+    """data.answers=reference: JEPO trains through the engine on reference answers nothing verifies, its held-out
+    evaluation is the reference answers' likelihood (which training raises), and the twofold-eval console script
+    reports the same likelihood on the exported model (the console script: its own vLLM engine, ~10 s of this test)."""
+    proofs = write_jsonl(tmp_path / "proofs.jsonl", proof_rows())
+    data = [f"data.path={proofs}", f"eval.path={proofs}", "eval.samples=2",
+            "data.max_tokens_per_microbatch=512"]  # a JEPO group packs whole: 8 x (prompt + CoT + proof)
+    with pytest.raises(ValueError, match=r"no usable prompts \(skipped: \{'unparseable gold answer': 10\}\)"):
+        run(online_config(files, warm, "jepo", tmp_path / "v", *data, "data.answers=verifiable"), sampler=sampler,
+            pool=pool)
+    with pytest.raises(ValueError, match="data.answers=reference keeps rows no verifier scores, which objective "
+                                         "'nft' cannot learn from"):
+        run(online_config(files, warm, "nft", tmp_path / "n", *data, "data.answers=reference"), sampler=sampler,
+            pool=pool)
+    config = online_config(files, warm, "jepo", tmp_path / "run", *data, "data.answers=reference", "train.steps=2",
+                           "checkpoint.export_hf=true", "checkpoint.export_dtype=float32")
+    history = run(config, sampler=sampler, pool=pool)
+    for step in history:
+        assert step["skipped"] == 0 and step["grad_norm"] > 0 and step["valid_frac"] > 0
+        assert step["rollout/verified_frac"] == 0 and step["rollout/accuracy"] == 0
+    before, after = read_metrics(tmp_path / "run" / "eval.jsonl")
+    print("\nheld-out reference likelihood before/after:", {k: (before[k], after[k]) for k in before if "ref" in k})
+    assert "eval/pass1_greedy" not in after and after["eval/verified_prompts"] == 0
+    assert after["eval/ref_logp_bound"] >= after["eval/ref_logp_per_answer"]  # Jensen: log-mean-exp >= mean
+    assert after["eval/ref_logp_per_token"] > before["eval/ref_logp_per_token"]  # JEPO raises the likelihood
+    assert 0 < after["eval/answer_format_ok"] <= 1
+
+    out = tmp_path / "scores.json"
+    command = [str(Path(sys.executable).with_name("twofold-eval")), "--out", str(out), str(tmp_path / "run" / "hf"),
+               str(proofs), "data.answers=reference", "eval.samples=2", "rollout.max_new_tokens=10",
+               *[f"sampler.{k}={v}" for k, v in SAMPLER.items()]]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    scores = json.loads(out.read_text())
+    assert scores["eval/prompts"] == 10 and scores["eval/verified_prompts"] == 0
+    for key in ("eval/ref_logp_per_token", "eval/ref_logp_per_answer", "eval/ref_logp_bound"):
+        assert scores[key] == pytest.approx(after[key], rel=1e-4), key  # the run's own final evaluation
+
+
+def test_jepo_on_semi_verifiable_data_keeps_the_rows_it_cannot_verify(files, warm, sampler, pool, tmp_path):
+    """The default (data.answers=auto: mixed for JEPO): digit rows are verified, proof rows kept for likelihood."""
+    rows = proof_rows()[:5] + [{"prompt": f"{a}+0=", "answer": str(a)} for a in range(5, 10)]
+    semi = write_jsonl(tmp_path / "semi.jsonl", rows)
+    config = online_config(files, warm, "jepo", tmp_path / "run", f"data.path={semi}", "rollout.prompts_per_step=10",
+                           f"eval.path={semi}", "eval.samples=2", "data.max_tokens_per_microbatch=512")
+    (step,) = run(config, sampler=sampler, pool=pool)
+    assert step["skipped"] == 0 and step["grad_norm"] > 0 and step["rollout/verified_frac"] == 0.5
+    evals = read_metrics(tmp_path / "run" / "eval.jsonl")
+    assert all(e["eval/verified_prompts"] == 5 and 0 <= e["eval/pass1_greedy"] <= 1 for e in evals)
+    assert all(math.isfinite(e["eval/ref_logp_per_token"]) and e["eval/ref_logp_per_token"] < 0 for e in evals)
 
 
 @pytest.mark.parametrize("objective", list(OFFLINE))
@@ -289,12 +373,12 @@ def test_one_offline_step(objective, files, one_thread, tmp_path):
 def test_two_ranks_nft(files, warm, tmp_path):
     """torchrun, two ranks: FSDP2 shards, one vLLM engine per rank, rank 0 verifies. (Offline preference pairs on
     two ranks: tests/test_engine_distributed.py.)"""
-    from twofold.engine.config import to_yaml
+    from twofold.engine.run.config import to_yaml
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     config = online_config(files, warm, "nft", tmp_path / "nft")
     recipe = tmp_path / "nft.yaml"
     recipe.write_text(to_yaml(config))
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.train", "--config",
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "twofold.engine.run.train", "--config",
                            str(recipe)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -306,9 +390,9 @@ def test_two_ranks_nft(files, warm, tmp_path):
 
 def online_run(config, sampler, pool):
     """An OnlineRun built as `run` builds it, to call its step and sync by hand."""
-    from twofold.engine.distributed import init_distributed
-    from twofold.engine.online import OnlineRun
-    from twofold.engine.train import load_tokenizer
+    from twofold.engine.train.distributed import init_distributed
+    from twofold.engine.run.online import OnlineRun
+    from twofold.engine.data.tokenizer import load_tokenizer
 
     return OnlineRun(config, init_distributed(), load_tokenizer(config), sampler=sampler, pool=pool)
 
@@ -321,7 +405,7 @@ def hf_sampler(files, warm, request):
 
 
 def one_step(config, sampler, pool, trainer_temperature=None):
-    from twofold.engine.distributed import shutdown_distributed
+    from twofold.engine.train.distributed import shutdown_distributed
 
     online = online_run(config, sampler, pool)
     try:
@@ -392,8 +476,8 @@ def test_in_bf16_the_mismatch_is_measured_and_a_correction_changes_the_gradient(
 
 def test_the_canary_stops_a_run_whose_sync_skipped_a_layer(files, warm, sampler, pool, tmp_path, monkeypatch):
     """The sampler holds random weights in layer 1 (as a dummy load leaves them); the next sync skips that layer."""
-    from twofold.engine.distributed import shutdown_distributed
-    from twofold.engine.online import CanaryError
+    from twofold.engine.train.distributed import shutdown_distributed
+    from twofold.engine.run.online import CanaryError
 
     online = online_run(online_config(files, warm, "grpo", tmp_path), sampler, pool)
     try:

@@ -31,7 +31,7 @@ def test_wheel_holds_only_the_twofold_package(twofold_wheel):
     top = {name.split("/")[0] for name in names}
     assert top == {"twofold", next(t for t in top if t.endswith(".dist-info"))}, top
     for module in ("twofold/__init__.py", "twofold/kernels/api.py", "twofold/objectives/nft.py",
-                   "twofold/engine/trainer.py", "twofold/nn.py", "twofold/integrations/trl.py"):
+                   "twofold/engine/train/trainer.py", "twofold/nn.py", "twofold/integrations/trl.py"):
         assert module in names
 
 

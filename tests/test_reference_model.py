@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.model import build_policy, build_reference
-from twofold.engine.packing import Sequence
-from twofold.engine.trainer import sequence_logprobs
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.model import build_policy, build_reference
+from twofold.engine.train.packing import Sequence
+from twofold.engine.train.trainer import sequence_logprobs
 
 from tests.forked_ranks import run_ranks
 

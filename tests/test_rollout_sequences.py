@@ -1,12 +1,12 @@
 """Rollout groups -> training sequences: rollout.mask_truncated and JEPO's format reward (no model, no sampler)."""
 import pytest
 
-from twofold.engine.config import RolloutConfig
-from twofold.engine.rollout import Group, build_sequences
-from twofold.engine.sampler import Sample
-from twofold.engine.tasks import Problem
-from twofold.engine.tiny import build_char_tokenizer
-from twofold.engine.trainer import batch_totals
+from twofold.engine.run.config import RolloutConfig
+from twofold.engine.rollout.build import Group, build_sequences
+from twofold.engine.rollout.sampler import Sample
+from twofold.engine.data.tasks import Problem
+from twofold.engine.train.tiny import build_char_tokenizer
+from twofold.engine.train.trainer import batch_totals
 
 
 def _groups(tokenizer):

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from bench.rollout import write_tiny_model
-from twofold.engine.config import ModelConfig, OptimConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.model import build_policy
-from twofold.engine.packing import Sequence, collate
-from twofold.engine.sampler import GenerationParams, SamplerConfig, build_sampler, workload_kv_blocks
-from twofold.engine.trainer import Trainer
-from twofold.engine.weight_sync import sync_weights
+from twofold.engine.run.config import ModelConfig, OptimConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.model import build_policy
+from twofold.engine.train.packing import Sequence, collate
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import GenerationParams, SamplerConfig, workload_kv_blocks
+from twofold.engine.train.trainer import Trainer
+from twofold.engine.rollout.weight_sync import sync_weights
 
 PROMPTS = ["12+7=", "hello world", "abc", "The cat sat", "9*9="]
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24, logprobs=True)

@@ -18,11 +18,12 @@ PROMPTS = [f"{i}+{i}=" for i in range(5)]  # odd count: the ranks get 3 and 2
 def worker(out_path: str, model_dir: str) -> None:
     import torch
 
-    from twofold.engine.config import ModelConfig
-    from twofold.engine.distributed import init_distributed, shutdown_distributed
-    from twofold.engine.model import build_policy
-    from twofold.engine.sampler import GenerationParams, SamplerConfig, build_sampler, rank_share, sample_distributed
-    from twofold.engine.weight_sync import sync_weights
+    from twofold.engine.run.config import ModelConfig
+    from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+    from twofold.engine.train.model import build_policy
+    from twofold.engine.rollout.backends import build_sampler
+    from twofold.engine.rollout.sampler import GenerationParams, SamplerConfig, rank_share, sample_distributed
+    from twofold.engine.rollout.weight_sync import sync_weights
 
     torch.set_num_threads(1)
     env = init_distributed()

@@ -4,11 +4,11 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from bench.rollout import write_tiny_model
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.model import build_policy
-from twofold.engine.packing import IGNORE_INDEX, Sequence, collate
-from twofold.engine.trainer import split_by_sequence
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.model import build_policy
+from twofold.engine.train.packing import IGNORE_INDEX, Sequence, collate
+from twofold.engine.train.trainer import split_by_sequence
 
 
 def test_split_by_sequence_equals_a_mask_per_sequence():

@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from twofold.engine.data import BatchStream
-from twofold.engine.packing import Sequence
-from twofold.engine.tracking import drop_rows_after, json_row, log_skip, read_metrics
+from twofold.engine.data.loading import BatchStream
+from twofold.engine.train.packing import Sequence
+from twofold.engine.run.tracking import drop_rows_after, json_row, log_skip, read_metrics
 
 
 def _rows(n: int, pairs: bool = False) -> list[Sequence]:
@@ -80,3 +80,28 @@ def test_the_skip_line_says_why_nothing_was_trained(caplog, metrics, level, word
         log_skip(7, metrics)
     (record,) = caplog.records
     assert record.levelno == level and f"step 7" in record.getMessage() and words in record.getMessage()
+
+
+def test_every_metrics_row_is_fsynced_before_the_next_step(tmp_path, monkeypatch):
+    """A row reaches the disk (not only the page cache) when it is logged, and a rewrite of the file is on disk
+    before it replaces the old one: power loss cannot leave a checkpoint ahead of its metrics, or an empty file."""
+    import os
+
+    from twofold.engine import tracking
+    from twofold.engine.run.config import load_config
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(tracking.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                          real(fd)))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    config = load_config(None, ["model.preset=tiny-qwen2", f"data.path={tmp_path / 'd.jsonl'}",
+                                f"run_dir={tmp_path}", "log.progress_bar=false"])
+    tracker = tracking.Tracker(config, True, 0)
+    for step in (1, 2):
+        tracker.log({"step": step, "loss": 1.0, "grad_norm": 1.0, "tokens_per_s": 1.0})
+        assert synced[-1] == str(tmp_path / "metrics.jsonl") and len(synced) == step
+    tracker.log_eval(2, {"eval/pass1_greedy": 0.5})
+    assert synced[-1] == str(tmp_path / "eval.jsonl")
+    tracker.close(plot=False)
+    tracking.drop_rows_after(tmp_path / "metrics.jsonl", 1)
+    assert synced[-1] == str(tmp_path / ".metrics.jsonl.tmp")

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.packing import Sequence
-from twofold.engine.token_rm import TokenRewardModel
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.train.packing import Sequence
+from twofold.engine.rollout.token_rm import TokenRewardModel
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from twofold.engine.data import Fields
-from twofold.engine.tasks import load_problems
-from twofold.engine.tiny import build_char_tokenizer
+from twofold.engine.data.loading import Fields
+from twofold.engine.data.tasks import load_problems
+from twofold.engine.train.tiny import build_char_tokenizer
 from twofold.engine.verifier import VerifierPool, is_equivalent
 from twofold.engine.verifier import equivalence as equivalence_module
 from twofold.engine.verifier import parser as parser_module

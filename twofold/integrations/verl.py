@@ -22,7 +22,9 @@
   from `config.policy_loss` keys `nft_eps` (1.0) and `nft_prompt_weight` ("1-r") when present.
 - twofold_rft: reads correctness the same way (advantage > 0), any advantage estimator whose sign is the reward's.
 
-rollout_is_weights (verl's rollout correction) is not supported: a ValueError says so.
+rollout_is_weights (verl's rollout correction, `algorithm.rollout_correction.rollout_is`) weight the
+policy-gradient term per token, as in verl's own losses (twofold's `is_weight`); verl's rejection sampling
+(`rollout_rs`) changes the response mask before the loss is called, so it applies as it is.
 """
 from __future__ import annotations
 
@@ -80,12 +82,6 @@ def aggregation(loss_agg_mode: str, response_mask: Tensor, config) -> dict:
                      f"seq-mean-token-sum, seq-mean-token-sum-norm; got {loss_agg_mode!r}")
 
 
-def _no_rollout_weights(rollout_is_weights):
-    if rollout_is_weights is not None:
-        raise ValueError("twofold's verl losses do not apply rollout_is_weights (verl's rollout correction); "
-                         "turn it off or use verl's own loss modes")
-
-
 def _verl_metrics(metrics: dict, prefix: str = "actor/") -> dict:
     return {prefix + k: float(v) for k, v in metrics.items()}
 
@@ -93,12 +89,11 @@ def _verl_metrics(metrics: dict, prefix: str = "actor/") -> dict:
 def grpo_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                      loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Tensor | None = None):
     """PPO-clip (GRPO / DAPO / Dr. GRPO by advantages, clip range and loss_agg_mode) as a verl policy loss."""
-    _no_rollout_weights(rollout_is_weights)
     clip = _option(config, "clip_ratio", 0.2)
     low, high = _option(config, "clip_ratio_low", clip), _option(config, "clip_ratio_high", clip)
     agg = {**dict(constant=None, num_tokens=None, num_seqs=None), **aggregation(loss_agg_mode, response_mask, config)}
     loss, metrics = ppo_loss(log_prob, old_log_prob, advantages, response_mask, eps_low=low, eps_high=high,
-                             **agg, max_log_ratio=20.0, validate=False)
+                             **agg, max_log_ratio=20.0, is_weight=rollout_is_weights, validate=False)
     out = _verl_metrics(metrics, "actor/twofold_")
     out["actor/pg_clipfrac"] = float(metrics["clip_frac"])
     return loss, out
@@ -115,23 +110,23 @@ def _correctness(advantages: Tensor, response_mask: Tensor) -> tuple[Tensor, Ten
 def nft_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                     loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Tensor | None = None):
     """NFT as a verl policy loss; `advantages` must come from the "twofold_nft" estimator (signed r_hat)."""
-    _no_rollout_weights(rollout_is_weights)
     correct, rate = _correctness(advantages, response_mask)
     options = _option(config, "policy_loss", None)
     loss, metrics = nft_loss(log_prob, old_log_prob, correct, torch.arange(correct.shape[0], device=correct.device),
                              response_mask, eps=float(_option(options, "nft_eps", 1.0)),
                              prompt_weight=str(_option(options, "nft_prompt_weight", "1-r")), correct_rate=rate,
-                             rate_bounds=None, **aggregation(loss_agg_mode, response_mask, config), validate=False)
+                             rate_bounds=None, **aggregation(loss_agg_mode, response_mask, config),
+                             is_weight=rollout_is_weights, validate=False)
     return loss, _verl_metrics(metrics, "actor/twofold_")
 
 
 def rft_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                     loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Tensor | None = None):
     """RFT (likelihood of correct responses) as a verl policy loss; a response is correct where advantage > 0."""
-    _no_rollout_weights(rollout_is_weights)
     correct, _ = _correctness(advantages, response_mask)
     loss, metrics = rft_loss(log_prob, correct, response_mask, old_logp=old_log_prob,
-                             **aggregation(loss_agg_mode, response_mask, config), validate=False)
+                             **aggregation(loss_agg_mode, response_mask, config), is_weight=rollout_is_weights,
+                             validate=False)
     return loss, _verl_metrics(metrics, "actor/twofold_")
 
 

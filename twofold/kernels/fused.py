@@ -22,11 +22,8 @@ import torch
 from twofold.kernels.api import fold_bias
 from twofold.kernels.chunked import (add_matmul_, chunk_logits, chunk_stats_, compute_dtype, default_chunk_size,
                                       logits_block, no_autocast, softmax_grad_, weight_for_gemm)
-from twofold.objectives.token_local import TOKEN_LOCAL, with_entropy_bonus
+from twofold.objectives.token_local import TOKEN_LOCAL, token_step, with_entropy_bonus
 
-# Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
-# and write), so bigger chunks amortise that traffic; `chunk_size` overrides.
-TRITON_CHUNK_BYTES = 512 * 2**20
 # The PyTorch path holds two fp32 [chunk, V] blocks; larger than the log-probs default so the per-chunk dW update
 # (an [V, H] read and write) is amortised over more tokens.
 TORCH_CHUNK_BYTES = 64 * 2**20
@@ -72,18 +69,6 @@ def _split_inputs(inputs: dict, shape: torch.Size):
     per_token = {k: v.reshape(-1) for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == shape}
     shared = {k: v for k, v in inputs.items() if k not in per_token}
     return per_token, shared
-
-
-def _token_step(fn, logp, per_token, shared, index, entropy=None):
-    """The objective's elementwise step on one chunk: (loss_t, g_t, dL/dH_t or None) for the tokens `index`
-    (fp32 or fp64); `entropy` is passed to (and only to) a function that uses it."""
-    chunk = {k: v.index_select(0, index).to(logp.dtype) if v.is_floating_point() else v.index_select(0, index)
-             for k, v in per_token.items()}
-    if entropy is None:
-        loss, grad = fn(logp, **chunk, **shared)
-        return loss, grad.to(logp.dtype), None
-    loss, grad, grad_entropy = fn(logp, entropy=entropy, **chunk, **shared)
-    return loss, grad.to(logp.dtype), grad_entropy.to(logp.dtype)
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, objective, *,
@@ -151,7 +136,7 @@ def _torch_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         y = targets.index_select(0, index)
         z = chunk_logits(h, w, temperature, acc, block)
         logp, entropy, _ = chunk_stats_(z, y, bool(entropy_mode))  # z becomes the log-softmax: no third block
-        loss, g, g_entropy = _token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
+        loss, g, g_entropy = token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
         total += loss.sum()
         if entropy_mode:
             entropy_all[index] = entropy

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from twofold.kernels.fused import TRITON_CHUNK_BYTES, _token_step
 from twofold.kernels.triton_logprobs import INTERPRET, compact, dlogits, grad_hidden, grad_weight, vocab_stats
+from twofold.objectives.token_local import token_step
+
+# Bytes of one [chunk, V] logits block on the Triton path. dW is accumulated once per chunk (an fp32 [V, H] read
+# and write), so bigger chunks amortise that traffic; `chunk_size` overrides.
+TRITON_CHUNK_BYTES = 512 * 2**20
 
 
 def _chunk_tokens(n: int, vocab: int, itemsize: int, chunk_size: int | None) -> int:
@@ -44,7 +48,7 @@ def triton_fused_pass(hidden, weight, targets, fn, per_token, shared, temperatur
         index = order[row0:row0 + rows]
         ok = torch.arange(row0, row0 + rows, device=hidden.device) < nvalid
         logp, entropy = (torch.where(ok, t, torch.zeros_like(t)) for t in (logp, entropy))
-        loss, g, g_entropy = _token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
+        loss, g, g_entropy = token_step(fn, logp, per_token, shared, index, entropy if entropy_mode == 2 else None)
         total += torch.where(ok, loss, torch.zeros_like(loss)).sum()
         g = torch.where(ok, g, torch.zeros_like(g)).float()
         if g_entropy is not None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from twofold.objectives.aggregate import normaliser
-from twofold.objectives.layout import as_mask, entropy_inputs, flatten, masked_mean, per_seq, with_grad
+from twofold.objectives.layout import as_mask, entropy_inputs, flatten, masked_mean, per_seq, pg_weight, with_grad
 from twofold.objectives.token_local import check_kl_loss, jepo_token, with_entropy_bonus
 
 
@@ -59,12 +59,14 @@ def format_advantages(format_rewards: Tensor, group_ids: Tensor) -> Tensor:
     return torch.where(n > 1, format_rewards - others / (n - 1).clamp(min=1), 0.0)
 
 
-def _inputs(logp, cot_mask, answer_mask, group_ids, valid, format_rewards, seq_index, ref_logp, validate):
+def _inputs(logp, cot_mask, answer_mask, group_ids, valid, format_rewards, seq_index, ref_logp, validate,
+            is_weight=None):
     cot = as_mask("cot_mask", cot_mask, logp.shape, validate)
     answer = as_mask("answer_mask", answer_mask, logp.shape, validate)
     if validate and bool((cot & answer).any()):
         raise ValueError("cot_mask and answer_mask must not overlap")
-    flat, x = flatten(logp, cot | answer, seq_index, group_ids.shape[0], validate, ref_logp=ref_logp)
+    flat, x = flatten(logp, cot | answer, seq_index, group_ids.shape[0], validate, ref_logp=ref_logp,
+                      is_weight=is_weight)
     ids = per_seq("group_ids", group_ids, flat, validate)
     present = flat.lengths(logp.dtype) > 0  # a packing placeholder has no tokens and counts nowhere
     ok = present if valid is None else present & per_seq("valid", valid, flat, validate).bool()
@@ -90,7 +92,7 @@ def jepo_loss(logp: Tensor, cot_mask: Tensor, answer_mask: Tensor, group_ids: Te
               valid: Tensor | None = None, format_rewards: Tensor | None = None, kl: str = "k3",
               seq_index: Tensor | None = None, num_prompts: float | Tensor | None = None,
               adv_moments: Tensor | None = None, format_moments: Tensor | None = None,
-              entropy: Tensor | None = None, entropy_coef: float = 0.0,
+              entropy: Tensor | None = None, entropy_coef: float = 0.0, is_weight: Tensor | None = None,
               validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """JEPO loss. logp/cot_mask/answer_mask/ref_logp per token; group_ids/valid/format_rewards per sequence
     (format_rewards: -p for a badly formatted sample, 0 otherwise); adv_moments/format_moments: the mini-batch's
@@ -98,7 +100,7 @@ def jepo_loss(logp: Tensor, cot_mask: Tensor, answer_mask: Tensor, group_ids: Te
     if ref_logp is not None:
         check_kl_loss(kl)
     flat, x, cot, answer, ids, present, ok, fmt = _inputs(logp, cot_mask, answer_mask, group_ids, valid,
-                                                          format_rewards, seq_index, ref_logp, validate)
+                                                          format_rewards, seq_index, ref_logp, validate, is_weight)
     l_star = flat.seq_sum(torch.where(answer, x["logp"].detach(), 0.0))
     bound, adv, d_bound = jepo_group_terms(l_star, ids, ok, multi_sample)
     if validate and bool((ok & (_valid_count(ids, ok) < 2)).any()):
@@ -118,6 +120,7 @@ def jepo_loss(logp: Tensor, cot_mask: Tensor, answer_mask: Tensor, group_ids: Te
         coef = torch.where(cot, flat.gather(adv_tilde / group_size), flat.gather(answer_coef) * answer)
         kl_coef = torch.where(cot, flat.gather(beta / group_size), 0.0)
         out = token(x["logp"].detach(), weight=weight, coef=coef, ref_logp=x["ref_logp"], kl_coef=kl_coef, kl=kl,
+                    is_weight=pg_weight(x),
                     **{k: v.detach() for k, v in bonus.items()})
     # answer tokens: the surrogate -sum_i coef_i l*_i carries the bound's gradient; report the bound's value
     answer_surrogate = -(answer_coef * l_star).sum() / prompts

@@ -80,6 +80,11 @@ def flatten(logp: Tensor, mask: Tensor, seq_index: Tensor | None, size: int | No
     return flat, out
 
 
+def pg_weight(x: dict[str, Tensor | None]) -> Tensor | float:
+    """The rollout correction's per-token importance weight from `flatten(..., is_weight=...)`, 1 without one."""
+    return 1.0 if x.get("is_weight") is None else x["is_weight"]
+
+
 def _masked(flat: Flat, name: str, x: Tensor, validate: bool) -> Tensor:
     x = x.reshape(-1)
     if validate and not bool(torch.isfinite(x.detach()[flat.mask]).all()):

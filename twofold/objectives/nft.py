@@ -13,7 +13,8 @@ from torch import Tensor
 
 from twofold.objectives.aggregate import token_weights
 from twofold.objectives.groups import r_hat
-from twofold.objectives.layout import apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq
+from twofold.objectives.layout import (apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq,
+                                      pg_weight)
 from twofold.objectives.token_local import nft_token
 
 PROMPT_WEIGHTS = {
@@ -29,7 +30,7 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
              seq_index: Tensor | None = None, agg: str = "sum_const", constant: float | None = 1000.0,
              num_tokens: float | Tensor | None = None, num_seqs: float | Tensor | None = None,
              max_log_ratio: float = 10.0, entropy: Tensor | None = None, entropy_coef: float = 0.0,
-             validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+             is_weight: Tensor | None = None, validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """NFT loss. rewards/group_ids are per sequence; old_logp=None means on-policy (R = 1).
 
     correct_rate: per-sequence r_hat of the *whole* group; pass it when a micro-batch holds part of a group
@@ -39,7 +40,7 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
         raise ValueError(f"prompt_weight must be one of {tuple(PROMPT_WEIGHTS)}, got {prompt_weight!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive (it bounds the negative gradient), got {eps!r}")
-    flat, x = flatten(logp, mask, seq_index, rewards.shape[0], validate, old_logp=old_logp)
+    flat, x = flatten(logp, mask, seq_index, rewards.shape[0], validate, old_logp=old_logp, is_weight=is_weight)
     correct = binary("rewards", per_seq("rewards", rewards, flat, validate), logp.dtype, validate)
     per_seq("group_ids", group_ids, flat, validate)
     rate = r_hat(correct, group_ids) if correct_rate is None else correct_rate
@@ -54,7 +55,7 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
     correct_t, rate_t = flat.gather(correct), flat.gather(rate)
     loss, _ = apply_token_local(x["logp"], nft_token, weight=w, old_logp=old, correct=correct_t, r_hat=rate_t,
                                 prompt_weight=flat.gather(omega), eps=eps, neg_weight=neg_weight,
-                                max_log_ratio=max_log_ratio,
+                                max_log_ratio=max_log_ratio, is_weight=pg_weight(x),
                                 **entropy_inputs(flat, logp, entropy, entropy_coef, w, validate))
     ratio = (x["logp"].detach() - old).clamp(max=max_log_ratio).exp()
     negative = flat.mask & (correct_t == 0)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twofold.objectives.aggregate import normaliser
-from twofold.objectives.layout import Flat, apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq
+from twofold.objectives.layout import (Flat, apply_token_local, binary, entropy_inputs, flatten, masked_mean, per_seq,
+                                      pg_weight)
 from twofold.objectives.token_local import kl_token, oreal_token
 
 
@@ -27,11 +28,11 @@ def oreal_loss(logp: Tensor, rewards: Tensor, advantages: Tensor, mask: Tensor, 
                eta: float = 0.5, pos_factor: float = 1.0, pos_mult_adv: bool = True,
                seq_index: Tensor | None = None, num_pos_tokens: float | Tensor | None = None,
                num_neg_tokens: float | Tensor | None = None, num_tokens: float | Tensor | None = None,
-               entropy: Tensor | None = None, entropy_coef: float = 0.0,
+               entropy: Tensor | None = None, entropy_coef: float = 0.0, is_weight: Tensor | None = None,
                validate: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """OREAL policy loss on the kept sequences; rewards/advantages per sequence, token_scores like logp."""
     flat, x = flatten(logp, mask, seq_index, rewards.shape[0], validate, ref_logp=ref_logp,
-                      token_scores=token_scores)
+                      token_scores=token_scores, is_weight=is_weight)
     correct = flat.gather(binary("rewards", per_seq("rewards", rewards, flat, validate), logp.dtype, validate))
     adv = flat.gather(per_seq("advantages", advantages, flat, validate, logp.dtype))
     omega_pos, omega_neg = (1.0, 1.0) if token_scores is None else oreal_token_weights(x["token_scores"], flat)
@@ -43,6 +44,7 @@ def oreal_loss(logp: Tensor, rewards: Tensor, advantages: Tensor, mask: Tensor, 
                                 adv=adv if pos_mult_adv else torch.where(correct > 0, 1.0, adv),
                                 omega_pos=omega_pos, omega_neg=omega_neg, pos_scale=pos_factor / n_pos,
                                 neg_scale=eta / n_neg, ref_logp=x["ref_logp"], kl_scale=beta / n_all,
+                                is_weight=pg_weight(x),
                                 **entropy_inputs(flat, logp, entropy, entropy_coef, counted / n_all, validate))
     metrics = {"positive_frac": masked_mean(correct, flat), "tokens": flat.mask.sum()}
     if token_scores is not None:

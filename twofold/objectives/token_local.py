@@ -11,6 +11,8 @@ Contract (what a fused kernel applies in its epilogue, and what every `*_loss` h
   data-parallel factor folded in). Then  total loss = sum_t loss_t  and  dL/dlogp_t = grad_t  exactly.
 - Per-sequence constants (advantages, r_hat, prompt weights, correctness) are gathered to tokens beforehand:
   x_tok = x_seq[seq_index].
+- `is_weight` (online objectives): a rollout correction's importance weight w_t (engine.correction). It multiplies
+  the policy-gradient term only; the KL term and the entropy bonus are not weighted (as in verl, TRL, OpenRLHF).
 - The kernel's logits gradient is then grad_t * (onehot(y_t) - softmax(z_t)) / temperature (docs/objectives.md §8).
 - Entropy: a function marked `uses_entropy` (`with_entropy_bonus(fn)`, what `entropy_coef` adds to every online
   objective) also takes the per-token entropy H_t and returns (loss_t, grad_t, dL/dH_t); the kernel adds
@@ -100,17 +102,18 @@ def with_kl(loss: Tensor, grad: Tensor, logp: Tensor, ref_logp: Tensor | None, b
 
 def ppo_clip_token(logp: Tensor, weight: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float = 0.2,
                    eps_high: float = 0.2, ref_logp: Tensor | None = None, beta: float = 0.0, kl: str = "k3",
-                   max_log_ratio: float = 20.0) -> tuple[Tensor, Tensor]:
-    """-min(R A, clip(R, 1-eps_low, 1+eps_high) A) [+ beta * KL], R = exp(l - l_old): GRPO, DAPO, Dr. GRPO (they
-    differ in advantages, eps and aggregation weight). g = -A R where the unclipped branch is active, else 0."""
+                   max_log_ratio: float = 20.0, is_weight: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """-is_weight min(R A, clip(R, 1-eps_low, 1+eps_high) A) [+ beta * KL], R = exp(l - l_old): GRPO, DAPO,
+    Dr. GRPO (they differ in advantages, eps and aggregation weight). g = -A R where the unclipped branch is
+    active, else 0 (times is_weight)."""
     loss, grad = clip_surrogate(logp - old_logp, adv, eps_low, eps_high, max_log_ratio)
-    loss, grad = with_kl(loss, grad, logp, ref_logp, beta, kl)
+    loss, grad = with_kl(is_weight * loss, is_weight * grad, logp, ref_logp, beta, kl)
     return weight * loss, weight * grad
 
 
 def gspo_token(logp: Tensor, weight: Tensor, seq_log_ratio: Tensor, adv: Tensor, eps_low: float = 3e-4,
                eps_high: float = 4e-4, ref_logp: Tensor | None = None, beta: float = 0.0, kl: str = "k3",
-               max_log_ratio: float = 20.0) -> tuple[Tensor, Tensor]:
+               max_log_ratio: float = 20.0, is_weight: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
     """GSPO-token (arXiv 2507.18071, its token-level variant) after its no-grad pre-pass, which gives every
     token its sequence's log s_i = (1/|y_i|) sum_t (l_t - l_old_t).
 
@@ -119,19 +122,20 @@ def gspo_token(logp: Tensor, weight: Tensor, seq_log_ratio: Tensor, adv: Tensor,
     = w_t * (-A_i s_i) where the unclipped branch is active: the clipped surrogate with the sequence ratio.
     """
     loss, grad = clip_surrogate(seq_log_ratio, adv, eps_low, eps_high, max_log_ratio)
-    loss, grad = with_kl(loss, grad, logp, ref_logp, beta, kl)
+    loss, grad = with_kl(is_weight * loss, is_weight * grad, logp, ref_logp, beta, kl)
     return weight * loss, weight * grad
 
 
 def cispo_token(logp: Tensor, weight: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float = 1.0,
-                eps_high: float = 4.0, max_log_ratio: float = 20.0) -> tuple[Tensor, Tensor]:
+                eps_high: float = 4.0, max_log_ratio: float = 20.0,
+                is_weight: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
     """CISPO (MiniMax-M1, arXiv 2506.13585 eq. 4): -sg[clip(R, 1-eps_low, 1+eps_high)] A l; g = -clip(R) A.
 
     Unlike PPO's clip no token loses its gradient: the clipped, stop-gradient IS weight only scales it.
     eps_low = 1 is the paper's "no lower bound" (R >= 0 anyway).
     """
     ratio = torch.exp((logp - old_logp).clamp(-max_log_ratio, max_log_ratio))
-    coef = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    coef = -is_weight * adv * ratio.clamp(1 - eps_low, 1 + eps_high)
     return weight * coef * logp, weight * coef
 
 
@@ -154,7 +158,7 @@ def with_entropy_bonus(fn):
 
 def nft_token(logp: Tensor, weight: Tensor, old_logp: Tensor, correct: Tensor, r_hat: Tensor,
               prompt_weight: Tensor, eps: float = 1.0, neg_weight: float = 1.0,
-              max_log_ratio: float = 10.0) -> tuple[Tensor, Tensor]:
+              max_log_ratio: float = 10.0, is_weight: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
     """NFT eq. 10 per token, times the prompt weight omega(q):
 
     positive: -log R                                      g = -1
@@ -174,13 +178,14 @@ def nft_token(logp: Tensor, weight: Tensor, old_logp: Tensor, correct: Tensor, r
     positive = correct > 0
     loss = torch.where(positive, -log_ratio, neg_weight * neg_loss)
     grad = torch.where(positive, -live, neg_weight * neg_grad)
-    scale = weight * prompt_weight
+    scale = weight * prompt_weight * is_weight  # no KL term: is_weight scales all of it
     return scale * loss, scale * grad
 
 
 def oreal_token(logp: Tensor, weight: Tensor, correct: Tensor, adv: Tensor, omega_pos: Tensor | float,
                 omega_neg: Tensor | float, pos_scale: Tensor | float, neg_scale: Tensor | float,
-                ref_logp: Tensor | None = None, kl_scale: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+                ref_logp: Tensor | None = None, kl_scale: Tensor | float = 0.0,
+                is_weight: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
     """OREAL released-code loss per token (weight: 0/1 token mask, times any data-parallel factor).
 
     positive: -pos_scale A w+ l      (pos_scale = c+/N+, A = A+ or 1)    g = -pos_scale A w+
@@ -188,8 +193,8 @@ def oreal_token(logp: Tensor, weight: Tensor, correct: Tensor, adv: Tensor, omeg
     all:      kl_scale * k3(l_ref - l)  (kl_scale = beta/N)                g = kl_scale (1 - e^D)
     """
     positive = correct > 0
-    pos_coef = -pos_scale * adv * omega_pos
-    neg_coef = -neg_scale * adv * omega_neg
+    pos_coef = -is_weight * pos_scale * adv * omega_pos
+    neg_coef = -is_weight * neg_scale * adv * omega_neg
     loss = torch.where(positive, pos_coef * logp, neg_coef * torch.ones_like(logp))
     grad = torch.where(positive, pos_coef * torch.ones_like(logp), neg_coef * torch.ones_like(logp))
     loss, grad = with_kl(loss, grad, logp, ref_logp, kl_scale, "k3")
@@ -202,13 +207,14 @@ def redi_token(logp: Tensor, weight: Tensor, chosen: Tensor, alpha: float = 0.8)
 
 
 def jepo_token(logp: Tensor, weight: Tensor, coef: Tensor, ref_logp: Tensor | None = None,
-               kl_coef: Tensor | float = 0.0, kl: str = "k3") -> tuple[Tensor, Tensor]:
-    """JEPO after its no-grad pre-pass: -coef * l + kl_coef * KL.
+               kl_coef: Tensor | float = 0.0, kl: str = "k3", is_weight: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """JEPO after its no-grad pre-pass: -is_weight * coef * l + kl_coef * KL (is_weight is 1 on the
+    teacher-forced answer tokens, which were not sampled).
 
     coef = A~_i / n on CoT tokens, beta_sup * softmax_i(l*) (single-sample: beta_sup / n) on answer tokens;
     kl_coef = beta / n on CoT tokens (0 elsewhere). weight = 1 / num_prompts.
     """
-    loss, grad = linear_token(logp, weight, -coef)
+    loss, grad = linear_token(logp, weight, -is_weight * coef)
     return with_kl(loss, grad, logp, ref_logp, weight * kl_coef, kl)
 
 
@@ -226,3 +232,16 @@ TOKEN_LOCAL = {
     "jepo": jepo_token,
     "linear": linear_token,
 }
+
+
+def token_step(fn, logp, per_token, shared, index, entropy=None):
+    """One chunk of a fused pass (both kernel backends call this): the token-local function `fn` on the tokens
+    `index`, giving (loss_t, g_t, dL/dH_t or None) in logp's dtype (fp32 or fp64); `per_token` tensors are gathered
+    at `index`, `shared` values passed as they are; `entropy` goes to (and only to) a function that uses it."""
+    chunk = {k: v.index_select(0, index).to(logp.dtype) if v.is_floating_point() else v.index_select(0, index)
+             for k, v in per_token.items()}
+    if entropy is None:
+        loss, grad = fn(logp, **chunk, **shared)
+        return loss, grad.to(logp.dtype), None
+    loss, grad, grad_entropy = fn(logp, entropy=entropy, **chunk, **shared)
+    return loss, grad.to(logp.dtype), grad_entropy.to(logp.dtype)

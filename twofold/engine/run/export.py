@@ -1,7 +1,7 @@
 """Any checkpoint -> a Hugging Face directory (safetensors, config, tokenizer).
 
-    python -m twofold.engine.export runs/x/checkpoints/step_00000040 out/x-step40      a training checkpoint
-    python -m twofold.engine.export runs/x/hf out/x-fp32 --dtype float32                an HF directory, re-saved
+    python -m twofold.engine.run.export runs/x/checkpoints/step_00000040 out/x-step40      a training checkpoint
+    python -m twofold.engine.run.export runs/x/hf out/x-fp32 --dtype float32                an HF directory, re-saved
 
 A `step_*` checkpoint holds sharded weights (DCP) and no architecture: the model is rebuilt from the run's
 `config.yaml` (beside `checkpoints/`), the checkpoint's model weights are loaded into it, and it is written as
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from twofold.engine.checkpoint import export_hf
-from twofold.engine.config import Config, load_config
-from twofold.engine.distributed import init_distributed, shutdown_distributed
-from twofold.engine.hub import resolve_model
-from twofold.engine.model import DTYPES, build_policy
+from twofold.engine.train.checkpoint import CheckpointRefused, export_hf, load_shards
+from twofold.engine.run.config import Config, load_config
+from twofold.engine.train.distributed import init_distributed, shutdown_distributed
+from twofold.engine.data.hub import resolve_model
+from twofold.engine.data.tokenizer import load_tokenizer
+from twofold.engine.train.model import DTYPES, build_policy
 
 log = logging.getLogger("twofold")
 
@@ -58,7 +58,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
 
 
 def _export_training_checkpoint(checkpoint: Path, out_dir: Path, dtype: str) -> Path:
-    from twofold.engine.train import load_tokenizer  # the tokenizer the run trained with
     config = run_config(checkpoint)
     created = not dist.is_initialized()
     env = init_distributed()
@@ -66,7 +65,7 @@ def _export_training_checkpoint(checkpoint: Path, out_dir: Path, dtype: str) -> 
         resolve_model(config.model)
         policy = build_policy(config.model, env, seed=config.train.seed)
         state = {"model": get_model_state_dict(policy)}
-        dcp.load(state, checkpoint_id=str(checkpoint))  # the model shards only; the optimizer state stays on disk
+        load_shards(state, checkpoint)  # the model shards only (optimizer state stays on disk); never a pickle
         set_model_state_dict(policy, state["model"])
         return export_hf(policy, load_tokenizer(config), out_dir, dtype)
     finally:
@@ -75,7 +74,7 @@ def _export_training_checkpoint(checkpoint: Path, out_dir: Path, dtype: str) -> 
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m twofold.engine.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m twofold.engine.run.export", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="<run_dir>/checkpoints/step_XXXXXXXX or a Hugging Face model directory")
     parser.add_argument("out_dir", help="where the Hugging Face directory is written (replaced if it exists)")
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype)
-    except ValueError as err:
+    except (ValueError, CheckpointRefused) as err:
         sys.exit(f"error: {err}")
     print(f"exported {args.checkpoint} to {out}")
     return out

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from twofold.engine.packing import Sequence, check_sequence
+from twofold.engine.train.packing import Sequence, check_sequence
 
 log = logging.getLogger("twofold.data")
 

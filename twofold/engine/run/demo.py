@@ -1,6 +1,6 @@
 """The CPU demo: a tiny model learns two-digit + one-digit addition, first by imitation, then by RL.
 
-    python -m twofold.engine.demo [--run-dir runs/demo] [--sft-steps 1200] [--rl-steps 80]
+    python -m twofold.engine.run.demo [--run-dir runs/demo] [--sft-steps 1200] [--rl-steps 80]
 
 1. Data, generated in-process: an SFT set written by a sloppy teacher (right, except that it forgets the carry
    60% of the time), RL prompts with gold answers, and held-out problems that appear in neither.
@@ -8,7 +8,7 @@
 3. Online NFT (configs/demo_nft.yaml): the real in-process vLLM sampler and the real verifier; the reward says
    which samples carried correctly, and held-out pass@1 (greedy and sampled avg@4) is measured before and after.
 Writes runs/demo/nft/{metrics.jsonl, eval.jsonl, metrics.png}, exports the trained model to runs/demo/nft/hf
-(a Hugging Face directory: `python -m twofold.engine.eval runs/demo/nft/hf runs/demo/data/eval.jsonl` scores it
+(a Hugging Face directory: `python -m twofold.engine.run.eval runs/demo/nft/hf runs/demo/data/eval.jsonl` scores it
 again) and prints the before/after table. Each stage starts afresh (run_dir_policy=overwrite).
 """
 from __future__ import annotations
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from twofold.engine.config import load_config
-from twofold.engine.tasks import write_addition_data
-from twofold.engine.train import run
+from twofold.engine.run.config import load_config
+from twofold.engine.data.tasks import write_addition_data
+from twofold.engine.run.train import run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m twofold.engine.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m twofold.engine.run.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--sft-steps", type=int, default=1200)
     parser.add_argument("--rl-steps", type=int, default=80)

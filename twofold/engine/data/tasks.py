@@ -6,7 +6,10 @@ the last assistant one) and its gold answer (`data.answer_field`, a dotted path 
 decimal text; a `\\boxed{...}` gold is unwrapped). Rows whose gold answer the verifier cannot parse
 would score every sample 0, so they are skipped and counted (`ProblemSet.skipped`), as are gold answers that take
 longer than the verifier's timeout to parse (they are parsed in its worker processes, never in the trainer) and
-prompts too long for the sampler. A row without the prompt or answer field is an error naming the field and row.
+prompts too long for the sampler. With `answers="reference"` (data.answers) no answer is checked and every row is
+a reference row (`Problem.verifiable` false: not verified, only its likelihood is used); with "mixed" the rows the
+verifier cannot parse are kept as reference rows instead of skipped (`ProblemSet.reference_rows` counts them).
+A row without the prompt or answer field is an error naming the field and row.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from twofold.engine.data import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
+from twofold.engine.data.loading import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
 from twofold.engine.verifier.extract import last_boxed
 from twofold.engine.verifier.pool import VerifierPool
 
@@ -30,6 +33,9 @@ class Problem:
     prompt_ids: tuple[int, ...]
     """The formatted prompt (data.prompt_template), tokenized: exactly what the sampler and the trainer see."""
     answer: str
+    verifiable: bool = True
+    """The verifier scores samples against `answer`; false: a reference answer, used only through its
+    likelihood (data.answers reference or mixed)."""
 
 
 @dataclass
@@ -37,6 +43,8 @@ class ProblemSet:
     problems: list[Problem]
     skipped: dict[str, int] = field(default_factory=dict)
     """Reason -> rows skipped (unparseable gold answer, prompt too long)."""
+    reference_rows: int = 0
+    """Rows kept as reference rows (not verifiable)."""
 
 
 def gold_text(row: dict, key: str) -> str:
@@ -56,10 +64,13 @@ def check_golds_in_workers(golds: list[str]) -> list[str | None]:
 def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_format: str = "auto",
                   limit: int = 0,
                   check_golds: Callable[[list[str]], list[str | None]] | None = check_golds_in_workers,
-                  split: str = "train") -> ProblemSet:
+                  split: str = "train", answers: str = "verifiable") -> ProblemSet:
     """Tokenized problems of a prompt source; bad gold answers and overlong prompts are skipped and counted.
     `check_golds` says why each gold answer is unusable (None: usable), e.g. `VerifierPool.check_golds`; None
-    keeps every gold answer (another check, or rewards from reward functions alone, may well use them)."""
+    keeps every gold answer (another check, or rewards from reward functions alone, may well use them).
+    answers: "verifiable", "reference" or "mixed" (data.answers, resolved)."""
+    if answers not in ("verifiable", "reference", "mixed"):
+        raise ValueError(f"answers must be verifiable, reference or mixed, got {answers!r}")
     out, rows, name = ProblemSet([]), [], describe(path)
     for row_id, row in read_rows(path, file_format, split):
         try:
@@ -71,20 +82,26 @@ def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_
             raise ValueError(f"{name} row {row_id}: {err}") from None
         rows.append((row_id, ids, answer))
     golds = [answer for _, _, answer in rows]
-    reasons = check_golds(golds) if check_golds is not None else [None] * len(golds)
+    checked = check_golds is not None and answers != "reference"
+    reasons = check_golds(golds) if checked else [None] * len(golds)
     for (row_id, ids, answer), reason in zip(rows, reasons):
+        verifiable = answers != "reference" and not (answers == "mixed" and reason)
+        if not verifiable:
+            reason = None
         if reason is None and not 0 < len(ids) < max_prompt_tokens:
             reason = "prompt too long for sampler.max_model_len"
         if reason:
             log.warning("skipping %s row %d: %s (%r)", name, row_id, reason, answer[:200])
             out.skipped[reason] = out.skipped.get(reason, 0) + 1
             continue
-        out.problems.append(Problem(row_id, ids, answer))
+        out.problems.append(Problem(row_id, ids, answer, verifiable))
+        out.reference_rows += not verifiable
         if limit and len(out.problems) >= limit:
             break
     if not out.problems:
         raise ValueError(f"{name}: no usable prompts (skipped: {out.skipped})")
-    log.info("loaded %d prompts from %s (skipped: %s)", len(out.problems), name, out.skipped or "none")
+    log.info("loaded %d prompts from %s (%d reference rows, not verified; skipped: %s)", len(out.problems), name,
+             out.reference_rows, out.skipped or "none")
     return out
 
 

@@ -24,20 +24,27 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy 2; numpy 1 names it numpy.core
+except ImportError:  # pragma: no cover
+    from numpy.core.multiarray import _reconstruct
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from transformers import AutoModelForCausalLM
 
-from twofold.engine.model import DTYPES, PolicyModel
-from twofold.engine.trainer import Trainer
+from twofold.engine.train.model import DTYPES, PolicyModel
+from twofold.engine.train.trainer import Trainer
 
 log = logging.getLogger("twofold")
 MANIFEST = "manifest.json"
@@ -47,6 +54,11 @@ TMP_PREFIX, OLD_PREFIX, BAD_PREFIX, TRASH_PREFIX = ".tmp-", ".old-", ".bad-", ".
 
 class CheckpointDamaged(RuntimeError):
     """A checkpoint whose files do not match its manifest, or that DCP / torch.load could not read."""
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint holding a pickled object that twofold never writes: code that loading it would run. Refused
+    before anything in it runs (docs/security.md); never set aside quietly, since its manifest matched."""
 
 
 class FileOps:
@@ -217,13 +229,84 @@ def _checksums(directory: Path) -> dict[str, dict]:
 
 # ---- load ------------------------------------------------------------------------------------------------------
 
+# What DCP's .metadata pickle may name: its own metadata dataclasses and enums, the file reader's storage record,
+# tensor shapes, dtypes and layouts, and the path DCP records of where it was saved. Nothing here runs code when
+# rebuilt (constructors of plain records), so a pickle naming anything else is refused.
+_DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name, obj in vars(dcp_metadata).items()
+                if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__}
+_DCP_GLOBALS |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                 ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+_DCP_GLOBALS |= {("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
+# train_state: torch.load(weights_only=True) admits tensors and plain containers; numpy's RNG state also needs these
+_TRAIN_STATE_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct]
+
+
+def _refuse(path: Path, what: str, name: str) -> CheckpointRefused:
+    return CheckpointRefused(
+        f"refusing to load checkpoint {path}: its {what} names {name}, which no checkpoint twofold writes holds "
+        "(loading it would run code). Nothing in it was run. If you did not put it there, the directory was "
+        "tampered with: move it away, or set checkpoint.resume=never (docs/security.md)")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                               torch.dtype)):
+            return super().find_class(module, name)
+        raise _refuse(self.path, "DCP .metadata", f"{module}.{name}")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with its one pickle.load (of .metadata) replaced by the allow-list above; the shards
+    themselves are raw tensor bytes (and DCP reads any serialised tensor with weights_only=True)."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, Path(self.path)).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise _refuse(Path(self.path), "DCP .metadata", type(metadata).__name__)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_shards(state: dict, path: str | Path, **kwargs) -> None:
+    """`dcp.load` of `state` from `path` through `SafeReader`. The metadata is read first, outside DCP, so that a
+    planted pickle raises CheckpointRefused itself (DCP turns a reader's errors into strings)."""
+    reader = SafeReader(str(path))
+    reader.read_metadata()
+    dcp.load(state, storage_reader=reader, **kwargs)
+
+
+def load_train_state(blob: io.BytesIO, path: Path) -> dict:
+    """The train_state blob through torch.load(weights_only=True): tensors, numbers, strings and containers only."""
+    blob.seek(0)
+    try:
+        with torch.serialization.safe_globals(_TRAIN_STATE_GLOBALS):
+            return torch.load(blob, weights_only=True)
+    except pickle.UnpicklingError as err:
+        blob.seek(0)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(blob)
+        names = [name for name in unsafe if name not in {f"{g.__module__}.{g.__qualname__}"
+                                                         for g in _TRAIN_STATE_GLOBALS}]
+        raise _refuse(path, "train_state", ", ".join(names) or str(err).splitlines()[0]) from None
+
 def verify_checkpoint(path: Path) -> str | None:
     """Collective: what is wrong with a checkpoint (None: every file matches its manifest)."""
     problem = None
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+        problem = _malformed(files, path)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        files, problem = {}, f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
+        problem = f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
+    if problem:
+        files = {}
     rank, world = dist.get_rank(), dist.get_world_size()
     for name in sorted(files)[rank::world]:
         if problem:
@@ -240,6 +323,29 @@ def verify_checkpoint(path: Path) -> str | None:
     return next((p for p in problems if p), None)
 
 
+def _malformed(files, path: Path) -> str | None:
+    """What is wrong with a manifest's `files` ({name: {size, sha256}} covering every file of the checkpoint)."""
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        return f"malformed {MANIFEST}: 'files' must map each file name to its size and sha256, got " \
+               f"{type(files).__name__}"
+    unlisted = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        return f"{', '.join(unlisted)} not in {MANIFEST} (its contents are not vouched for)"
+    if any(Path(name).name != name for name in files):
+        return f"malformed {MANIFEST}: a file name with a directory in it"
+    return None
+
+
+def incomplete_newer(run_dir: str | Path, newest: Path | None) -> list[Path]:
+    """`step_*` directories without a manifest above the newest complete checkpoint: steps a resume discards."""
+    root = checkpoint_dir(run_dir)
+    floor = step_of(newest) if newest is not None else -1
+    return sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not (p / MANIFEST).is_file()
+                   and step_of(p) > floor), key=step_of) if root.is_dir() else []
+
+
 def load_checkpoint(path: str | Path, trainer: Trainer, extras: dict | None = None) -> dict:
     """Restore model, optimizer, scheduler, counters and RNG into `trainer` (and `extras`, as saved) at any world
     size; returns the data position that was saved. Raises CheckpointDamaged when the files do not match the
@@ -250,10 +356,10 @@ def load_checkpoint(path: str | Path, trainer: Trainer, extras: dict | None = No
         raise CheckpointDamaged(problem)
     state = {**_state_dicts(trainer, extras), "train_state": io.BytesIO()}
     try:
-        dcp.load(state, checkpoint_id=str(path))
-        blob = state["train_state"]  # DCP may hand back a new buffer rather than fill ours
-        blob.seek(0)
-        train_state = torch.load(blob, weights_only=False)
+        load_shards(state, path)
+        train_state = load_train_state(state["train_state"], path)  # DCP may hand back a new buffer, not fill ours
+    except CheckpointRefused:
+        raise
     except Exception as err:  # noqa: BLE001  any failure to read the files means this checkpoint is unusable
         raise CheckpointDamaged(f"{type(err).__name__}: {str(err)[:300]}") from err
     set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],

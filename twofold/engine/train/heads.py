@@ -20,10 +20,8 @@ FSDP2 like any other.
 With an entropy bonus (`entropy_coef`) every head computes the per-token entropy in the same pass and the
 objective's dL/dH reaches the logits through it (the fused kernel's entropy mode).
 
-A rollout correction is a per-token constant c_t (`engine.correction`). Every token function is linear in its
-`weight`, so c_t multiplies `weight` on the fused path and dL/dlogp_t on the others: the same gradient (the
-entropy bonus is not reweighted). The loss value reported is the head's own: sum_t c_t loss_t on the fused path,
-the objective's (uncorrected) value on the others; without a correction they are equal.
+A rollout correction's importance weight is an input of the objective (`is_weight`, `engine.correction`), so
+every head applies it the same way, through the objective's own token function.
 """
 from __future__ import annotations
 
@@ -51,15 +49,12 @@ class HeadOutput(NamedTuple):
 
 
 class LogprobsHead:
-    def __init__(self, call_objective: ObjectiveCall, correction: Tensor | None = None, entropy: bool = False):
-        self.call_objective, self.correction, self.entropy = call_objective, correction, entropy
+    def __init__(self, call_objective: ObjectiveCall, entropy: bool = False):
+        self.call_objective, self.entropy = call_objective, entropy
 
     def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
         out = self.logprobs(hidden, weight, targets, temperature, self.entropy)
         logp, entropy = out if self.entropy else (out, None)
-        if self.correction is not None and logp.requires_grad:
-            c = self.correction
-            logp.register_hook(lambda g: g * c.to(g.dtype))
         loss, metrics = self.call_objective(logp, entropy)
         return HeadOutput(loss, logp.detach().float(), metrics)
 
@@ -79,8 +74,6 @@ class TwoPhaseHead(LogprobsHead):
             value, metrics = self.call_objective(*leaves)
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
         grad, *grad_entropy = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-        if self.correction is not None:
-            grad = grad * self.correction
         inputs, fn = {"weight": grad}, "linear"
         if grad_entropy:
             inputs, fn = {"weight": grad, "entropy_grad": grad_entropy[0]}, _given_gradients
@@ -98,8 +91,8 @@ _given_gradients.uses_entropy = True
 
 
 class FusedHead:
-    def __init__(self, call_objective: ObjectiveCall, correction: Tensor | None = None, entropy: bool = False):
-        self.call_objective, self.correction, self.entropy = call_objective, correction, entropy
+    def __init__(self, call_objective: ObjectiveCall, entropy: bool = False):
+        self.call_objective, self.entropy = call_objective, entropy
 
     def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
         fn, inputs = self.token_local_form(targets)
@@ -111,7 +104,7 @@ class FusedHead:
         return HeadOutput(out.loss, logp, metrics)
 
     def token_local_form(self, targets: Tensor) -> tuple[Callable, dict]:
-        """(token function, its inputs) from the objective's own call, with live log-probs and the correction."""
+        """(token function, its inputs) from the objective's own call, with live log-probs."""
         probe = torch.full(targets.shape, float("nan"), dtype=torch.float32, device=targets.device)
         with torch.no_grad(), recording_token_local() as calls:
             self.call_objective(probe, probe if self.entropy else None)
@@ -121,9 +114,7 @@ class FusedHead:
         recorded, fn, inputs = calls[0]
         live = [k for k, v in inputs.items() if isinstance(v, Tensor) and _aliases(v, recorded)]
         inputs = {k: v for k, v in inputs.items() if k not in live}
-        if self.correction is not None:
-            inputs["correction"] = self.correction
-        return _LiveTokenFn(fn, tuple(live), self.correction is not None), inputs
+        return _LiveTokenFn(fn, tuple(live)), inputs
 
 
 def _aliases(x: Tensor, y: Tensor) -> bool:
@@ -131,23 +122,19 @@ def _aliases(x: Tensor, y: Tensor) -> bool:
 
 
 class _LiveTokenFn:
-    """The objective's token function with its live inputs set to the kernel's log-probs, and the correction
-    folded into the aggregation weight."""
+    """The objective's token function with its live inputs set to the kernel's log-probs."""
 
-    def __init__(self, fn: Callable, live: tuple[str, ...], corrected: bool):
-        self.fn, self.live, self.corrected = fn, live, corrected
+    def __init__(self, fn: Callable, live: tuple[str, ...]):
+        self.fn, self.live = fn, live
 
     def __call__(self, logp: Tensor, **inputs):
-        if self.corrected:
-            inputs["weight"] = inputs["weight"] * inputs.pop("correction")
         return self.fn(logp, **inputs, **{k: logp for k in self.live})
 
 
-def make_head(head: str, objective: str, call_objective: ObjectiveCall, correction: Tensor | None = None,
-              entropy: bool = False):
+def make_head(head: str, objective: str, call_objective: ObjectiveCall, entropy: bool = False):
     """The head of one micro-batch; `entropy`: the objective takes the per-token entropy (its bonus)."""
     if head not in HEADS:
         raise ValueError(f"train.head must be one of {HEADS}, got {head!r}")
     if head == "logprobs":
-        return LogprobsHead(call_objective, correction, entropy)
-    return (FusedHead if objective in SINGLE_PASS else TwoPhaseHead)(call_objective, correction, entropy)
+        return LogprobsHead(call_objective, entropy)
+    return (FusedHead if objective in SINGLE_PASS else TwoPhaseHead)(call_objective, entropy)

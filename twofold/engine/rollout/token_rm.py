@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import DistEnv
-from twofold.engine.model import PolicyModel, build_policy
-from twofold.engine.packing import Sequence
-from twofold.engine.trainer import plan_rank, sequence_logprobs
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import DistEnv
+from twofold.engine.train.model import PolicyModel, build_policy
+from twofold.engine.train.packing import Sequence
+from twofold.engine.train.trainer import plan_rank, sequence_logprobs
 from twofold.objectives import TokenRewardHead, token_rm_loss
 
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from twofold.engine.correction import bounds as correction_bounds
-from twofold.engine.data import CHAT, check_source, is_local_path
-from twofold.engine.sampler import SamplerConfig
+from twofold.engine.rollout.correction import bounds as correction_bounds
+from twofold.engine.data.loading import CHAT, check_source, is_local_path
+from twofold.engine.rollout.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, KL_LOSSES, OBJECTIVES, PROMPT_WEIGHTS
 from twofold.objectives.token_local import check_kl_loss
 
@@ -35,7 +35,7 @@ class ModelConfig:
     """Hugging Face causal LM (Qwen2/2.5/3, Llama): a local checkpoint directory or a Hub id (`Qwen/Qwen2.5-0.5B`),
     resolved through the local HF cache (downloaded when missing and online). Exactly one of path / preset."""
     preset: str = ""
-    """Named random-init model from twofold.engine.tiny.PRESETS (tests, CPU demo, benchmarks)."""
+    """Named random-init model from twofold.engine.train.tiny.PRESETS (tests, CPU demo, benchmarks)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Compute dtype of parameters in forward/backward. Master weights, optimizer state and the gradient
     reduction stay fp32 either way (FSDP2 MixedPrecisionPolicy)."""
@@ -76,6 +76,14 @@ class DataConfig:
     answer_field: str = "answer"
     """Online runs: the gold answer of each prompt row (a string or a number); verl's
     `reward_model.ground_truth` is used when the default is absent."""
+    answers: Literal["auto", "verifiable", "reference", "mixed"] = "auto"
+    """Online runs and twofold-eval: what the answer field holds (docs/objectives.md §7.5).
+    verifiable: answers the verifier checks; a row whose answer it cannot parse is skipped and counted.
+    reference: reference answers nothing can verify (proofs, essays): no row is verified; only an objective that
+    learns from the reference answer's likelihood (JEPO) trains on them, and evaluation reports that likelihood.
+    mixed (semi-verifiable data): rows whose answer the verifier parses are verified (rollout/accuracy, held-out
+    pass rates); the others are kept as reference rows.
+    auto: mixed for an objective that learns from the reference answer's likelihood (JEPO), else verifiable."""
     prompt_template: str = "{prompt}"
     """How a string prompt becomes text (offline and online alike): a format string around {prompt}, or `chat`:
     the prompt as a user message through the tokenizer's chat template. Chat-message prompts always use the
@@ -180,8 +188,15 @@ class RolloutConfig:
     overlong_buffer: int = 0
     """DAPO soft overlong punishment: L_cache (L_max = max_new_tokens); 0 disables it."""
     format_penalty: float = 10.0
-    """JEPO: a sample without a boxed answer gets the format reward -format_penalty (paper: 10), whose
-    leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to [-1, 1])."""
+    """JEPO: a sample without the answer delimiter (`answer_start`) gets the format reward -format_penalty (paper:
+    10), whose leave-one-out advantage the loss normalises like the main one (std over the mini-batch, clip to
+    [-1, 1])."""
+    answer_start: str = "\\boxed{"
+    """JEPO and the held-out likelihood: where a sample's answer starts. The chain of thought is the sample up to
+    and including its last `answer_start`; the reference answer + `answer_end` + EOS follows it. A sample without
+    one fails the format check and is followed by answer_start + reference + answer_end + EOS."""
+    answer_end: str = "}"
+    """What closes the answer (may be empty, e.g. with answer_start "Answer:")."""
     mask_truncated: bool = False
     """Truncated samples (no EOS within max_new_tokens) leave the loss and its normalisers after the group
     statistics are computed (TRL mask_truncated_completions, DAPO overlong filtering)."""
@@ -189,22 +204,25 @@ class RolloutConfig:
     """OREAL: rollout steps at the start that train only the token reward model (paper code: 10)."""
     token_rm_lr: float = 2e-6
     """OREAL: learning rate of the token reward model (its own AdamW)."""
-    correction: Literal["auto", "none", "token_tis", "seq_mask", "geo_mask", "icepop"] = "auto"
-    """Rollout correction of the sampler/trainer mismatch, from r_t = log p_trainer - log p_sampler of each
+    correction: Literal["auto", "none", "token_tis", "seq_tis", "icepop", "seq_icepop", "token_mask", "seq_mask",
+                        "geo_mask"] = "auto"
+    """Rollout correction of the sampler/trainer mismatch, from rho_t = e^(log p_trainer - log p_sampler) of each
     sampled token (trainer log-probs under the weights that sampled; this adds that no-grad pass when the step
-    would not compute old log-probs anyway). A per-token weight c_t scales the token's loss term; c_t = 0 drops
-    the token from the loss and from every normaliser.
-    token_tis: c_t = min(e^r_t, c_high) (truncated importance sampling).
-    seq_mask: c = 1 if c_low <= e^(sum_t r_t) <= c_high else 0, for the whole sequence.
-    geo_mask: the same on the geometric mean ratio e^(mean_t r_t).
-    icepop: c_t = 1 if c_low <= e^r_t <= c_high else 0, per token.
-    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (README,
-    "Rollout corrections": in fp32 the mismatch is ~1e-13 and a correction would only add a pass)."""
-    correction_c_high: float = 0.0
-    """Upper bound of the correction; 0 takes the mode's default (token_tis 2, seq_mask 3, geo_mask 1.01,
-    icepop 5)."""
-    correction_c_low: float = 0.0
-    """Lower bound (masks only); 0 takes the mode's default (seq_mask 1/3, geo_mask 0.99, icepop 0.5)."""
+    would not compute old log-probs anyway); rho_seq = the product over the sequence. Formulas, defaults and the
+    equivalent verl/TRL/OpenRLHF settings: docs/objectives.md §0.4.
+    Importance weights w_t on the objective's policy-gradient term only (KL and entropy terms unweighted, every
+    token stays in the normalisers): token_tis clamp(rho_t, c_low, c_high); seq_tis clamp(rho_seq, ...);
+    icepop rho_t inside [c_low, c_high], 0 outside (IcePop); seq_icepop the same on rho_seq (TRL sequence_mask).
+    Rejection masks (a rejected token leaves the loss and every normaliser, verl rollout_rs): token_mask on rho_t,
+    seq_mask on rho_seq, geo_mask on the geometric mean e^(mean_t log rho_t), each keeping [c_low, c_high].
+    auto (default): token_tis when the trainer or the sampler computes in bf16, none when both are fp32 (in fp32
+    the mismatch is ~1e-13 and a correction would only add a pass)."""
+    correction_c_high: float | None = None
+    """Upper bound; null takes the mode's default (token_tis/seq_tis 2, icepop 5, seq_icepop 3, token_mask 5,
+    seq_mask 3, geo_mask 1.01)."""
+    correction_c_low: float | None = None
+    """Lower bound; null takes the mode's default (token_tis/seq_tis/seq_icepop 0: none, icepop 0.5,
+    token_mask 0.5, seq_mask 1/3, geo_mask 0.99)."""
     token_rm: bool = True
     """OREAL: train the token reward model and weight tokens by it; false gives OREAL without it (w+ = w- = 1)."""
 
@@ -221,6 +239,10 @@ class EvalConfig:
     """Use at most this many held-out prompts (0: all)."""
     max_new_tokens: int = 0
     """0: rollout.max_new_tokens."""
+    likelihood: bool | None = None
+    """Also report the held-out log-likelihood of each row's reference answer after the model's own chain of
+    thought (eval/ref_logp_per_token, eval/ref_logp_per_answer, eval/ref_logp_bound; max(eval.samples, 1) chains
+    per prompt, cut at rollout.answer_start). null: on when data.answers resolves to reference or mixed."""
 
 
 @dataclass(kw_only=True)
@@ -252,13 +274,19 @@ class RewardFunction:
 class RewardConfig:
     """Online runs: reward = verifier_weight * correct (0/1) + sum of weight * function(response, gold)."""
     functions: list[RewardFunction] = field(default_factory=list)
-    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap)."""
+    """Extra reward terms, each run inside the verifier's worker processes (same timeout and memory cap); name:
+    "package.module:function" or "path/to/file.py:function". A call that raises, exits, hangs past
+    verifier.timeout, prints more than 64 KiB or returns anything but one finite number adds 0 to that sample's
+    reward (its other terms and the verifier's verdict stand) and is counted in reward/<function>/errors."""
+    max_error_frac: float = 0.05
+    """Stop the run, naming the function and its first error, once a reward function has failed on more than this
+    fraction of its calls in this invocation (1: never stop)."""
     verifier_weight: float = 1.0
     """Weight of the verifier's 0/1 correctness (0: the reward comes from `functions` alone)."""
     positive_threshold: float = 0.5
-    """A sample whose reward is >= this counts as correct: the 0/1 reward of the binary objectives (NFT, RFT,
-    OREAL), dynamic sampling of theirs, rollout/accuracy and held-out pass rates. GRPO, DAPO and Dr. GRPO use
-    the reward itself when it is not 0/1."""
+    """A sample whose reward is >= this counts as positive: the 0/1 reward of the binary objectives (NFT, RFT,
+    OREAL), dynamic sampling of theirs, rollout/positive_frac and held-out pass rates (rollout/accuracy is the
+    verifier's verdict alone). GRPO, DAPO and Dr. GRPO use the reward itself when it is not 0/1."""
 
 
 @dataclass(kw_only=True)
@@ -280,6 +308,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+class BadInput(ValueError):
+    """Input found unusable after the config loaded (model files, data): the message names it and the fix."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -315,11 +347,34 @@ def _check_objective_override(file_objective: dict, overrides: list[str]) -> Non
                          f"objective.kwargs=... (or objective.kwargs={{}}) on the command line too")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently: a second
+    `optim:` section would drop the first one's keys). Merge keys (<<) still override as YAML defines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); the second would silently replace the first: merge them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_value(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader subclass
+
+
 def _read_yaml(path: Path):
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return _yaml_value(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
@@ -343,7 +398,7 @@ def _apply_override(tree: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = _yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
 
@@ -468,6 +523,7 @@ def validate(config: Config) -> None:
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
     if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
         raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
+    _require(train.steps >= 1, "train.steps", ">= 1", train.steps)  # first: other bounds are stated in steps
     validate_rollout(config)
     validate_paths(config)
     _require(data.batch_size >= 1, "data.batch_size", ">= 1", data.batch_size)
@@ -483,7 +539,6 @@ def validate(config: Config) -> None:
     _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, {bound}]", optim.warmup_steps)
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
-    _require(train.steps >= 1, "train.steps", ">= 1", train.steps)
     _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)
     _require(train.collective_timeout_s > 0, "train.collective_timeout_s", "> 0", train.collective_timeout_s)
     _require(ckpt.every >= 0, "checkpoint.every", ">= 0", ckpt.every)
@@ -505,12 +560,56 @@ def optimizer_steps(config: Config) -> int:
     return max(1, actor_steps) * updates_per_step(config)
 
 
+def learns_from_reference(objective: str) -> bool:
+    """The objective's loss reads the likelihood of a teacher-forced reference answer (an `answer_mask`): JEPO."""
+    return "answer_mask" in inspect.signature(OBJECTIVES[objective]).parameters
+
+
+def answers_mode(config: Config) -> str:
+    """data.answers with `auto` resolved (mixed for an objective that learns from the reference likelihood)."""
+    mode = config.data.answers
+    if mode != "auto":
+        return mode
+    return "mixed" if learns_from_reference(config.objective.name) else "verifiable"
+
+
+def likelihood_eval(config: Config) -> bool:
+    """eval.likelihood with null resolved: on for reference or mixed answers."""
+    on = config.eval.likelihood
+    return answers_mode(config) in ("reference", "mixed") if on is None else on
+
+
 def correction_mode(config: Config) -> str:
     """rollout.correction with `auto` resolved: token_tis when either side computes in bf16, else none."""
     mode = config.rollout.correction
     if mode != "auto":
         return mode
     return "token_tis" if "bfloat16" in (config.model.dtype, config.sampler.dtype) else "none"
+
+
+def needs_groups(config: Config) -> str:
+    """Why an online run needs two or more samples per prompt ('' if it does not): a one-sample group has a zero
+    group-relative advantage and never holds both outcomes, so it would train nothing."""
+    from twofold.engine.rollout.build import ADVANTAGE_KIND, MIXED_GROUPS_ONLY, NO_FILTER
+    name = config.objective.name
+    if name in ADVANTAGE_KIND:
+        return f"{name} (its advantages are relative to the prompt's group)"
+    if name in MIXED_GROUPS_ONLY + NO_FILTER:
+        return f"{name} (it compares the samples of a prompt)"
+    if config.rollout.dynamic_sampling:
+        return f"rollout.dynamic_sampling=true (it keeps groups with both outcomes; or set it to false for {name})"
+    return ""
+
+
+def validate_correction(config: Config) -> None:
+    r, mode = config.rollout, correction_mode(config)
+    for name in ("correction_c_low", "correction_c_high"):
+        value = getattr(r, name)
+        _require(value is None or value >= 0, f"rollout.{name}", ">= 0 or null (the mode's default)", value)
+    if mode == "none":
+        return
+    low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
+    _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
 
 
 def validate_rollout(config: Config) -> None:
@@ -528,18 +627,18 @@ def validate_rollout(config: Config) -> None:
              f"in [0, train.steps={config.train.steps})", r.freeze_actor_steps)
     _require(r.token_rm_lr > 0, "rollout.token_rm_lr", "> 0", r.token_rm_lr)
     _require(r.format_penalty >= 0, "rollout.format_penalty", ">= 0", r.format_penalty)
+    _require(bool(r.answer_start), "rollout.answer_start", "a non-empty delimiter", r.answer_start)
     sampler = config.sampler
     _require(sampler.kv_cache_gib is None or sampler.kv_cache_gib >= 0, "sampler.kv_cache_gib",
              ">= 0 (0: gpu_memory_utilization decides) or null (sized from max_num_seqs x max_model_len)",
              sampler.kv_cache_gib)
+    for name in ("max_model_len", "max_num_seqs", "sync_bucket_mb"):
+        _require(getattr(sampler, name) >= 1, f"sampler.{name}", ">= 1", getattr(sampler, name))
+    for i, stop in enumerate(sampler.stop):
+        _require(isinstance(stop, str) and stop != "", f"sampler.stop[{i}]", "a non-empty string", stop)
     _require(0 < sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "in (0, 1]",
              sampler.gpu_memory_utilization)
-    _require(r.correction_c_low >= 0, "rollout.correction_c_low", ">= 0", r.correction_c_low)
-    _require(r.correction_c_high >= 0, "rollout.correction_c_high", ">= 0", r.correction_c_high)
-    mode = correction_mode(config)
-    if mode != "none":
-        low, high = correction_bounds(mode, r.correction_c_low, r.correction_c_high)
-        _require(low < high, "rollout.correction_c_low", f"< the upper bound {high} of {mode}", low)
+    validate_correction(config)
     s = config.sampler
     for name in ("canary_every", "canary_prompts", "canary_tokens"):
         _require(getattr(s, name) >= (0 if name == "canary_every" else 1), f"sampler.{name}",
@@ -548,9 +647,9 @@ def validate_rollout(config: Config) -> None:
              s.canary_warn)
     _require(r.mini_batches <= r.prompts_per_step, "rollout.mini_batches",
              f"<= rollout.prompts_per_step={r.prompts_per_step} (mini-batches split whole groups)", r.mini_batches)
-    if config.train.mode == "online" and config.objective.name in ("oreal", "jepo"):
-        _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", f">= 2 for {config.objective.name}",
-                 r.samples_per_prompt)
+    if config.train.mode == "online":
+        _require(r.samples_per_prompt >= 2 or not needs_groups(config), "rollout.samples_per_prompt",
+                 f">= 2 for {needs_groups(config)}", r.samples_per_prompt)
     for name in ("every", "samples", "max_prompts", "max_new_tokens"):
         _require(getattr(ev, name) >= 0, f"eval.{name}", ">= 0", getattr(ev, name))
     _require(config.verifier.workers >= 1, "verifier.workers", ">= 1", config.verifier.workers)
@@ -559,10 +658,27 @@ def validate_rollout(config: Config) -> None:
     if config.verifier.check == "math_verify" and importlib.util.find_spec("math_verify") is None:
         raise ValueError("verifier.check=math_verify needs the math-verify package: pip install 'twofold[math]'")
     for i, fn in enumerate(config.reward.functions):
-        module, sep, name = fn.name.partition(":")
-        if not (module and sep and name):
-            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function, "
-                             f"got {fn.name!r}")
+        module, sep, name = fn.name.rpartition(":")
+        if not (module and sep and name.isidentifier()):
+            raise ValueError(f"config reward.functions[{i}].name must look like package.module:function or "
+                             f"path/to/file.py:function, got {fn.name!r}")
+    _require(0 <= config.reward.max_error_frac <= 1, "reward.max_error_frac", "in [0, 1]",
+             config.reward.max_error_frac)
+    names = [fn.name for fn in config.reward.functions]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"config reward.functions[{i}] repeats reward.functions[{names.index(name)}] "
+                             f"({name}); give it one entry with the summed weight")
+    if config.train.mode == "online":
+        reward = config.reward
+        if not reward.functions:  # the reward is the verifier's 0/1 verdict times its weight
+            _require(reward.verifier_weight != 0, "reward.verifier_weight", "!= 0 without reward.functions "
+                     "(every reward would be 0 and nothing would train)", reward.verifier_weight)
+            top = max(reward.verifier_weight, 0.0)
+            _require(min(reward.verifier_weight, 0.0) < reward.positive_threshold <= top,
+                     "reward.positive_threshold", f"in ({min(reward.verifier_weight, 0.0):g}, {top:g}] (the rewards "
+                     f"are 0 and reward.verifier_weight={reward.verifier_weight:g}: outside it every sample is "
+                     "positive or none is)", reward.positive_threshold)
     _require(0 <= config.verifier.numeric_tolerance < 1, "verifier.numeric_tolerance", "in [0, 1)",
              config.verifier.numeric_tolerance)
 

@@ -1,11 +1,11 @@
 """Training entry point.
 
-    python -m twofold.engine.train --config configs/tiny_sft.yaml [section.key=value ...]   one process (CPU or 1 GPU)
-    torchrun --nproc_per_node=8 -m twofold.engine.train --config configs/<recipe>.yaml [...] FSDP2 over 8 ranks
-    python -m twofold.engine.train --config configs/tiny_sft.yaml --print-config            the resolved config
+    python -m twofold.engine.run.train --config configs/tiny_sft.yaml [section.key=value ...]   one process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 -m twofold.engine.run.train --config configs/<recipe>.yaml [...] FSDP2 over 8 ranks
+    python -m twofold.engine.run.train --config configs/tiny_sft.yaml --print-config            the resolved config
 
 train.mode=offline (SFT, RFT, REDI, DPO, SimPO) trains on dataset rows; train.mode=online (NFT, RFT, GRPO, DAPO,
-Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (twofold.engine.online).
+Dr. GRPO, OREAL, JEPO) samples from the policy and verifies answers (twofold.engine.run.online).
 
 Each step takes the next global mini-batch, runs `Trainer.step` and logs; checkpoints every `checkpoint.every`
 steps and at the end of the invocation; with checkpoint.resume=auto a rerun continues from the newest complete
@@ -25,21 +25,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
-from twofold.engine.checkpoint import (CheckpointDamaged, complete_checkpoints, damaged_checkpoints, export_hf,
-                                       resume_newest, save_checkpoint)
-from twofold.engine.config import (Config, config_reference, console_yaml, load_config, objective_kwargs, save_config,
-                                   to_yaml)
-from twofold.engine.data import BatchStream, Fields, load_sequences
-from twofold.engine.distributed import DistEnv, describe_hang, init_distributed, is_timeout, shutdown_distributed
-from twofold.engine.hub import resolve_model
-from twofold.engine.model import build_policy
-from twofold.engine.online import OnlineRun
-from twofold.engine.packing import Sequence
-from twofold.engine.tiny import build_char_tokenizer
-from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import Trainer, sequence_logprobs
+from twofold.engine.train.checkpoint import (MANIFEST, CheckpointDamaged, CheckpointRefused, complete_checkpoints,
+                                       damaged_checkpoints, export_hf, incomplete_newer, resume_newest, save_checkpoint,
+                                       step_of)
+from twofold.engine.run.config import (BadInput, Config, config_reference, console_yaml, load_config, objective_kwargs,
+                                   save_config, to_yaml)
+from twofold.engine.data.tokenizer import load_tokenizer
+from twofold.engine.data.loading import BatchStream, Fields, load_sequences
+from twofold.engine.train.distributed import (DistEnv, describe_hang, describe_lost_peer, init_distributed, is_peer_lost,
+                                        is_timeout, shutdown_distributed)
+from twofold.engine.data.hub import resolve_model
+from twofold.engine.train.model import build_policy, load_hf_config
+from twofold.engine.run.online import OnlineRun
+from twofold.engine.train.packing import Sequence
+from twofold.engine.verifier.pool import RewardFunctionError, resolve_functions
+from twofold.engine.run.tracking import Tracker
+from twofold.engine.train.trainer import Trainer, sequence_logprobs
 from twofold.kernels.chunked import gemm_precision
 
 log = logging.getLogger("twofold")
@@ -51,7 +53,7 @@ COMPLETE = "complete.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m twofold.engine.train", description="\n\n".join(__doc__.split("\n\n")[:3]),
+        prog="python -m twofold.engine.run.train", description="\n\n".join(__doc__.split("\n\n")[:3]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML sections, or section.key=value on the command line):\n" + config_reference())
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")
@@ -72,17 +74,25 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(config)
-    except (CollectiveTimeout, CheckpointDamaged, RunDirError) as err:  # the message says all
+    except (CollectiveTimeout, CheckpointDamaged, CheckpointRefused, RunDirError, RewardFunctionError,
+            BadInput) as err:  # the message says all
         sys.exit(f"error: {err}")
 
 
 class CollectiveTimeout(RuntimeError):
-    """A rank of a multi-rank run stopped answering: the message names it."""
+    """A rank of a multi-rank run stopped answering or died: the message names it."""
 
 
-def load_tokenizer(config: Config):
-    source = config.model.tokenizer or config.model.path
-    return AutoTokenizer.from_pretrained(source) if source else build_char_tokenizer()
+def check_vocabulary(config: Config, tokenizer) -> None:
+    """Every id the tokenizer can produce must index the model's embedding (else an IndexError deep in the first
+    forward, after the sampler engine has started)."""
+    rows = load_hf_config(config.model).vocab_size
+    if len(tokenizer) > rows:
+        source = config.model.tokenizer or config.model.path or "the built-in character tokenizer"
+        raise BadInput(f"the tokenizer ({source}) has {len(tokenizer)} tokens but the model's embedding has "
+                       f"vocab_size={rows} rows (model.{'path' if config.model.path else 'preset'}): ids >= {rows} "
+                       "would index past it. Use the model's own tokenizer (model.tokenizer) or a model whose "
+                       "vocabulary covers this one")
 
 
 def run(config: Config, **online_kwargs) -> list[dict]:
@@ -94,6 +104,8 @@ def run(config: Config, **online_kwargs) -> list[dict]:
     except RuntimeError as err:
         if env.world_size > 1 and is_timeout(err):
             raise CollectiveTimeout(describe_hang(config.train.collective_timeout_s)) from err
+        if env.world_size > 1 and is_peer_lost(err):
+            raise CollectiveTimeout(describe_lost_peer()) from err
         raise
     finally:
         shutdown_distributed()
@@ -102,6 +114,8 @@ def run(config: Config, **online_kwargs) -> list[dict]:
 def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(levelname)s %(message)s")
     start = time.perf_counter()
+    if config.train.mode == "online":
+        resolve_functions([f.name for f in config.reward.functions])  # a second now, not after the engine start
     done = prepare_run_dir(config, env)
     if done is not None:
         if env.is_main:
@@ -114,6 +128,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     resolve_model(config.model)
     torch.manual_seed(config.train.seed + env.rank)
     tokenizer = load_tokenizer(config)
+    check_vocabulary(config, tokenizer)
     if config.train.mode == "online":
         online = OnlineRun(config, env, tokenizer, **online_kwargs)
         try:
@@ -252,7 +267,20 @@ def resume_path(config: Config) -> Path | None:
 def resume(config: Config, trainer: Trainer, extras: dict | None = None) -> tuple[Path, dict] | None:
     """Load the newest intact checkpoint into `trainer`: (its path, the saved data position), or None."""
     candidates, set_aside = resume_candidates(config)
+    if config.checkpoint.resume == "auto" and trainer.env.is_main:
+        warn_incomplete(config.run_dir, candidates[-1] if candidates else None)
     return resume_newest(candidates, trainer, extras, set_aside)
+
+
+def warn_incomplete(run_dir: str, newest: Path | None) -> None:
+    """Name the steps a resume discards: step directories above the newest complete checkpoint that have no
+    manifest (never silently trained again)."""
+    lost = incomplete_newer(run_dir, newest)
+    if lost:
+        log.warning("%s %s no %s (a save that never finished, or a deleted manifest): not resumable; resuming from "
+                    "%s discards what was trained up to step %d", ", ".join(p.name for p in lost),
+                    "has" if len(lost) == 1 else "have", MANIFEST, newest.name if newest else "step 0",
+                    step_of(lost[-1]))
 
 
 def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:

@@ -25,25 +25,26 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
-from twofold.engine.checkpoint import export_hf, save_checkpoint
-from twofold.engine.config import Config, correction_mode, objective_kwargs, optimizer_steps, updates_per_step
-from twofold.engine.correction import correction_weights, log_ratios, mismatch_metrics
-from twofold.engine.data import BatchStream, Fields
-from twofold.engine.distributed import DistEnv
-from twofold.engine.eval import evaluate
-from twofold.engine.model import build_policy, build_reference, load_hf_config
-from twofold.engine.packing import Sequence
-from twofold.engine.rollout import RolloutCollector, build_sequences
-from twofold.engine.sampler import GenerationParams, Sampler, build_sampler, sample_distributed, write_model_dir
-from twofold.engine.tasks import load_problems
-from twofold.engine.token_rm import TokenRewardModel
-from twofold.engine.tracking import Tracker
-from twofold.engine.trainer import CORRECTION, Trainer, counted_len, sequence_logprobs
+from twofold.engine.train.checkpoint import export_hf, save_checkpoint
+from twofold.engine.run.config import (Config, answers_mode, correction_mode, learns_from_reference, objective_kwargs,
+                                   optimizer_steps, updates_per_step)
+from twofold.engine.rollout.correction import correct_sequences, mismatch_metrics, sequence_ratios
+from twofold.engine.data.loading import BatchStream, Fields
+from twofold.engine.train.distributed import DistEnv
+from twofold.engine.run.eval import evaluate
+from twofold.engine.train.model import build_policy, build_reference, load_hf_config
+from twofold.engine.train.packing import Sequence
+from twofold.engine.rollout.build import RolloutCollector, build_sequences
+from twofold.engine.rollout.backends import build_sampler
+from twofold.engine.rollout.sampler import GenerationParams, Sampler, quiet_vllm, sample_distributed, write_model_dir
+from twofold.engine.data.tasks import load_problems
+from twofold.engine.rollout.token_rm import TokenRewardModel
+from twofold.engine.run.tracking import Tracker
+from twofold.engine.train.trainer import Trainer, counted_len, sequence_logprobs
 from twofold.engine.verifier import VerifierPool, build_pool
-from twofold.engine.weight_sync import sync_weights
+from twofold.engine.rollout.weight_sync import sync_weights
 from twofold.objectives import OBJECTIVES
 
 log = logging.getLogger("twofold")
@@ -74,13 +75,6 @@ def sampler_model_dir(config: Config, tokenizer) -> str:
     if config.model.path:
         return config.model.path
     return write_model_dir(load_hf_config(config.model), tokenizer, Path(config.run_dir) / "sampler_model")
-
-
-def quiet_vllm() -> None:
-    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
-    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
 def resident_mib() -> float | None:
@@ -145,6 +139,11 @@ class OnlineRun:
     def __init__(self, config: Config, env: DistEnv, tokenizer, sampler: Sampler | None = None,
                  pool: VerifierPool | None = None):
         self.clock = StartupClock()
+        answers = answers_mode(config)
+        if answers != "verifiable" and not learns_from_reference(config.objective.name):
+            raise ValueError(f"data.answers={answers} keeps rows no verifier scores, which objective "
+                             f"{config.objective.name!r} cannot learn from (it needs rewards); use an objective "
+                             "that learns from the reference answer's likelihood (jepo) or data.answers=verifiable")
         self.config, self.env, self.tokenizer = config, env, tokenizer
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
@@ -159,9 +158,9 @@ class OnlineRun:
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
         golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
         self.problems = load_problems(data.path, tokenizer, fields, max_prompt, data.format, check_golds=golds,
-                                      split=data.split)
+                                      split=data.split, answers=answers)
         self.eval_problems = (load_problems(config.eval.path, tokenizer, fields, max_prompt, data.format,
-                                            config.eval.max_prompts, golds, data.split).problems
+                                            config.eval.max_prompts, golds, data.split, answers).problems
                               if config.eval.path else [])
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
@@ -233,7 +232,7 @@ class OnlineRun:
         self.trainer.keep_logp = on_policy  # the first (only) update's forward scores the sampling weights
         metrics |= self.train(batch)
         if on_policy and len(self.trainer.step_logp) == len(batch) and "skipped" in metrics:
-            metrics |= mismatch_metrics(self.ratios(batch, self.trainer.step_logp))
+            metrics |= mismatch_metrics(sequence_ratios(batch, self.trainer.step_logp))
         self.trainer.keep_logp, self.trainer.step_logp = False, []
         metrics["time/train_s"] = time.perf_counter() - t
         metrics |= self.sync()
@@ -256,26 +255,11 @@ class OnlineRun:
                 seq.token_fields["token_scores"] = values
 
     # ---- sampler / trainer mismatch ------------------------------------------------------------------------------
-    @staticmethod
-    def ratios(batch: list[Sequence], trainer_logp: list[list[float]]):
-        sampled = [s.token_fields["sampled"] for s in batch] if "sampled" in batch[0].token_fields else None
-        return log_ratios(trainer_logp, [s.token_fields["behavior_logp"] for s in batch], sampled)
-
     def correct(self, batch: list[Sequence], trainer_logp: list[list[float]]) -> dict[str, float]:
-        """Mismatch metrics from the trainer's log-probs under the sampling weights; with a correction, each
-        sequence's `correction_weight` (1 on tokens that were not sampled)."""
+        """Mismatch metrics from the trainer's log-probs under the sampling weights, and the correction's fields."""
         r = self.config.rollout
-        ratios = self.ratios(batch, trainer_logp)
-        mode = correction_mode(self.config)
-        if mode == "none":
-            return mismatch_metrics(ratios)
-        weights = correction_weights(mode, ratios, r.correction_c_low, r.correction_c_high)
-        for seq, w in zip(batch, weights):
-            full = torch.ones(seq.response_len, dtype=torch.float64)
-            sampled = seq.token_fields.get("sampled")
-            full[torch.tensor(sampled) > 0 if sampled is not None else slice(None)] = w
-            seq.token_fields[CORRECTION] = full.tolist()
-        return mismatch_metrics(ratios, weights)
+        return correct_sequences(batch, trainer_logp, correction_mode(self.config), r.correction_c_low,
+                                 r.correction_c_high)
 
     # ---- weight sync and its canary --------------------------------------------------------------------------------
     def sync(self) -> dict[str, float]:
@@ -301,7 +285,7 @@ class OnlineRun:
         seqs = [Sequence(list(p.prompt_ids) + list(s.token_ids), len(p.prompt_ids), row_id=f"canary/{p.row_id}",
                          token_fields={"behavior_logp": list(s.logprobs)}) for p, s in zip(problems, samples)]
         scored = sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad, self.temperature)
-        gap = mismatch_metrics(self.ratios(seqs, scored))
+        gap = mismatch_metrics(sequence_ratios(seqs, scored))
         worst = gap["mismatch/max_abs_logp_diff"]
         if worst > cfg.canary_stop:
             raise CanaryError(
@@ -374,7 +358,11 @@ class OnlineRun:
         return bool(self.eval_problems) and (done or (every > 0 and self.rollout_steps % every == 0))
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.sampler, self.pool, self.eval_problems, self.config)
+        return evaluate(self.sampler, self.pool, self.eval_problems, self.config, self.tokenizer, self.score)
+
+    def score(self, seqs: list[Sequence]) -> list[list[float]]:
+        """The policy's log-probs of the response tokens at temperature 1 (the held-out likelihood)."""
+        return sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad)
 
     def close(self) -> None:
         if self.own_sampler:

@@ -21,6 +21,8 @@ Semantics shared by both backends (tests hold them to it):
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -122,7 +124,7 @@ class Sampler(ABC):
                  prompt_offset: int = 0) -> list[list[Sample]]:
         """n samples for each prompt; `prompt_offset` is the index of prompts[0] in the global batch."""
         if self.weight_version == 0:
-            raise RuntimeError("the sampler holds dummy weights: call twofold.engine.weight_sync.sync_weights(policy, "
+            raise RuntimeError("the sampler holds dummy weights: call twofold.engine.rollout.weight_sync.sync_weights(policy, "
                                "sampler) before the first rollout (or set load_format=auto)")
         stop = tuple(self.cfg.stop) + tuple(params.stop)
         self.check_params(params, stop)
@@ -149,7 +151,7 @@ class Sampler(ABC):
         return ids
 
     def format_prompt(self, prompt: str) -> list[int]:
-        from twofold.engine.data import CHAT, prompt_ids
+        from twofold.engine.data.loading import CHAT, prompt_ids
         return prompt_ids(self.tokenizer, prompt, CHAT if self.tokenizer.chat_template else "{prompt}")
 
     def check_params(self, params: GenerationParams, stop: tuple[str, ...]) -> None:
@@ -204,15 +206,11 @@ def workload_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, b
     return max(per_sequence, min(max_num_seqs * per_sequence, cap - 1)) + 1
 
 
-def build_sampler(cfg: SamplerConfig, model_path: str, rank: int = 0) -> Sampler:
-    """`model_path` needs config.json and the tokenizer; weights only with load_format=auto."""
-    if cfg.backend == "vllm":
-        from twofold.engine.sampler_vllm import VLLMSampler
-        return VLLMSampler(cfg, model_path, rank)
-    if cfg.backend == "transformers":
-        from twofold.engine.sampler_hf import HFSampler
-        return HFSampler(cfg, model_path, rank)
-    raise ValueError(f"sampler.backend must be vllm or transformers, got {cfg.backend!r}")
+def quiet_vllm() -> None:
+    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
+    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
 def rank_share(num_prompts: int, rank: int, world_size: int) -> range:

@@ -8,13 +8,16 @@ rank 0 verifies and broadcasts the scores, so all ranks build the same batch. Se
 the stream, so a resumed run samples exactly what the uninterrupted one would have.
 
 Rewards (`reward.*`): the pool's score per sample, the verifier's 0/1 correctness unless reward functions or
-weights make it something else. A sample is positive when its score is >= `reward.positive_threshold`.
+weights make it something else. A sample is positive when its score is >= `reward.positive_threshold`. Samples of
+reference rows (`Problem.verifiable` false, data.answers reference or mixed) are not verified: they score 0 and
+leave rollout/accuracy and rollout/reward_mean, which are means over the verified samples.
 
 Per objective (docs/objectives.md): NFT/RFT read 0/1 `rewards` (positive or not; + the group's `correct_rate`); GRPO/Dr. GRPO/DAPO read
 `advantages` from `objectives.group_advantages` of the scores themselves when they are not 0/1, else of the 0/1
 (or +-1) rewards (DAPO: plus the overlong penalty); OREAL keeps one
 positive and one negative per prompt with RLOO advantages of the +-1 rewards of the whole group; JEPO appends the
-gold answer after each sampled chain of thought (`cot_mask`, `answer_mask`, `valid` = format check).
+gold answer after each sampled chain of thought, cut at `rollout.answer_start` (`cot_mask`, `answer_mask`, `valid`
+= format check).
 
 rollout.mask_truncated: truncated samples are dropped from the step's sequences after the group statistics
 (advantages, r_hat) are computed from all samples, so they leave the loss and every normaliser (token and
@@ -33,13 +36,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from twofold.engine.config import RewardConfig, RolloutConfig
-from twofold.engine.data import BatchStream
-from twofold.engine.packing import Sequence
-from twofold.engine.sampler import GenerationParams, Sample, Sampler, sample_distributed
-from twofold.engine.tasks import Problem
+from twofold.engine.run.config import RewardConfig, RolloutConfig
+from twofold.engine.data.loading import BatchStream
+from twofold.engine.train.packing import Sequence
+from twofold.engine.rollout.sampler import GenerationParams, Sample, Sampler, sample_distributed
+from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool, math_rewards, overlong_penalty
-from twofold.engine.verifier.extract import _BOX_RE, last_boxed
+from twofold.engine.verifier.pool import RewardBatch, RewardFunctionError
 from twofold.objectives import group_advantages
 
 ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "drgrpo": "drgrpo", "gspo": "grpo", "cispo": "grpo", "oreal": "rloo"}
@@ -75,10 +78,16 @@ class RolloutStats:
     gen_batches: int = 0
     prompts: int = 0
     samples: int = 0
+    checked: int = 0
+    """Samples of verifiable rows (reference rows are not scored): the denominator of the score means."""
     correct: float = 0.0
-    """Positive samples (score >= reward.positive_threshold)."""
+    """Positive samples (score >= reward.positive_threshold), of verifiable rows."""
     reward: float = 0.0
-    """Sum of the scores."""
+    """Sum of the scores of verifiable rows."""
+    verified: int = 0
+    """Samples the answer check judged (all of them unless reward.verifier_weight=0 with reward functions)."""
+    verified_correct: float = 0.0
+    """Of those, the ones it judged correct: rollout/accuracy, whatever the reward functions add."""
     informative: int = 0
     response_tokens: int = 0
     truncated: int = 0
@@ -86,39 +95,88 @@ class RolloutStats:
     no_answer: int = 0
     generate_s: float = 0.0
     verify_s: float = 0.0
+    functions: dict[str, dict] = field(default_factory=dict)
+    """Per reward function: {"sum", "values", "calls", "errors", "first_error"} of this step's calls."""
     extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        n = max(self.samples, 1)
-        return {"rollout/accuracy": self.correct / n, "rollout/reward_mean": self.reward / n,
+        n, checked = max(self.samples, 1), max(self.checked, 1)
+        accuracy = {"rollout/accuracy": self.verified_correct / self.verified} if self.verified else {}
+        terms = {}
+        for name, f in self.functions.items():  # TRL logs one mean per reward function too
+            terms |= {f"reward/{name}/mean": f["sum"] / max(f["values"], 1), f"reward/{name}/errors": f["errors"]}
+        return {**accuracy, "rollout/positive_frac": self.correct / checked, "rollout/reward_mean": self.reward / checked,
+                "rollout/verified_frac": self.checked / n,
                 "rollout/informative_groups": self.informative,
                 "rollout/prompts": self.prompts, "rollout/gen_batches": self.gen_batches,
                 "rollout/response_len": self.response_tokens / n, "rollout/truncated_frac": self.truncated / n,
                 "rollout/verifier_timeouts": self.verifier_timeouts, "rollout/no_answer": self.no_answer,
                 "time/generate_s": self.generate_s, "time/verify_s": self.verify_s,
-                "rollout/generate_tokens_per_s": self.response_tokens / max(self.generate_s, 1e-9), **self.extra}
+                "rollout/generate_tokens_per_s": self.response_tokens / max(self.generate_s, 1e-9), **terms,
+                **self.extra}
+
+    def add(self, batch: RewardBatch) -> None:
+        """Count the verdicts and each reward function's values and failures of one verified batch."""
+        verdicts = [c for c in batch.correct if c is not None]
+        self.verified += len(verdicts)
+        self.verified_correct += sum(verdicts)
+        for name, values in batch.values.items():
+            f = self.functions.setdefault(name, {"sum": 0.0, "values": 0, "calls": 0, "errors": 0,
+                                                 "first_error": None})
+            ok = [v for v in values if v is not None]
+            f["sum"], f["values"] = f["sum"] + sum(ok), f["values"] + len(ok)
+            f["calls"], f["errors"] = f["calls"] + batch.calls[name], f["errors"] + len(batch.errors[name])
+            f["first_error"] = f["first_error"] or next(iter(batch.errors[name]), None)
 
 
 def verify_groups(pool: VerifierPool, problems: list[Problem], groups: list[list[Sample]], timeout: float,
                   stats: RolloutStats) -> list[list[float]]:
-    """Scores of every sample; rank 0 checks, everyone receives (a timeout must not differ between ranks)."""
+    """Scores of every sample; rank 0 checks, everyone receives (a timeout must not differ between ranks). Samples
+    of reference rows are not verified and score 0."""
     start = time.perf_counter()
     payload: list = [None]
+    checked = [(p, g) for p, g in zip(problems, groups) if p.verifiable]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        texts = [s.text for g in groups for s in g]
-        golds = [p.answer for p, g in zip(problems, groups) for _ in g]
+        texts = [s.text for _, g in checked for s in g]
+        golds = [p.answer for p, g in checked for _ in g]
         before = pool.stats.as_dict()
-        flat = pool.verify_batch(texts, golds, timeout=timeout)
+        batch = pool.reward_batch(texts, golds, timeout=timeout)
         after = pool.stats.as_dict()
-        payload = [(flat, after["timeouts"] - before["timeouts"], after["no_answer"] - before["no_answer"])]
+        payload = [(batch, after["timeouts"] - before["timeouts"], after["no_answer"] - before["no_answer"])]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
-    flat, timeouts, no_answer = payload[0]
+    batch, timeouts, no_answer = payload[0]
     stats.verifier_timeouts += timeouts
     stats.no_answer += no_answer
     stats.verify_s += time.perf_counter() - start
-    sizes = [len(g) for g in groups]
-    return [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(groups))]
+    stats.add(batch)
+    flat = batch.scores
+    scores, position = [], 0
+    for p, g in zip(problems, groups):
+        scores.append(flat[position:position + len(g)] if p.verifiable else [0.0] * len(g))
+        position += len(g) if p.verifiable else 0
+    return scores
+
+
+def merged(totals: dict[str, dict], step: dict[str, dict]) -> dict[str, dict]:
+    """Reward-function call and failure counts of `totals` plus those of `step`."""
+    out = {}
+    for name in {**totals, **step}:
+        a, b = totals.get(name, {}), step.get(name, {})
+        out[name] = {"calls": a.get("calls", 0) + b.get("calls", 0), "errors": a.get("errors", 0) + b.get("errors", 0),
+                     "first_error": a.get("first_error") or b.get("first_error")}
+    return out
+
+
+def check_reward_errors(totals: dict[str, dict], max_error_frac: float) -> None:
+    """Stop the run once a reward function's failed calls pass reward.max_error_frac of its calls so far."""
+    for name, f in totals.items():
+        if f["errors"] and f["errors"] > max_error_frac * f["calls"]:
+            raise RewardFunctionError(
+                f"reward function {name} failed on {f['errors']} of its {f['calls']} calls so far "
+                f"({f['errors'] / f['calls']:.0%} > reward.max_error_frac={max_error_frac:g}); first error: "
+                f"{f['first_error']}. Fix the function (its traceback is in the log above) or raise "
+                "reward.max_error_frac")
 
 
 class RolloutCollector:
@@ -129,6 +187,8 @@ class RolloutCollector:
         self.sampler, self.pool, self.cfg = sampler, pool, cfg
         self.verifier_timeout, self.seed = verifier_timeout, seed
         self.reward = reward or RewardConfig()
+        self.function_totals: dict[str, dict] = {}
+        """Every reward function's calls and failures in this invocation, against reward.max_error_frac."""
         self.filter = objective in MIXED_GROUPS_ONLY or (cfg.dynamic_sampling and objective not in NO_FILTER)
         # the GRPO family on graded rewards learns from any group whose rewards differ
         self.graded = objective in ADVANTAGE_KIND and objective not in MIXED_GROUPS_ONLY and not binary(self.reward)
@@ -153,12 +213,14 @@ class RolloutCollector:
                                          self.params(position))
             stats.generate_s += time.perf_counter() - start
             scores = verify_groups(self.pool, problems, samples, self.verifier_timeout, stats)
+            check_reward_errors(merged(self.function_totals, stats.functions), self.reward.max_error_frac)
             groups = [Group(p, s, c, self.reward.positive_threshold) for p, s, c in zip(problems, samples, scores)]
             self.count(groups, stats)
             kept += [g for g in groups if self.informative(g) or not self.filter]
             if not self.filter:
                 break
         stats.informative = sum(self.informative(g) for g in kept)
+        self.function_totals = merged(self.function_totals, stats.functions)
         return kept[:self.cfg.prompts_per_step], stats
 
     @staticmethod
@@ -167,10 +229,12 @@ class RolloutCollector:
         stats.prompts += len(groups)
         for g in groups:
             stats.samples += len(g.samples)
-            stats.correct += sum(g.positives)
-            stats.reward += sum(g.correct)
             stats.response_tokens += sum(len(s.token_ids) for s in g.samples)
             stats.truncated += sum(s.truncated for s in g.samples)
+            if g.problem.verifiable:
+                stats.checked += len(g.samples)
+                stats.correct += sum(g.positives)
+                stats.reward += sum(g.correct)
 
 
 # ---- groups -> training sequences ------------------------------------------------------------------------------
@@ -262,13 +326,15 @@ def oreal_sequences(groups: list[Group], mask_truncated: bool = False) -> list[S
 
 
 def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[Sequence]:
-    """prompt + chain of thought (the sampled tokens up to `\\boxed{`) + gold answer + EOS. A sample without a
-    boxed answer fails the format check (valid 0, format reward -format_penalty, which the loss normalises like
-    the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is valid."""
+    """prompt + chain of thought (the sampled tokens up to `rollout.answer_start`) + gold answer + EOS. A sample
+    without the delimiter fails the format check (valid 0, format reward -format_penalty, which the loss normalises
+    like the advantage); a group needs >= 2 valid samples for the leave-one-out baseline, else none of it is
+    valid. Verifiable and reference rows alike: JEPO learns from the reference answer's likelihood."""
     seqs = []
     for gid, g in enumerate(groups):
         kept = [j for j, s in enumerate(g.samples) if not (cfg.mask_truncated and s.truncated)]
-        parts = {j: jepo_parts(g.samples[j], g.problem.answer, tokenizer) for j in kept}
+        parts = {j: answer_parts(g.samples[j], g.problem.answer, tokenizer, cfg.answer_start, cfg.answer_end)
+                 for j in kept}
         enough = sum(valid for _, _, valid in parts.values()) >= 2
         for j, (cot, answer, valid) in parts.items():
             ok = valid and enough
@@ -282,20 +348,20 @@ def jepo_sequences(groups: list[Group], cfg: RolloutConfig, tokenizer) -> list[S
     return seqs
 
 
-def jepo_parts(sample: Sample, gold: str, tokenizer) -> tuple[list[int], list[int], bool]:
-    """(CoT token ids, appended answer token ids, format ok)."""
-    ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
-    valid = last_boxed(sample.text) is not None
-    cut = None
-    if valid:
-        starts = [m.end() for m in _BOX_RE.finditer(sample.text)]
-        cut = starts[-1] + 1 if starts else None  # after "\boxed{"
-    if cut is None:
-        answer = tokenizer(f"\\boxed{{{gold}}}", add_special_tokens=False).input_ids
-        return ids or [tokenizer.eos_token_id], answer + [tokenizer.eos_token_id], False
-    cot = token_prefix(ids, cut, tokenizer)
-    answer = tokenizer(f"{gold}}}", add_special_tokens=False).input_ids
-    return cot, answer + [tokenizer.eos_token_id], valid
+def answer_parts(sample: Sample, gold: str, tokenizer, start: str = "\\boxed{", end: str = "}"
+                 ) -> tuple[list[int], list[int], bool]:
+    """(CoT token ids, appended answer token ids, format ok): the sample up to and including its last `start`
+    (format ok when `end` follows it), then gold + end + EOS; without `start`, the whole sample and then
+    start + gold + end + EOS."""
+    eos = tokenizer.eos_token_id
+    ids = [t for t in sample.token_ids if t != eos]
+    at = sample.text.rfind(start)
+    if at < 0 or (end and sample.text.find(end, at + len(start)) < 0):
+        answer = tokenizer(f"{start}{gold}{end}", add_special_tokens=False).input_ids
+        return ids or [eos], answer + [eos], False
+    cot = token_prefix(ids, at + len(start), tokenizer)
+    answer = tokenizer(f"{gold}{end}", add_special_tokens=False).input_ids
+    return cot, answer + [eos], True
 
 
 def token_prefix(ids: list[int], chars: int, tokenizer) -> list[int]:

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,41 @@ class Supervisor(threading.Thread):
 
 def is_timeout(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+"""gloo's words for a peer whose process is gone (its sockets closed by the kernel)."""
+
+
+def is_peer_lost(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(words in str(err) for words in PEER_LOST)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def describe_lost_peer() -> str:
+    """Which ranks died, for the message of a collective that lost its peer: each rank's last heartbeat names its
+    pid and host, and a pid on this host that is gone is a rank that exited."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    head = f"rank {rank}: a peer closed its connection in the middle of a collective"
+    try:
+        store = _store_client(5.0)
+        keys = {r: HEARTBEAT_KEY.format(rank=r) for r in range(world) if r != rank}
+        beats = {r: json.loads(store.get(k)) for r, k in keys.items() if store.check([k])}
+    except Exception:  # noqa: BLE001
+        beats = {}
+    here = socket.gethostname()
+    dead = [f"rank {r} (pid {b['pid']} on {b['host']})" for r, b in sorted(beats.items())
+            if b["host"] == here and _exited(b["pid"])]
+    if dead:
+        return f"{head}: {', '.join(dead)} has exited (its own output says why). Ending the job."
+    return f"{head}: another rank of this job died or lost its network (see the logs of the other hosts). " \
+           "Ending the job."
 
 
 def describe_hang(timeout_s: float) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from twofold.engine.config import Config
+from twofold.engine.run.config import Config
 
 log = logging.getLogger("twofold")
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s")
@@ -56,7 +56,7 @@ class Tracker:
             return
         step = int(metrics["step"])
         self.jsonl.write(json_row(metrics) + "\n")
-        self.jsonl.flush()
+        durable_flush(self.jsonl)
         if self.bar is not None:
             # refresh=False: set_postfix redraws by default, which would defeat the bar's 30 s interval
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3g}",
@@ -76,7 +76,7 @@ class Tracker:
             return
         row = {"step": step, **metrics}
         self.eval_jsonl.write(json_row(row) + "\n")
-        self.eval_jsonl.flush()
+        durable_flush(self.eval_jsonl)
         shown = "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s")
         (self.bar.write if self.bar is not None else print)(f"eval after {step} steps: {shown}")
         if self.tb is not None:
@@ -98,6 +98,13 @@ class Tracker:
             self.wandb.finish()
         if plot:
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png", self.run_dir / "eval.jsonl")
+
+
+def durable_flush(file) -> None:
+    """Flush and fsync: a row is on disk before the step that logged it is checkpointed, so a crash (power loss
+    included) cannot leave a checkpoint ahead of its metrics. One fsync per row: rows come one per step."""
+    file.flush()
+    os.fsync(file.fileno())
 
 
 def log_skip(step: int, metrics: dict[str, float]) -> None:
@@ -127,7 +134,9 @@ def drop_rows_after(path: Path, step: int) -> int:
     kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
     if len(kept) < len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            durable_flush(f)  # else a crash after the rename can leave an empty file in its place
         os.replace(tmp, path)
         log.info("%s: dropped %d rows after step %d (the resumed run logs them again)", path.name,
                  len(lines) - len(kept), step)

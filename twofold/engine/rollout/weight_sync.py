@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
-from twofold.engine.sampler import Bucket, Sampler
+from twofold.engine.rollout.sampler import Bucket, Sampler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

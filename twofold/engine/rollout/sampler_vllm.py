@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twofold.engine.sampler import (Bucket, FinishReason, GenerationParams, Sample, Sampler, SamplerConfig,
+from twofold.engine.rollout.sampler import (Bucket, FinishReason, GenerationParams, Sample, Sampler, SamplerConfig,
                                     workload_kv_blocks)
 
 # In-process engine core (no spawned process): must be set before vLLM reads its environment.

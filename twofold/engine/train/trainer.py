@@ -19,9 +19,10 @@ where the loss's own statistics are the mini-batch's). With `entropy_coef` the h
 entropy (with its gradient) for the loss's entropy bonus.
 
 The head (`train.head`, `engine.heads`) runs inside the FSDP2 root's forward: the fused loss (default) or
-log-probs + the objective through autograd; log-probs are at `temperature` (the sampling temperature online). A
-per-token field `correction_weight` (the rollout correction, `engine.correction`) scales each token's term; tokens
-it sets to 0 leave the loss and every normaliser, as if they were not in the batch.
+log-probs + the objective through autograd; log-probs are at `temperature` (the sampling temperature online).
+Rollout corrections (`engine.correction`): the per-token field `is_weight` reaches the objective by name (it
+weights the policy-gradient term); the per-token field `correction_mask` is the trainer's: tokens it sets to 0
+leave the loss and every normaliser, as if they were not in the batch.
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from twofold.engine.config import OptimConfig
-from twofold.engine.distributed import DistEnv, all_reduce_sum
-from twofold.engine.heads import make_head
-from twofold.engine.model import PolicyModel, count_parameters
-from twofold.engine.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
+from twofold.engine.run.config import OptimConfig
+from twofold.engine.rollout.correction import CORRECTION_MASK, IS_WEIGHT
+from twofold.engine.train.distributed import DistEnv, all_reduce_sum
+from twofold.engine.train.heads import make_head
+from twofold.engine.train.model import PolicyModel, count_parameters
+from twofold.engine.train.packing import IGNORE_INDEX, MicroBatch, Sequence, check_sequence, collate, plan_microbatches
 from twofold.objectives import BATCH_STATISTICS, OBJECTIVES
 from twofold.objectives.groups import group_index
 
@@ -67,13 +69,11 @@ def resolve_objective(name: str) -> Callable:
 
 # objectives whose per-group statistics need the whole group in one call (JEPO's bound and baselines)
 WHOLE_GROUPS = ("jepo",)
-# per-token rollout correction weight; 0 drops the token from the loss and the normalisers
-CORRECTION = "correction_weight"
 
 
 def counted_len(seq: Sequence) -> int:
-    """Response tokens that count: all of them, less those a rollout correction dropped."""
-    weights = seq.token_fields.get(CORRECTION)
+    """Response tokens that count: all of them, less those a rollout rejection mask dropped."""
+    weights = seq.token_fields.get(CORRECTION_MASK)
     return seq.response_len if weights is None else sum(w > 0 for w in weights)
 
 
@@ -130,8 +130,8 @@ def plan_rank(batch: list[Sequence], budget: int, env: DistEnv, pad_token_id: in
 
 
 def drop_corrected(mb: MicroBatch) -> MicroBatch:
-    """Tokens whose correction weight is 0 stop being loss positions (and leave the objective's own masks)."""
-    weights = mb.token_fields.get(CORRECTION)
+    """Tokens whose rejection mask is 0 stop being loss positions (and leave the objective's own masks)."""
+    weights = mb.token_fields.get(CORRECTION_MASK)
     if weights is None:
         return mb
     keep = weights > 0
@@ -225,7 +225,7 @@ class Trainer:
                  pad_token_id: int = 0, head: str = "fused", temperature: float = 1.0):
         self.policy, self.env, self.optim_cfg = policy, env, optim
         self.head, self.temperature = head, float(temperature)
-        self.head_factory = make_head  # (head, objective, call, correction, entropy) -> head; bench swaps it
+        self.head_factory = make_head  # (head, objective, call, entropy) -> head; bench swaps it
         self.keep_logp = False  # set to gather the step's per-sequence log-probs into `step_logp`
         self.step_logp: list[list[float]] = []
         self.loss_fn = resolve_objective(objective)
@@ -288,8 +288,7 @@ class Trainer:
 
     def micro_step(self, mb: MicroBatch, totals: dict):
         """Forward (trunk + head, inside the FSDP2 root) and backward of one micro-batch; keeps its log-probs."""
-        head = self.head_factory(self.head, self.objective_name, self.objective_call(mb, totals),
-                                 mb.token_fields.get(CORRECTION), self.wants_entropy)
+        head = self.head_factory(self.head, self.objective_name, self.objective_call(mb, totals), self.wants_entropy)
         out = self.policy(mb.input_ids, mb.position_ids, mb.targets, temperature=self.temperature, loss_head=head)
         out.loss.backward()
         self.last_logp = out.logp
@@ -333,6 +332,10 @@ class Trainer:
                 raise ValueError(f"sequence of row {seq.row_id!r}: {problem}")
         if self.pairwise:
             check_pairs(batch)
+        if IS_WEIGHT in token_fields and IS_WEIGHT not in inspect.signature(self.loss_fn).parameters:
+            raise ValueError(f"objective {self.objective_name!r} takes no `{IS_WEIGHT}` (a rollout correction's "
+                             "importance weight on its policy-gradient term); use a rejection mask "
+                             "(rollout.correction=token_mask, seq_mask or geo_mask) or none")
         whole = drop_corrected(collate(batch, list(range(len(batch))), self.pad_token_id))
         zeros = torch.zeros(whole.num_tokens)
         self.call_objective(zeros, whole, batch_totals(batch), validate=True,

@@ -29,10 +29,10 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, P
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from twofold.engine.config import ModelConfig
-from twofold.engine.distributed import DistEnv
-from twofold.engine.packing import PackedLayout
-from twofold.engine.tiny import build_preset_model, preset_config
+from twofold.engine.run.config import ModelConfig
+from twofold.engine.train.distributed import DistEnv
+from twofold.engine.train.packing import PackedLayout
+from twofold.engine.train.tiny import build_preset_model, preset_config
 from twofold.kernels import linear_logprobs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

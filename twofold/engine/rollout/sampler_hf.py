@@ -1,6 +1,6 @@
 """transformers backend: `model.generate` with its KV cache, for environments without vLLM.
 
-Same interface and semantics as the vLLM backend (see twofold.engine.sampler). One prompt at a time, its n samples as one
+Same interface and semantics as the vLLM backend (see twofold.engine.rollout.sampler). One prompt at a time, its n samples as one
 batch (`num_return_sequences`), so no padding can change a result; it is the correctness fallback, not the fast path.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from twofold.engine.sampler import Bucket, GenerationParams, Sample, Sampler, SamplerConfig
+from twofold.engine.rollout.sampler import Bucket, GenerationParams, Sample, Sampler, SamplerConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

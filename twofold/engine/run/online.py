@@ -40,7 +40,7 @@ from twofold.engine.train.distributed import DistEnv
 from twofold.engine.run.eval import evaluate
 from twofold.engine.train.model import build_policy, build_reference, load_hf_config
 from twofold.engine.train.packing import PackedBatch, Sequence
-from twofold.engine.rollout.build import RolloutCollector, build_sequences
+from twofold.engine.rollout.build import RolloutCollector, build_sequences, replays_kept
 from twofold.engine.rollout.backends import build_sampler
 from twofold.engine.rollout.sampler import GenerationParams, Sampler, quiet_vllm, sample_distributed, write_model_dir
 from twofold.engine.data.tasks import load_problems
@@ -303,11 +303,14 @@ class OnlineRun:
         warn above `sampler.canary_warn`, stop above `sampler.canary_stop` (largest per-token |r|)."""
         cfg = self.config.sampler
         problems = self.problems.problems[:cfg.canary_prompts]
-        params = GenerationParams(n=1, temperature=self.temperature, top_p=self.config.rollout.top_p,
-                                  max_new_tokens=cfg.canary_tokens, seed=self.config.train.seed, logprobs=True)
+        r = self.config.rollout
+        params = GenerationParams(n=1, temperature=self.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=cfg.canary_tokens, seed=self.config.train.seed, logprobs=True,
+                                  kept=replays_kept(r))
         samples = [g[0] for g in sample_distributed(self.sampler, [list(p.prompt_ids) for p in problems], params)]
         seqs = [Sequence(list(p.prompt_ids) + list(s.token_ids), len(p.prompt_ids), row_id=f"canary/{p.row_id}",
-                         token_fields={"behavior_logp": list(s.logprobs)}) for p, s in zip(problems, samples)]
+                         token_fields={"behavior_logp": list(s.logprobs)}, kept=s.kept)
+                for p, s in zip(problems, samples)]
         scored = sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad, self.temperature)
         gap = mismatch_metrics(log_ratios(scored, [s.token_fields["behavior_logp"] for s in seqs]))
         worst = gap["mismatch/max_abs_logp_diff"]

@@ -56,7 +56,9 @@ class EagerHead(LogprobsHead):
     """The baseline head: [N,V] fp32 logits, log_softmax, gather, then the objective through autograd."""
 
     @staticmethod
-    def logprobs(hidden, weight, targets, temperature, entropy=False):
+    def logprobs(hidden, weight, targets, temperature, entropy=False, kept=None):
+        if kept is not None:
+            raise ValueError("the eager baseline head scores the full vocabulary: bench.step has no kept sets")
         logits = F.linear(hidden, weight).float() / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         keep = targets != IGNORE_INDEX

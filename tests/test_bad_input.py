@@ -60,6 +60,7 @@ def recipe(tmp_path):
     ("objective.kwargs={beta: .inf}", "config objective.kwargs.beta must be a finite number"),
     ("rollout.temperature=.nan", "config rollout.temperature must be a finite number"),
     ("rollout.format_penalty=-1", "config rollout.format_penalty must be >= 0"),
+    ("rollout.top_k=-1", "config rollout.top_k must be >= 0"),
     ("sampler.gpu_memory_utilization=1.5", r"config sampler.gpu_memory_utilization must be in \(0, 1\]"),
     ("verifier.timeout=.inf", "config verifier.timeout must be a finite number"),
     ("optim.lr=[1", "override 'optim.lr=\\[1': the value is not valid YAML"),

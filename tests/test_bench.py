@@ -57,6 +57,14 @@ def test_bench_kernels_every_case_without_memory_probes(tmp_path):
     assert report["ratios_vs_eager"]["ours/fwd"]["memory"] is None and report["ratios_vs_eager"]["ours/fwd"]["time"] > 0
 
 
+def test_kept_set_bench_runs_at_a_tiny_shape(tmp_path):
+    report = run_bench("bench.kept", "--n", "8", "--h", "16", "--vocabs", "300", "--kept", "1,20", "--repeats", "1",
+                       "--no-memory", tmp_path=tmp_path)
+    rows = {(r["K"], r["mode"]) for r in report["rows"]}
+    assert rows == {(k, m) for k in (300, 1, 20) for m in ("fwd", "fwd+bwd")}
+    assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 and r["head_gflop"] > 0 for r in report["rows"])
+
+
 def test_bench_gemm_rate_reports_both_dtypes_and_both_policies(capsys, monkeypatch):
     """The head's three tile GEMMs in fp32 and bf16, and the bf16 head under each forced policy against eager."""
     from bench.gemm_rate import head_times, main

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from twofold.engine.train.model import PACKED_SDPA, PolicyModel, resolve_attn_implementation
-from twofold.engine.train.packing import IGNORE_INDEX, PackedLayout, Sequence, collate, plan_microbatches
+from twofold.engine.train.packing import (IGNORE_INDEX, KeptSets, PackedLayout, Sequence, collate, drop_sequences,
+                                           plan_microbatches)
 from twofold.engine.train.tiny import preset_config
 
 
@@ -66,6 +67,20 @@ def test_collate_restarts_positions_and_scores_only_response_tokens():
     assert mb.targets.tolist() == [IGNORE_INDEX, 7, 8, 9, 11, 12]
     assert mb.seq_index.tolist() == [0, 0, 0, 0, 1, 1]
     assert mb.token_fields["old_logp"].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
+
+
+def test_collate_lays_kept_sets_beside_the_targets_they_were_sampled_for():
+    a = Sequence([5, 6, 7, 8, 9], prompt_len=2, kept=KeptSets.from_rows([torch.tensor([7, 3]), torch.tensor([8]),
+                                                                         torch.tensor([1, 9, 4])]))
+    b = Sequence([10, 11, 12], prompt_len=1, kept=KeptSets.from_rows([torch.tensor([11]), torch.tensor([2, 12])]))
+    mb = collate([a, b], [0, 1])
+    assert mb.kept.tolist() == [[-1, -1, -1], [7, 3, -1], [8, -1, -1], [1, 9, 4], [11, -1, -1], [2, 12, -1]]
+    ok = mb.targets != IGNORE_INDEX
+    assert (mb.kept[ok] == mb.targets[ok, None]).any(1).all()
+    second = drop_sequences(mb, torch.tensor([False, True]))  # a correction drops a whole sequence
+    assert second.kept.tolist() == [[11, -1, -1], [2, 12, -1]] and second.targets.tolist() == [11, 12]
+    with pytest.raises(ValueError, match="row 'plain' has no kept sets"):
+        collate([a, Sequence([1, 2, 3], prompt_len=1, row_id="plain")], [0, 1])
 
 
 def _policy(preset, attn=PACKED_SDPA):

@@ -1,4 +1,5 @@
-"""verl: twofold's losses registered through verl's own registries and called the way verl's actor calls them.
+"""verl: twofold's losses registered through verl's own registries and called the way verl's actor calls them;
+twofold's math reward loaded by verl's `load_reward_manager` and scored through its reward loop.
 
 verl (pinned, with the packages its core_algos imports) is installed with `pip install --no-deps --target` into a
 temporary folder, so the test environment is untouched; a fresh interpreter imports it on CPU, registers twofold's
@@ -104,3 +105,70 @@ def test_twofold_losses_register_in_verl_and_match_its_vanilla_loss(verl_site, t
     assert run.returncode == 0, run.stdout + run.stderr
     verl_file, twofold_file = run.stdout.split()  # both imported from the folder installed here
     assert verl_file.startswith(str(verl_site / "verl")) and twofold_file.startswith(str(verl_site / "twofold"))
+
+
+REWARD_CHECK = r'''
+import asyncio, json, sys
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from verl import DataProto
+from verl.trainer.ppo.reward import load_reward_manager
+from twofold.engine.train.tiny import build_char_tokenizer
+
+overrides = json.loads(sys.argv[1])  # the docs' lines, plus reward_kwargs that make "HANG" hang for 1 s at most
+config = OmegaConf.create({"reward": {"custom_reward_function": {"path": None, "name": None, "reward_kwargs": {}},
+                                      "reward_manager": {"source": "register", "name": "naive"}}})
+config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+tokenizer = build_char_tokenizer()
+manager = load_reward_manager(config, tokenizer)
+responses = ["so \\boxed{18}.", "\\boxed{17}", "The answer is \\boxed{\\sqrt[3]{-8}}", "\\boxed{HANG}",
+             "\\boxed{\\frac{1}{2}}", "no idea"]
+golds = ["18", "18", "-2", "1", "0.5", "3"]
+ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
+width = max(map(len, ids))
+response_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
+prompts = torch.full((len(ids), 2), 5)
+mask = torch.cat([torch.ones(len(ids), 2, dtype=torch.long),
+                  torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])], 1)
+data = DataProto.from_dict(tensors={"prompts": prompts, "responses": response_ids, "attention_mask": mask},
+                           non_tensors={"data_source": np.array(["math"] * len(ids), dtype=object),
+                                        "reward_model": np.array([{"ground_truth": g} for g in golds], dtype=object)})
+
+async def score_all():  # verl's reward loop: every sample at once, each compute_score in an executor thread
+    return await asyncio.gather(*(manager.run_single(data[i:i + 1]) for i in range(len(ids))))
+
+results = manager.loop.run_until_complete(score_all())
+print(json.dumps([r["reward_score"] for r in results]))
+import twofold.verifier
+print(twofold.verifier._service(check="marked:hang_marked_check", timeout=1.0).stats()["timeouts"])
+print(twofold.verifier.__file__)
+'''
+HANG_CHECK = '''def hang_marked_check(answer, gold):
+    if answer == "HANG":
+        while True:
+            pass
+    from twofold.verifier import is_equivalent
+    return is_equivalent(answer, gold)
+'''
+
+
+@pytest.mark.slow
+def test_verls_reward_loading_scores_with_twofolds_compute_score_as_the_docs_configure_it(verl_site, tmp_path):
+    import json
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "verifier.md").read_text()
+    bash = re.findall(r"```bash\n(.*?)```", doc, flags=re.S)[0]
+    overrides = re.findall(r"(reward\.custom_reward_function\.\S+=\S+)", bash)
+    assert overrides == ["reward.custom_reward_function.path=pkg://twofold.verifier",
+                         "reward.custom_reward_function.name=compute_score"]
+    (tmp_path / "marked.py").write_text(HANG_CHECK)  # the workers import it from the working directory
+    overrides += ["reward.custom_reward_function.reward_kwargs.check=marked:hang_marked_check",
+                  "reward.custom_reward_function.reward_kwargs.timeout=1.0"]
+    run = run_python(REWARD_CHECK.replace("sys.argv[1]", repr(json.dumps(overrides))), [verl_site], cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    scores, timeouts, module = run.stdout.strip().splitlines()[-3:]
+    assert json.loads(scores) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert timeouts == "1"  # the hung check was killed at its 1 s timeout and scored 0; the others went on
+    assert module.startswith(str(verl_site / "twofold"))

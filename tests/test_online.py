@@ -461,6 +461,26 @@ def test_at_temperature_07_the_trainer_scores_what_either_sampler_sampled(backen
     assert step["mismatch/masked_frac"] == 0 and step["canary/max_abs_logp_diff"] < 1e-3
 
 
+@pytest.mark.parametrize("objective, extra", [
+    ("grpo", ["rollout.mini_batches=2", "train.steps=3", "model.path=BROAD"]),  # old + reference log-probs, fused head
+    ("nft", ["train.head=logprobs"]),  # the warm policy: rewards differ, so the replayed loss has a gradient
+])
+def test_top_p_and_top_k_sampling_is_replayed_exactly_by_the_trainer(objective, extra, files, warm, sampler, pool,
+                                                                    tmp_path):
+    """Sampled with top_p 0.8 and top_k 5, the trainer renormalises its policy, old and reference log-probs to each
+    token's kept set: sampler and trainer then score the same distribution, to fp32 round-off, every step (scored
+    over the full vocabulary, each log-ratio would be the log of the kept mass)."""
+    extra = [broad(files) if e == "model.path=BROAD" else e for e in extra]
+    config = online_config(files, warm, objective, tmp_path, *AGREEMENT, "rollout.top_p=0.8", "rollout.top_k=5",
+                           *extra)
+    history = run(config, sampler=sampler, pool=pool)
+    for step in history:
+        print(f"\n{objective} top_p 0.8 top_k 5:", {k: v for k, v in step.items() if k.startswith(("mismatch/", "canary/"))})
+        assert step["mismatch/k3_kl"] <= 1e-9 and step["mismatch/max_abs_logp_diff"] < 1e-4
+        assert step["canary/max_abs_logp_diff"] < 1e-4 and step["tokens"] > 0
+    assert objective != "nft" or history[0]["grad_norm"] > 0
+
+
 def test_a_trainer_that_ignores_the_temperature_fails_the_agreement_check(files, warm, sampler, pool, tmp_path):
     step = one_step(online_config(files, warm, "grpo", tmp_path, *AGREEMENT, broad(files)), sampler, pool,
                     trainer_temperature=1.0)

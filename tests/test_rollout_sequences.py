@@ -1,7 +1,9 @@
 """Rollout groups -> training sequences: rollout.mask_truncated and JEPO's format reward (no model, no sampler)."""
 import pytest
+import torch
 
 from twofold.engine.run.config import RolloutConfig
+from twofold.engine.train.packing import KeptSets
 from twofold.engine.rollout.build import Group, build_sequences
 from twofold.engine.rollout.sampler import Sample
 from twofold.engine.data.tasks import Problem
@@ -53,3 +55,19 @@ def test_jepo_format_reward_is_minus_the_penalty_for_a_sample_without_a_boxed_an
     assert rewards["0/0"] == -10.0 and rewards["1/0"] == -10.0
     assert all(v == 0.0 for k, v in rewards.items() if not k.endswith("/0"))
     assert all(s.fields["valid"] == float(not s.row_id.endswith("/0")) for s in seqs)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "nft", "oreal", "jepo"])
+def test_kept_sets_ride_on_the_sequences_and_jepo_refuses_them(objective):
+    tokenizer = build_char_tokenizer()
+    groups = _groups(tokenizer)
+    for g in groups:
+        for s in g.samples:
+            s.kept = KeptSets.from_rows([torch.tensor([t, 0]) for t in s.token_ids])
+    if objective == "jepo":
+        with pytest.raises(ValueError, match="appends were never sampled"):
+            build_sequences(objective, groups, RolloutConfig(top_p=0.9), tokenizer)
+        return
+    for seq in build_sequences(objective, groups, RolloutConfig(top_p=0.9), tokenizer):
+        sample = groups[seq.fields["group_ids"]].samples[int(seq.row_id.split("/")[1])]
+        assert seq.kept is sample.kept and len(seq.kept) == seq.response_len

@@ -160,6 +160,50 @@ def test_sampled_logprobs_follow_the_temperature(fp32, backend):
     assert worst < LOGP_TOL["float32"]
 
 
+def float64_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, margin: float = 1e-4):
+    """Independent float64 top-k-then-top-p of [T, V] logits: (kept mask, ambiguous rows). Top-k keeps every id
+    tied with the k-th largest; top-p then drops a token (in ascending order) while the mass at or below it is
+    <= 1 - top_p, keeping at least the largest. A row is ambiguous when a logit or a tail mass lies within
+    `margin` of its threshold (the sampler's fp32 logits may fall on either side of it)."""
+    z = logits.double() / temperature
+    kth = z.topk(top_k, 1).values[:, -1:]
+    z = z.masked_fill(z < kth, float("-inf"))
+    p = z.softmax(1)
+    order = p.argsort(1)  # ascending
+    tail = p.gather(1, order).cumsum(1)  # mass at or below each token
+    drop_sorted = tail <= 1 - top_p
+    drop_sorted[:, -1] = False
+    keep = torch.ones_like(p, dtype=torch.bool).scatter_(1, order, ~drop_sorted) & torch.isfinite(z)
+    near_k = ((logits.double() / temperature - kth).abs() < margin).sum(1) > 1
+    near_p = ((tail - (1 - top_p)).abs() < margin).any(1)
+    return keep, near_k | near_p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_sets_are_the_samplers_top_k_top_p_sets(fp32, backend):
+    """Every sampled token is in its recorded kept set, and the set equals a float64 top-k/top-p of the trainer's
+    fp32 logits at that position (rows within round-off of a threshold excepted, and counted)."""
+    sampler, policy = fp32["samplers"][backend], fp32["policy"]
+    params = GenerationParams(n=3, temperature=0.9, top_p=0.8, top_k=5, max_new_tokens=12, seed=2, logprobs=True,
+                              kept=True)
+    groups = sampler.generate(PROMPTS, params)
+    rows = ambiguous = 0
+    for g in groups:
+        for s in g:
+            assert len(s.kept) == len(s.token_ids) and s.kept.contains(s.token_ids)
+            prompt = sampler.prompt_ids(PROMPTS[s.prompt_index], 0)
+            with torch.no_grad():
+                logits = policy.causal_lm(input_ids=torch.tensor([prompt + s.token_ids])).logits[0].float()
+            want, near = float64_kept(logits[len(prompt) - 1:-1], 0.9, 5, 0.8)
+            got = torch.zeros_like(want)
+            got[torch.arange(len(s.kept)).repeat_interleave(s.kept.counts), s.kept.ids.long()] = True
+            assert (got == want)[~near].all(), (backend, s.prompt_index)
+            assert (s.kept.counts <= 5).all()
+            rows, ambiguous = rows + len(want), ambiguous + int(near.sum())
+    assert ambiguous <= rows // 10, (ambiguous, rows)
+    assert len({int(c) for g in groups for s in g for c in s.kept.counts}) > 1  # top-p cuts below top-k
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeds_reproduce_samples_independently_of_the_prompt_split(fp32, backend):
     sampler = fp32["samplers"][backend]

@@ -63,7 +63,7 @@ def test_extraction_phrases_and_think_handling_are_configurable():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ("\\left( 1, 2 \\right]", "( 1, 2 ]"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("45^{\\circ}", "45"),
+    ("\\left( 1, 2 \\right]", "( 1, 2 ]"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("45^{\\circ}", "45\\degree"),  # for trig arguments
     ("25\\%", "25"), ("\\$1{,}000", "1000"), ("5\\text{ cm}^2", "5"), ("\\text{Monday}", "Monday"),
     ("10.", "10"), ("1 \\text{ or } 2", "1, 2"), ("3\\,\\!", "3"), ("12 square feet", "12"), ("\\(x\\)", "x"),
 ])

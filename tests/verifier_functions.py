@@ -14,6 +14,15 @@ def boxed_bonus(response: str, gold: str) -> float:
     return float(response.startswith("\\boxed{"))
 
 
+def hang_marked_check(answer: str, gold: str) -> bool:
+    """`is_equivalent`, except that the answer `HANG` never returns."""
+    if answer == "HANG":
+        while True:
+            pass
+    from twofold.engine.verifier.equivalence import is_equivalent
+    return is_equivalent(answer, gold)
+
+
 # ---- reward functions that break the contract (one finite float per call), one per way of breaking it ----------
 
 def raises(response: str, gold: str) -> float:

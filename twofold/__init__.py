@@ -5,7 +5,8 @@
     loss, metrics = twofold.nft_loss(logp, old_logp, rewards, group_ids, mask)
 
 Other trainers: `twofold.completion_logprobs` (completion log-probs of any HF causal LM), `twofold.nn` (drop-in
-fused policy-loss modules), `twofold.integrations.trl` and `twofold.integrations.verl`.
+fused policy-loss modules), `twofold.integrations.trl` and `twofold.integrations.verl`, and `twofold.verifier`
+(torch-free math rewards for TRL's reward_funcs and verl's compute_score).
 Subpackages: `twofold.kernels` (log-probs, entropy and fused losses from hidden states and the head weight),
 `twofold.objectives` (every loss as a function of per-token log-probs), `twofold.engine` (the training system;
 imported on demand, it loads transformers and, online, vLLM).

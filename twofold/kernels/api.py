@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from twofold.kernels.chunked import chunked_linear_logprobs, no_autocast
+from twofold.kernels.kept import check_kept, kept_linear_logprobs
 
 _BACKENDS: dict[str, Callable] = {"torch": chunked_linear_logprobs}
 
@@ -80,7 +81,7 @@ def fold_bias(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False, return_lse: bool = False,
                     chunk_size: int | None = None, backend: str = "auto", check_targets: bool = True,
-                    bias: torch.Tensor | None = None):
+                    bias: torch.Tensor | None = None, kept: torch.Tensor | None = None):
     """Per-token log-prob of `targets` under softmax((hidden @ weight.T + bias) / temperature), never forming [N, V].
 
     hidden [N,H] or [B,T,H]; weight [V,H] (same dtype); targets [N] or [B,T]; bias [V] or None (see `fold_bias`).
@@ -89,17 +90,29 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     tempered logits if `return_lse`. Ignored positions give 0 and get no gradient. Gradients flow to hidden and
     weight from any upstream gradient on log-probs and entropy. `check_targets` costs one host sync on CUDA; turn
     it off in loops whose token ids are known to be in range.
+
+    kept: the sampler's kept sets (top-k / top-p), shaped like targets plus a trailing dim [..., K_max], ids padded
+    with -1: log-probs, entropy and lse are then those of the softmax renormalised to each token's kept set, from
+    only its |K| rows of the weight (`twofold.kernels.kept`, which gives the exact torch equivalent).
     """
     _check_inputs(hidden, weight, targets, temperature, ignore_index, check_targets)
+    if kept is not None:
+        check_kept(kept, targets, weight.shape[0], check_targets)
     hidden, weight = fold_bias(hidden, weight, bias)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = targets.shape
-    impl = _resolve_backend(backend, hidden.device)
-    with no_autocast(hidden.device):  # the head picks its precision; the chunked backward turns it off too
-        logp, entropy, lse = impl(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                                  ignore_index=ignore_index, temperature=float(temperature), chunk_size=chunk_size,
-                                  want_entropy=return_entropy)
+    h2, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    if kept is not None:
+        logp, entropy, lse = kept_linear_logprobs(h2, weight, y, kept.reshape(-1, kept.shape[-1]),
+                                                  ignore_index=ignore_index, temperature=float(temperature),
+                                                  want_entropy=return_entropy, backend=backend,
+                                                  check_targets=check_targets)
+    else:
+        impl = _resolve_backend(backend, hidden.device)
+        with no_autocast(hidden.device):  # the head picks its precision; the chunked backward turns it off too
+            logp, entropy, lse = impl(h2, weight, y, ignore_index=ignore_index, temperature=float(temperature),
+                                      chunk_size=chunk_size, want_entropy=return_entropy)
     out = [logp.view(shape)]
     if return_entropy:
         out.append(entropy.view(shape))
@@ -112,18 +125,19 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
                          ignore_index: int = -100, reduction: str = "mean", temperature: float = 1.0,
                          num_items_in_batch: int | torch.Tensor | None = None, chunk_size: int | None = None,
                          backend: str = "auto", check_targets: bool = True,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `input @ weight.T` against `target`, positional-compatible with
     `torch.nn.functional.linear_cross_entropy(input, linear_weight, target)`.
 
     reduction: "mean" (over non-ignored tokens; 0 when every token is ignored, never NaN), "sum" or "none" (shaped
     like target, 0 at ignored positions). `num_items_in_batch` (HF Trainer's convention) replaces the mean's
-    denominator, for gradient accumulation over a global token count.
+    denominator, for gradient accumulation over a global token count. kept: as in `linear_logprobs`.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     nll = -linear_logprobs(input, weight, target, temperature=temperature, ignore_index=ignore_index,
-                           chunk_size=chunk_size, backend=backend, check_targets=check_targets, bias=bias)
+                           chunk_size=chunk_size, backend=backend, check_targets=check_targets, bias=bias,
+                           kept=kept)
     if reduction == "none":
         return nll
     total = nll.sum()

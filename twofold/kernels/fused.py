@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from twofold.kernels.api import fold_bias
+from twofold.kernels.kept import check_kept, kept_fused_pass
 from twofold.kernels.chunked import (add_matmul_, chunk_logits, chunk_stats_, compute_dtype, default_chunk_size,
                                       logits_block, no_autocast, softmax_grad_, weight_for_gemm)
 from twofold.objectives.token_local import TOKEN_LOCAL, token_step, with_entropy_bonus
@@ -74,7 +75,8 @@ def _split_inputs(inputs: dict, shape: torch.Size):
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, objective, *,
                       inputs: dict, temperature: float = 1.0, ignore_index: int = -100,
                       return_entropy: bool = False, chunk_size: int | None = None,
-                      backend: str = "auto", bias: torch.Tensor | None = None) -> FusedLoss:
+                      backend: str = "auto", bias: torch.Tensor | None = None,
+                      kept: torch.Tensor | None = None) -> FusedLoss:
     """Token-local loss of softmax(hidden @ weight.T / temperature) evaluated at `targets`, with its gradients.
 
     objective: a name in `twofold.objectives.token_local.TOKEN_LOCAL` or a callable with that contract,
@@ -83,13 +85,17 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     tensors) is passed unchanged. Ignored targets contribute nothing and cost nothing. The loss is
     sum_t loss_t; `loss.backward()` sends exact gradients to hidden and weight (tied weights included).
     chunk_size: tokens per chunk. backend: "torch", "triton" or "auto" (Triton on CUDA). bias: the LM head's [V]
-    bias or None (folded in by `twofold.kernels.api.fold_bias`; its gradient flows through autograd).
+    bias or None (folded in by `twofold.kernels.api.fold_bias`; its gradient flows through autograd). kept: the
+    sampler's kept sets [..., K_max] (-1 padded): the loss is that of the log-probs renormalised to each token's
+    kept set, from its |K| weight rows alone (`twofold.kernels.kept`).
     """
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"need hidden [..., H], targets shaped like hidden[..., 0] and weight [V, H]; got "
                          f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(weight.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if kept is not None:
+        check_kept(kept, targets, weight.shape[0], check_range=False)  # as targets: no host sync here
     per_token, shared = _split_inputs(inputs, targets.shape)
     hidden, weight = fold_bias(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -101,7 +107,13 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     with torch.no_grad(), no_autocast(h2.device):  # gradients are formed here by hand; autograd sees _AttachGrads
-        if backend == "triton" or (backend == "auto" and hidden.is_cuda and h2.dtype != torch.float64):
+        if kept is not None:
+            def step(logp, index, entropy):
+                return token_step(fn, logp, per_token, shared, index, entropy)
+            value, logp, entropy, grad_h, grad_w = kept_fused_pass(
+                h2, weight, args[2], kept.reshape(-1, kept.shape[-1]), step, float(temperature), ignore_index,
+                entropy_mode, needs, backend)
+        elif backend == "triton" or (backend == "auto" and hidden.is_cuda and h2.dtype != torch.float64):
             from twofold.kernels.triton_fused import triton_fused_pass
             value, logp, entropy, grad_h, grad_w = triton_fused_pass(*args)
         else:

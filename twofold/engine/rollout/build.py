@@ -199,8 +199,8 @@ class RolloutCollector:
         # prompt i of this batch gets seed + i * n: unique per stream position, identical after a resume
         base = self.seed * 1_000_003 + position * self.cfg.samples_per_prompt
         return GenerationParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, seed=base,
-                                logprobs=True)
+                                top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens,
+                                seed=base, logprobs=True, kept=replays_kept(self.cfg))
 
     def collect(self, stream: BatchStream) -> tuple[list[Group], RolloutStats]:
         stats, kept = RolloutStats(), []
@@ -299,10 +299,16 @@ def shaped_reward(correct: float, length: int, cfg: RolloutConfig, graded: bool 
     return (correct if graded else math_rewards([correct], negative=cfg.negative_reward)[0]) + penalty
 
 
+def replays_kept(cfg: RolloutConfig) -> bool:
+    """Top-k or top-p sampling: the sampler records each token's kept set and the trainer renormalises to it."""
+    return cfg.top_k > 0 or cfg.top_p < 1
+
+
 def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) -> Sequence:
     prompt = list(problem.prompt_ids)
     return Sequence(prompt + list(sample.token_ids), len(prompt), row_id=f"{problem.row_id}/{index}",
-                    fields=dict(fields), token_fields=behavior_fields(sample, len(sample.token_ids)))
+                    fields=dict(fields), token_fields=behavior_fields(sample, len(sample.token_ids)),
+                    kept=sample.kept)
 
 
 def behavior_fields(sample: Sample, sampled: int, appended: int = 0) -> dict[str, list[float]]:
@@ -351,6 +357,9 @@ def jepo_sequences(spec: ObjectiveSpec, groups: list[Group], cfg: RolloutConfig,
                  for j in kept}
         enough = sum(valid for _, _, valid in parts.values()) >= 2
         for j, (cot, answer, valid) in parts.items():
+            if g.samples[j].kept is not None:
+                raise ValueError("rollout.top_k / top_p < 1 replay the sampler's kept sets, and the answer tokens "
+                                 "this objective appends were never sampled: set rollout.top_p=1 and top_k=0")
             ok = valid and enough
             prompt = list(g.problem.prompt_ids)
             cot_mask = [1.0] * len(cot) + [0.0] * len(answer)

@@ -25,9 +25,11 @@ Corrections come in two kinds (docs/objectives.md §0.4 has the table with verl/
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from twofold.engine.train.packing import Sequence
+from twofold.engine.train.packing import MicroBatch, Sequence, collate, per_sequence
 
 WEIGHTS = ("token_tis", "seq_tis", "icepop", "seq_icepop")
 MASKS = ("token_mask", "seq_mask", "geo_mask")
@@ -82,28 +84,53 @@ def correction_weights(mode: str, ratios: list[torch.Tensor], c_low: float | Non
     return out
 
 
-def sequence_ratios(batch: list[Sequence], trainer_logp: list[list[float]]) -> list[torch.Tensor]:
-    """r_t of every sequence's sampled tokens (its `sampled` field, where the sampler marks them; else all its
-    response tokens) from its `behavior_logp` and the trainer's log-probs."""
-    sampled = [s.token_fields["sampled"] for s in batch] if "sampled" in batch[0].token_fields else None
-    return log_ratios(trainer_logp, [s.token_fields["behavior_logp"] for s in batch], sampled)
+def micro_ratios(mb: MicroBatch, trainer_logp: torch.Tensor) -> list[torch.Tensor]:
+    """Per sequence of a packed micro-batch, r_t = trainer - sampler log-prob over its sampled tokens."""
+    sampled = per_sequence(mb.token_fields["sampled"], mb) if "sampled" in mb.token_fields else None
+    return log_ratios(per_sequence(trainer_logp, mb), per_sequence(mb.token_fields["behavior_logp"], mb), sampled)
+
+
+def correction_field(mb: MicroBatch, weights: list[torch.Tensor], whole_sequence: bool = False) -> torch.Tensor:
+    """The [N] per-token field of a correction: each sequence's weights on its sampled tokens, 1 on its other loss
+    positions (JEPO's appended answer), 0 off them. `whole_sequence` (a sequence-level rejection): a rejected
+    sequence gets 0 on every loss position, its answer too (it leaves JEPO's group). `per_sequence` order is
+    packed order."""
+    field = mb.loss_mask.float()
+    sampled = mb.loss_mask & (mb.token_fields["sampled"] > 0) if "sampled" in mb.token_fields else mb.loss_mask
+    if weights:
+        field[sampled] = torch.cat(weights).float()
+    if whole_sequence and weights:
+        rejected = torch.tensor([bool(w.numel()) and float(w[0]) == 0 for w in weights])
+        field[mb.loss_mask & rejected[mb.seq_index]] = 0.0
+    return field
+
+
+def correct_micro(mb: MicroBatch, trainer_logp: torch.Tensor, mode: str, c_low: float | None = None,
+                  c_high: float | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """r_t of each sequence of a packed micro-batch (`trainer_logp`: [N]) and, with a correction, its weights
+    (or mask), written into the micro-batch as the [N] field `is_weight` (a `WEIGHTS` mode) or
+    `correction_mask` (a `MASKS` mode)."""
+    ratios = micro_ratios(mb, trainer_logp)
+    if mode == "none":
+        return ratios, None
+    weights = correction_weights(mode, ratios, c_low, c_high)
+    mb.token_fields[IS_WEIGHT if mode in WEIGHTS else CORRECTION_MASK] = correction_field(
+        mb, weights, whole_sequence=mode in SEQUENCE_MASKS)
+    return ratios, weights
 
 
 def correct_sequences(batch: list[Sequence], trainer_logp: list[list[float]], mode: str,
                       c_low: float | None = None, c_high: float | None = None) -> dict[str, float]:
-    """Mismatch metrics; with a correction, each sequence's `is_weight` (a weight mode) or `correction_mask` (a
-    rejection mask) token field. Response tokens that were not sampled (JEPO's teacher-forced answer) get 1, except
-    under a sequence-level rejection, which rejects the whole sequence (its answer too: it leaves JEPO's group)."""
-    ratios = sequence_ratios(batch, trainer_logp)
-    if mode == "none":
-        return mismatch_metrics(ratios)
-    weights = correction_weights(mode, ratios, c_low, c_high)
-    for seq, w in zip(batch, weights):
-        rejected = mode in SEQUENCE_MASKS and w.numel() and float(w[0]) == 0
-        full = torch.full((seq.response_len,), 0.0 if rejected else 1.0, dtype=torch.float64)
-        sampled = seq.token_fields.get("sampled")
-        full[torch.tensor(sampled) > 0 if sampled is not None else slice(None)] = w
-        seq.token_fields[IS_WEIGHT if mode in WEIGHTS else CORRECTION_MASK] = full.tolist()
+    """`correct_micro` on sequences not yet packed (one micro-batch of them; the engine's precision, fp32 fields):
+    the mismatch metrics, and each sequence's `is_weight` / `correction_mask` token field."""
+    scored = [dataclasses.replace(s, token_fields={**s.token_fields, "trainer_logp": lp})
+              for s, lp in zip(batch, trainer_logp)]
+    mb = collate(scored, list(range(len(scored))), pad_token_id=0)
+    ratios, weights = correct_micro(mb, mb.token_fields["trainer_logp"], mode, c_low, c_high)
+    if weights is not None:
+        name = IS_WEIGHT if mode in WEIGHTS else CORRECTION_MASK
+        for seq, values in zip(batch, per_sequence(mb.token_fields[name], mb)):
+            seq.token_fields[name] = values.double().tolist()
     return mismatch_metrics(ratios, weights)
 
 

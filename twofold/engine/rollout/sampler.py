@@ -12,7 +12,11 @@ Semantics shared by both backends (tests hold them to it):
 - the response is capped at `max_new_tokens` and at `max_model_len - prompt_len`; a capped sample has
   `finish_reason == "length"` (`truncated`);
 - `logprobs` are those of the distribution the token was drawn from: log-softmax(logits / temperature), restricted
-  and renormalised to the top-p nucleus when top_p < 1; greedy (temperature 0) scores at temperature 1;
+  and renormalised to the kept set (top-k, then the top-p nucleus of what top-k kept) when top_k > 0 or top_p < 1;
+  greedy (temperature 0) scores at temperature 1;
+- with `GenerationParams.kept`, `Sample.kept` holds each sampled token's kept set K_t, the ids the sampler's own
+  top-k / top-p step left finite (vLLM: read from its processed log-probs; transformers: from its processed
+  scores), so the trainer can renormalise to exactly that set (`twofold.kernels.kept`);
 - seeds: with `GenerationParams.seed`, prompt i of the global batch uses seed + i * n (a sample does not depend on
   how prompts are split over ranks); without it, each engine draws from its own stream seeded by
   `SamplerConfig.seed + rank`.
@@ -34,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from twofold.engine.train.packing import KeptSets
 
 FinishReason = Literal["eos", "stop", "length"]
 Bucket = list[tuple[str, Tensor]]  # (Hugging Face parameter name, full tensor) pairs pushed in one update call
@@ -88,11 +94,15 @@ class GenerationParams:
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k."""
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    kept: bool = False
+    """Record each sampled token's kept set (`Sample.kept`); needs temperature > 0."""
 
 
 @dataclass
@@ -103,6 +113,7 @@ class Sample:
     text: str
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    kept: KeptSets | None = None
 
     @property
     def truncated(self) -> bool:
@@ -164,6 +175,10 @@ class Sampler(ABC):
             raise ValueError(f"GenerationParams.temperature must be >= 0 (0 is greedy), got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise ValueError(f"GenerationParams.top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise ValueError(f"GenerationParams.top_k must be >= 0 (0 is no top-k), got {params.top_k}")
+        if params.kept and params.temperature == 0:
+            raise ValueError("GenerationParams.kept needs temperature > 0: greedy decoding has no kept set")
         unknown = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if unknown:
             raise ValueError(f"stop token ids {unknown} are not in the vocabulary [0, {self.vocab_size})")

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from twofold.engine.rollout.sampler import Bucket, GenerationParams, Sample, Sampler, SamplerConfig
+from twofold.engine.rollout.sampler import Bucket, GenerationParams, KeptSets, Sample, Sampler, SamplerConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -50,7 +50,7 @@ class HFSampler(Sampler):
 
     def generate_group(self, ids: list[int], params: GenerationParams, stop: tuple[str, ...], seed: int):
         greedy = params.temperature == 0
-        sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         end_ids = ([eos] if eos is not None else []) + list(params.stop_token_ids)
         # seed a forked RNG: sampling leaves the trainer's global RNG untouched
@@ -61,19 +61,25 @@ class HFSampler(Sampler):
                 max_new_tokens=self.max_new_tokens(len(ids), params), num_return_sequences=params.n,
                 do_sample=not greedy, eos_token_id=end_ids or None, pad_token_id=eos if pad is None else pad,
                 stop_strings=list(stop) or None, tokenizer=self.tokenizer if stop else None,
-                output_scores=params.logprobs, return_dict_in_generate=True, use_cache=True, **sampling)
+                output_scores=params.logprobs or params.kept, return_dict_in_generate=True, use_cache=True,
+                **sampling)
         new = out.sequences[:, len(ids):].tolist()
-        # processed scores: temperature and top-p already applied (masked to -inf), as vLLM's processed_logprobs
-        steps = torch.stack(out.scores, 1).float().log_softmax(-1) if params.logprobs else None
-        return [self.to_sample(row, steps[j] if steps is not None else None, end_ids, stop)
+        # processed scores: temperature, top-k and top-p already applied (masked to -inf) in that order, as vLLM's
+        # processed_logprobs; the finite ones are the kept set the token was drawn from
+        scores = torch.stack(out.scores, 1).float() if params.logprobs or params.kept else None
+        return [self.to_sample(row, None if scores is None else scores[j], params, end_ids, stop)
                 for j, row in enumerate(new)]
 
-    def to_sample(self, row: list[int], step_logprobs, end_ids: list[int], stop: tuple[str, ...]) -> Sample:
+    def to_sample(self, row: list[int], scores, params: GenerationParams, end_ids: list[int],
+                  stop: tuple[str, ...]) -> Sample:
         ids, reason, text = self.trim(row, end_ids, stop)
-        logprobs = None
-        if step_logprobs is not None:
-            logprobs = step_logprobs[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)].tolist()
-        return Sample(prompt_index=-1, token_ids=ids, text=text, finish_reason=reason, logprobs=logprobs)
+        sample = Sample(prompt_index=-1, token_ids=ids, text=text, finish_reason=reason)
+        if params.logprobs:
+            steps = scores[:len(ids)].log_softmax(-1)
+            sample.logprobs = steps[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)].tolist()
+        if params.kept:
+            sample.kept = KeptSets.from_mask(torch.isfinite(scores[:len(ids)]))
+        return sample
 
     def trim(self, row: list[int], end_ids: list[int], stop: tuple[str, ...]):
         """Cut a generated row after the token that ended it (generate pads finished rows); text without special

@@ -14,13 +14,14 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from twofold.engine.rollout.sampler import (Bucket, FinishReason, GenerationParams, Sample, Sampler, SamplerConfig,
-                                    workload_kv_blocks)
+from twofold.engine.rollout.sampler import (Bucket, FinishReason, GenerationParams, KeptSets, Sample, Sampler,
+                                            SamplerConfig, workload_kv_blocks)
 
 # In-process engine core (no spawned process): must be set before vLLM reads its environment.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -137,6 +138,60 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+class KeptSetRecorder:
+    """Records the kept set of every sampled token from vLLM's own sampler: a forward hook on its top-k/top-p module
+    (`TopKTopPSampler`, installed through `LLM.collective_rpc`, so it runs inside the in-process engine) reads the
+    processed log-probs that module returns (`logprobs_mode="processed_logprobs"`: log-softmax of the tempered,
+    top-k- then top-p-masked logits, -inf outside the kept set) and the tokens it drew, one batch row per running
+    request. So the set is the one vLLM sampled from, by construction, whatever its tie rules; nothing is
+    recomputed. Cost: one pass over the [rows, V] mask and its nonzero ids per decoding step (`cost_s`, CPU
+    seconds; 0.3-0.9 ms per token on one CPU core at V = 32,000-151,936, bench/README.md "Kept-set head").
+
+    Rows are keyed by vLLM's internal request id and the request's output length at that step (its token's
+    position), so a partial-prefill row, whose draw vLLM discards, is overwritten by the real one."""
+
+    def __init__(self):
+        self.active = False
+        self.rows: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
+        self.cost_s = 0.0
+        self.tokens = 0
+
+    def install(self, worker) -> bool:
+        runner = worker.model_runner
+        runner.sampler.topk_topp_sampler.register_forward_hook(lambda module, args, out: self.record(runner, out))
+        return True
+
+    def record(self, runner, out) -> None:
+        if not self.active:
+            return
+        start = time.thread_time()  # CPU time of this thread: what the recording costs, whatever else runs
+        sampled, processed = out
+        if processed is None:
+            raise RuntimeError("kept sets need vLLM's processed log-probs: request logprobs with kept=True")
+        batch = runner.input_batch
+        mask = processed > float("-inf")  # log-probs: finite or -inf (one pass; isfinite is two)
+        ids = mask.nonzero()[:, 1].to(torch.int32).split(mask.sum(1).tolist())
+        for i, (req, token, row) in enumerate(zip(batch.req_ids, sampled.tolist(), ids)):
+            self.rows.setdefault(req, {})[len(batch.req_output_token_ids[i])] = (token, row)
+        self.tokens += len(ids)
+        self.cost_s += time.thread_time() - start
+
+    def take(self, outputs) -> dict[tuple[int, int], KeptSets]:
+        """{(output number, completion index): KeptSets} for vLLM's outputs, each checked against its tokens."""
+        by_base = {req.rsplit("-", 1)[0]: rows for req, rows in self.rows.items()}  # internal id = id-<suffix>
+        self.rows, out = {}, {}
+        for o_index, o in enumerate(outputs):
+            for c in o.outputs:
+                key = f"{c.index}_{o.request_id}" if len(o.outputs) > 1 else o.request_id
+                rows = by_base.get(key, {})
+                tokens = [rows[t][0] if t in rows else None for t in range(len(c.token_ids))]
+                if tokens != list(c.token_ids):
+                    raise RuntimeError(f"vLLM request {key!r}: the recorded kept sets do not line up with its "
+                                       f"{len(c.token_ids)} sampled tokens (recorded {len(rows)})")
+                out[o_index, c.index] = KeptSets.from_rows([rows[t][1] for t in range(len(c.token_ids))])
+        return out
+
+
 def register_backend() -> None:
     if BACKEND not in WeightTransferEngineFactory._registry:  # no public "is registered" query
         WeightTransferEngineFactory.register_engine(BACKEND, InProcessWeightTransferEngine)
@@ -153,6 +208,8 @@ class VLLMSampler(Sampler):
         freeze_heap()
         self.llm = LLM(**self.engine_args())
         self.llm.init_weight_transfer_engine({"init_info": {}})
+        self.kept = KeptSetRecorder()
+        self.llm.collective_rpc(self.kept.install)
         self.asleep = False
         self.sleep()
 
@@ -218,10 +275,15 @@ class VLLMSampler(Sampler):
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         sampling = [self.sampling_params(len(ids), params, stop, None if seeds is None else seeds[i])
                     for i, ids in enumerate(prompt_ids)]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        self.kept.active = params.kept
+        try:
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        finally:
+            self.kept.active = False
         self.sleep()
-        groups = [[self.to_sample(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)]
-                  for out in outputs]
+        kept = self.kept.take(outputs) if params.kept else {}
+        groups = [[self.to_sample(c, params.logprobs, kept.get((i, c.index)))
+                   for c in sorted(out.outputs, key=lambda c: c.index)] for i, out in enumerate(outputs)]
         if not stop:
             self.decode_texts([s for g in groups for s in g])
         return groups
@@ -230,10 +292,11 @@ class VLLMSampler(Sampler):
         # without stop strings vLLM need not detokenize: it would decode every sampled token twice per step
         # (the text, incrementally, and each logprob entry's token string), a third of a CPU decode step's engine
         # time on a small model; `decode_texts` then writes the same text in one call per sample
-        return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+        # kept sets are read from the processed log-probs, which vLLM forms only when log-probs are requested
+        return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                               max_tokens=self.max_new_tokens(prompt_len, params), stop=list(stop),
                               stop_token_ids=list(params.stop_token_ids), seed=seed,
-                              logprobs=0 if params.logprobs else None, detokenize=bool(stop))
+                              logprobs=0 if params.logprobs or params.kept else None, detokenize=bool(stop))
 
     def decode_texts(self, samples: list[Sample]) -> None:
         """The text vLLM's detokenizer gives (tests compare the two): special tokens skipped, and the token that
@@ -243,12 +306,12 @@ class VLLMSampler(Sampler):
             sample.text = self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @staticmethod
-    def to_sample(completion, with_logprobs: bool) -> Sample:
+    def to_sample(completion, with_logprobs: bool, kept: KeptSets | None = None) -> Sample:
         ids = list(completion.token_ids)
         logprobs = [step[t].logprob for step, t in zip(completion.logprobs, ids)] if with_logprobs else None
         return Sample(prompt_index=-1, token_ids=ids, text=completion.text or "",
                       finish_reason=finish_reason(completion.finish_reason, completion.stop_reason),
-                      logprobs=logprobs)
+                      logprobs=logprobs, kept=kept)
 
     def sleep(self) -> None:
         if self.sleep_mode:

@@ -180,6 +180,10 @@ class RolloutConfig:
     samples_per_prompt: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k. With top_k > 0 or top_p < 1 the sampler records each token's kept set and every trainer
+    log-prob (policy, old, reference) is renormalised to it: the sampled distribution, replayed exactly
+    (docs/objectives.md, "Sampling-mask replay")."""
     max_new_tokens: int = 256
     dynamic_sampling: bool = True
     """Keep only groups whose rewards differ (0 < correct < n), refilling with new prompts (DAPO, NFT, OREAL)."""
@@ -645,6 +649,7 @@ def validate_rollout(config: Config) -> None:
     _require(r.gen_batch_prompts >= 0, "rollout.gen_batch_prompts", ">= 0", r.gen_batch_prompts)
     _require(r.temperature > 0, "rollout.temperature", "> 0", r.temperature)
     _require(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]", r.top_p)
+    _require(r.top_k >= 0, "rollout.top_k", ">= 0 (0: no top-k)", r.top_k)
     _require(r.negative_reward in (0.0, -1.0), "rollout.negative_reward", "0 or -1", r.negative_reward)
     _require(0 <= r.overlong_buffer <= r.max_new_tokens, "rollout.overlong_buffer",
              f"in [0, rollout.max_new_tokens={r.max_new_tokens}]", r.overlong_buffer)

@@ -60,7 +60,7 @@ def evaluate(sampler: Sampler, pool: VerifierPool, problems: list[Problem], conf
             temperature=0.0, max_new_tokens=max_new, seed=EVAL_SEED), timeout, threshold)
         if ev.samples:
             sampled = GenerationParams(n=ev.samples, temperature=rollout.temperature, top_p=rollout.top_p,
-                                       max_new_tokens=max_new, seed=EVAL_SEED)
+                                       top_k=rollout.top_k, max_new_tokens=max_new, seed=EVAL_SEED)
             out[f"eval/avg@{ev.samples}"] = pass_rate(sampler, pool, verifiable, sampled, timeout, threshold)
     if likelihood_eval(config):
         if tokenizer is None or score is None:
@@ -83,7 +83,7 @@ def reference_likelihood(sampler: Sampler, problems: list[Problem], config: Conf
     """
     ev, rollout = config.eval, config.rollout
     k = max(ev.samples, 1)
-    params = GenerationParams(n=k, temperature=rollout.temperature, top_p=rollout.top_p,
+    params = GenerationParams(n=k, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                               max_new_tokens=ev.max_new_tokens or rollout.max_new_tokens, seed=EVAL_SEED)
     groups = sample_distributed(sampler, [list(p.prompt_ids) for p in problems], params)
     seqs, answer_lens, formatted = [], [], 0

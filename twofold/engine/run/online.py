@@ -34,14 +34,13 @@ import torch.distributed as dist
 from twofold.engine.train.checkpoint import export_hf, save_checkpoint
 from twofold.engine.run.config import (Config, answers_mode, correction_mode, learns_from_reference, objective_kwargs,
                                    optimizer_steps, to_yaml, updates_per_step)
-from twofold.engine.rollout.correction import (CORRECTION_MASK, IS_WEIGHT, SEQUENCE_MASKS, WEIGHTS, correction_weights,
-                                               log_ratios, mismatch_metrics)
+from twofold.engine.rollout.correction import correct_micro, log_ratios, micro_ratios, mismatch_metrics
 from twofold.engine.data.loading import BatchStream, Fields
 from twofold.engine.train.distributed import DistEnv
 from twofold.engine.run.eval import evaluate
 from twofold.engine.train.model import build_policy, build_reference, load_hf_config
-from twofold.engine.train.packing import MicroBatch, PackedBatch, Sequence, per_sequence
-from twofold.engine.rollout.build import RolloutCollector, build_sequences
+from twofold.engine.train.packing import PackedBatch, Sequence
+from twofold.engine.rollout.build import RolloutCollector, build_sequences, replays_kept
 from twofold.engine.rollout.backends import build_sampler
 from twofold.engine.rollout.sampler import GenerationParams, Sampler, quiet_vllm, sample_distributed, write_model_dir
 from twofold.engine.data.tasks import load_problems
@@ -281,13 +280,9 @@ class OnlineRun:
         mode = correction_mode(self.config)
         ratios, weights = [], []
         for mb in (mb for packed in packs for mb in packed.micro):
-            got = micro_ratios(mb, mb.token_fields["old_logp"])
+            got, w = correct_micro(mb, mb.token_fields["old_logp"], mode, r.correction_c_low, r.correction_c_high)
             ratios += got
-            if mode != "none":
-                w = correction_weights(mode, got, r.correction_c_low, r.correction_c_high)
-                name = IS_WEIGHT if mode in WEIGHTS else CORRECTION_MASK
-                mb.token_fields[name] = correction_field(mb, w, whole_sequence=mode in SEQUENCE_MASKS)
-                weights += w
+            weights += w or []
         return self.mismatch(ratios, None if mode == "none" else weights)
 
     # ---- weight sync and its canary --------------------------------------------------------------------------------
@@ -308,11 +303,14 @@ class OnlineRun:
         warn above `sampler.canary_warn`, stop above `sampler.canary_stop` (largest per-token |r|)."""
         cfg = self.config.sampler
         problems = self.problems.problems[:cfg.canary_prompts]
-        params = GenerationParams(n=1, temperature=self.temperature, top_p=self.config.rollout.top_p,
-                                  max_new_tokens=cfg.canary_tokens, seed=self.config.train.seed, logprobs=True)
+        r = self.config.rollout
+        params = GenerationParams(n=1, temperature=self.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=cfg.canary_tokens, seed=self.config.train.seed, logprobs=True,
+                                  kept=replays_kept(r))
         samples = [g[0] for g in sample_distributed(self.sampler, [list(p.prompt_ids) for p in problems], params)]
         seqs = [Sequence(list(p.prompt_ids) + list(s.token_ids), len(p.prompt_ids), row_id=f"canary/{p.row_id}",
-                         token_fields={"behavior_logp": list(s.logprobs)}) for p, s in zip(problems, samples)]
+                         token_fields={"behavior_logp": list(s.logprobs)}, kept=s.kept)
+                for p, s in zip(problems, samples)]
         scored = sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad, self.temperature)
         gap = mismatch_metrics(log_ratios(scored, [s.token_fields["behavior_logp"] for s in seqs]))
         worst = gap["mismatch/max_abs_logp_diff"]
@@ -399,27 +397,6 @@ class OnlineRun:
             self.sampler.close()
         if self.own_pool:
             self.pool.close()
-
-
-def micro_ratios(mb: MicroBatch, trainer_logp: torch.Tensor) -> list[torch.Tensor]:
-    """Per sequence of a packed micro-batch, r_t = trainer - sampler log-prob over its sampled tokens."""
-    sampled = per_sequence(mb.token_fields["sampled"], mb) if "sampled" in mb.token_fields else None
-    return log_ratios(per_sequence(trainer_logp, mb), per_sequence(mb.token_fields["behavior_logp"], mb), sampled)
-
-
-def correction_field(mb: MicroBatch, weights: list[torch.Tensor], whole_sequence: bool = False) -> torch.Tensor:
-    """The [N] per-token field of a correction: each sequence's weights on its sampled tokens, 1 on its other loss
-    positions (JEPO's appended answer), 0 off them. `whole_sequence` (a sequence-level rejection): a rejected
-    sequence gets 0 on every loss position, its answer too (it leaves JEPO's group). `per_sequence` order is
-    packed order."""
-    field = mb.loss_mask.float()
-    sampled = mb.loss_mask & (mb.token_fields["sampled"] > 0) if "sampled" in mb.token_fields else mb.loss_mask
-    if weights:
-        field[sampled] = torch.cat(weights).float()
-    if whole_sequence and weights:
-        rejected = torch.tensor([bool(w.numel()) and float(w[0]) == 0 for w in weights])
-        field[mb.loss_mask & rejected[mb.seq_index]] = 0.0
-    return field
 
 
 def split_groups(batch: list[Sequence], parts: int) -> list[list[Sequence]]:

@@ -17,6 +17,9 @@ FSDP2 like any other.
   same hidden states: the trunk runs once), the objective's dL/dlogp by autograd on those [N] values, then one
   fused pass with that gradient as the per-token weight (6NHV).
 
+With the sampler's kept sets (`kept`, top-k / top-p replay) every head renormalises to them: the same calls with
+`kept=` (`twofold.kernels.kept`), from the kept rows of the head weight alone.
+
 With an entropy bonus (`entropy_coef`) every head computes the per-token entropy in the same pass and the
 objective's dL/dH reaches the logits through it (the fused kernel's entropy mode).
 
@@ -51,23 +54,25 @@ class LogprobsHead:
     def __init__(self, call_objective: ObjectiveCall, entropy: bool = False):
         self.call_objective, self.entropy = call_objective, entropy
 
-    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
-        out = self.logprobs(hidden, weight, targets, temperature, self.entropy)
+    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                 kept: Tensor | None = None) -> HeadOutput:
+        out = self.logprobs(hidden, weight, targets, temperature, self.entropy, kept)
         logp, entropy = out if self.entropy else (out, None)
         loss, metrics = self.call_objective(logp, entropy)
         return HeadOutput(loss, logp.detach().float(), metrics)
 
     @staticmethod
-    def logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, entropy: bool = False):
+    def logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, entropy: bool = False,
+                 kept: Tensor | None = None):
         return linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=entropy,
-                               check_targets=False)
+                               check_targets=False, kept=kept)
 
 
 class TwoPhaseHead(LogprobsHead):
-    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
+    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                 kept: Tensor | None = None) -> HeadOutput:
         with torch.no_grad():
-            out = linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=self.entropy,
-                                  check_targets=False)
+            out = self.logprobs(hidden, weight, targets, temperature, self.entropy, kept)
         leaves = [t.float().requires_grad_() for t in (out if self.entropy else (out,))]
         with torch.enable_grad():
             value, metrics = self.call_objective(*leaves)
@@ -76,7 +81,7 @@ class TwoPhaseHead(LogprobsHead):
         inputs, fn = {"weight": grad}, "linear"
         if grad_entropy:
             inputs, fn = {"weight": grad, "entropy_grad": grad_entropy[0]}, _given_gradients
-        fused = fused_linear_loss(hidden, weight, targets, fn, inputs=inputs, temperature=temperature)
+        fused = fused_linear_loss(hidden, weight, targets, fn, inputs=inputs, temperature=temperature, kept=kept)
         # the pass carries the gradient; the value is the objective's
         return HeadOutput(fused.loss - fused.loss.detach() + value.detach(), leaves[0].detach(), metrics)
 
@@ -93,10 +98,11 @@ class FusedHead:
     def __init__(self, call_objective: ObjectiveCall, entropy: bool = False):
         self.call_objective, self.entropy = call_objective, entropy
 
-    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> HeadOutput:
+    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                 kept: Tensor | None = None) -> HeadOutput:
         fn, inputs = self.token_local_form(targets)
         out = fused_linear_loss(hidden, weight, targets, fn, inputs=inputs, temperature=temperature,
-                                return_entropy=self.entropy)
+                                return_entropy=self.entropy, kept=kept)
         logp = out.logp.float()
         with torch.no_grad():
             _, metrics = self.call_objective(logp, None if out.entropy is None else out.entropy.float())

@@ -46,23 +46,25 @@ class PolicyModel(nn.Module):
         self.causal_lm = causal_lm
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, targets: Tensor, *, temperature: float = 1.0,
-                return_entropy: bool = False, loss_head=None):
+                return_entropy: bool = False, loss_head=None, kept: Tensor | None = None):
         """input_ids, position_ids, targets [N] (one packed row) -> fp32 log-probs [N] (0 at ignored targets) at
-        `temperature`; with `loss_head` (an `engine.heads` head), its `HeadOutput` (loss, log-probs, metrics)."""
+        `temperature`; with `loss_head` (an `engine.heads` head), its `HeadOutput` (loss, log-probs, metrics).
+        kept [N, K_max]: the sampler's kept sets; the log-probs are then renormalised to them (`kernels.kept`)."""
         trunk = self.causal_lm.get_decoder()
         # use_cache=False: with a cache transformers stops reading packed position_ids as sequence boundaries
         hidden = trunk(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False).last_hidden_state
         head = self.causal_lm.get_output_embeddings().weight
         if loss_head is not None:
-            return loss_head(hidden[0], head, targets, temperature)
-        out = self.head_logprobs(hidden[0], head, targets, temperature, return_entropy)
+            return loss_head(hidden[0], head, targets, temperature, kept)
+        out = self.head_logprobs(hidden[0], head, targets, temperature, return_entropy, kept)
         # the kernel returns views; FSDP2 warns that in-place ops on a root output's view would skip its hooks
         return tuple(t.clone() for t in out) if return_entropy else out.clone()
 
-    def head_logprobs(self, hidden: Tensor, head: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
+    def head_logprobs(self, hidden: Tensor, head: Tensor, targets: Tensor, temperature: float, return_entropy: bool,
+                      kept: Tensor | None = None):
         """hidden [N,H], head [V,H] -> log-probs [N] (and entropy [N]) without materialising [N,V] logits."""
         return linear_logprobs(hidden, head, targets, temperature=temperature, return_entropy=return_entropy,
-                               check_targets=False)
+                               check_targets=False, kept=kept)
 
 
 # The attention transformers runs for `sdpa` on a packed row: SDPA per sequence instead of over the whole row.

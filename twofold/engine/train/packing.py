@@ -33,6 +33,41 @@ IGNORE_INDEX = -100
 
 
 @dataclass
+class KeptSets:
+    """The kept set of every sampled token of one sample (the ids the sampler's top-k / top-p step left), compact:
+    token t's ids, ascending, are the next counts[t] entries of `ids`."""
+
+    ids: Tensor  # int32 [sum_t |K_t|]
+    counts: Tensor  # int64 [T]
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "KeptSets":
+        """From a [T, V] bool mask of the kept ids (True = kept)."""
+        return cls(mask.nonzero()[:, 1].to(torch.int32), mask.sum(1))
+
+    @classmethod
+    def from_rows(cls, rows: list[Tensor]) -> "KeptSets":
+        rows = list(rows)
+        return cls(torch.cat(rows).to(torch.int32) if rows else torch.zeros(0, dtype=torch.int32),
+                   torch.tensor([len(r) for r in rows], dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def padded(self, k_max: int | None = None) -> Tensor:
+        """[T, k_max] int64, each row the token's ids then -1 (the layout of `linear_logprobs(kept=)`)."""
+        k_max = int(self.counts.max()) if k_max is None else k_max
+        out = torch.full((len(self), k_max), -1, dtype=torch.long)
+        col = torch.arange(k_max)[None, :] < self.counts[:, None]
+        out[col] = self.ids.long()
+        return out
+
+    def contains(self, token_ids: list[int]) -> bool:
+        """Whether every token t is in its own kept set (a sampler's record must satisfy it)."""
+        return bool((self.padded() == torch.tensor(list(token_ids))[:, None]).any(1).all())
+
+
+@dataclass
 class Sequence:
     """One training sequence. `token_fields` hold one value per response token (a list or a 1-d tensor)."""
 
@@ -41,6 +76,8 @@ class Sequence:
     row_id: int | str = -1
     fields: dict[str, float] = field(default_factory=dict)
     token_fields: dict[str, list[float]] = field(default_factory=dict)
+    kept: KeptSets | None = None
+    """Each response token's kept set from the sampler (top-k / top-p replay), or None: the full vocabulary."""
 
     @property
     def packed_len(self) -> int:
@@ -62,6 +99,8 @@ def check_sequence(seq: Sequence, budget: int) -> str | None:
     for name, values in seq.token_fields.items():
         if len(values) != seq.response_len:
             return f"token field {name!r} has {len(values)} values for {seq.response_len} response tokens"
+    if seq.kept is not None and len(seq.kept) != seq.response_len:
+        return f"{len(seq.kept)} kept sets for {seq.response_len} response tokens"
     return None
 
 
@@ -76,6 +115,7 @@ class MicroBatch:
     seq_fields: dict[str, Tensor]  # name -> [S] float32 (integer fields such as group ids: int64)
     token_fields: dict[str, Tensor]  # name -> [N] float32, 0 off loss positions
     sequence_ids: list[int]  # index of each sequence in the mini-batch
+    kept: Tensor | None = None  # [N, K_max] int64 kept-set ids, -1 padded (all -1 off loss positions), or None
 
     @property
     def loss_mask(self) -> Tensor:
@@ -89,7 +129,7 @@ class MicroBatch:
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                           self.seq_index.to(device), move(self.seq_fields), move(self.token_fields),
-                          self.sequence_ids)
+                          self.sequence_ids, None if self.kept is None else self.kept.to(device, non_blocking=True))
 
 
 @dataclass
@@ -128,7 +168,8 @@ def drop_sequences(mb: MicroBatch, keep: Tensor) -> MicroBatch:
     return MicroBatch(mb.input_ids[tokens], mb.position_ids[tokens], mb.targets[tokens],
                       renumber[mb.seq_index[tokens]], {k: v[keep] for k, v in mb.seq_fields.items()},
                       {k: v[tokens] for k, v in mb.token_fields.items()},
-                      [i for i, kept in zip(mb.sequence_ids, keep.tolist()) if kept])
+                      [i for i, kept in zip(mb.sequence_ids, keep.tolist()) if kept],
+                      None if mb.kept is None else mb.kept[tokens])
 
 
 @dataclass
@@ -258,7 +299,22 @@ def collate(sequences: list[Sequence], indices: list[int], pad_token_id: int = 0
         seq_index.extend([s] * n)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return MicroBatch(long(inputs), long(positions), long(targets), long(seq_index), _seq_fields(chosen),
-                      _token_fields(chosen), list(indices))
+                      _token_fields(chosen), list(indices), _kept(chosen))
+
+
+def _kept(chosen: list[Sequence]) -> Tensor | None:
+    """[N, K_max] kept sets of the packed targets (rows of -1 where no response token is predicted), or None when
+    no sequence has them; sequences with and without kept sets cannot share a micro-batch."""
+    have = [seq.kept is not None for seq in chosen]
+    if not any(have):
+        return None
+    if not all(have):
+        row = chosen[have.index(False)].row_id
+        raise ValueError(f"sequence of row {row!r} has no kept sets while others of its batch do: every sequence "
+                         "of a top-k / top-p replayed batch needs the sampler's kept set of each response token")
+    k_max = max(int(seq.kept.counts.max()) for seq in chosen)
+    return torch.cat([torch.cat([torch.full((seq.prompt_len - 1, k_max), -1, dtype=torch.long),
+                                 seq.kept.padded(k_max)]) for seq in chosen])
 
 
 def _seq_fields(chosen: list[Sequence]) -> dict[str, Tensor]:

@@ -217,7 +217,7 @@ def score_packed(model: PolicyModel, micro: list[MicroBatch], env: DistEnv,
     out = []
     for mb in micro:
         dev = mb.to(env.device)
-        values = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature).float().cpu()
+        values = model(dev.input_ids, dev.position_ids, dev.targets, temperature=temperature, kept=dev.kept).float().cpu()
         out.append(torch.where(mb.loss_mask, values, torch.zeros((), dtype=values.dtype)))
     return out
 
@@ -331,7 +331,8 @@ class Trainer:
     def micro_step(self, mb: MicroBatch, totals: dict):
         """Forward (trunk + head, inside the FSDP2 root) and backward of one micro-batch; keeps its log-probs."""
         head = self.head_factory(self.head, self.objective_name, self.objective_call(mb, totals), self.wants_entropy)
-        out = self.policy(mb.input_ids, mb.position_ids, mb.targets, temperature=self.temperature, loss_head=head)
+        out = self.policy(mb.input_ids, mb.position_ids, mb.targets, temperature=self.temperature, loss_head=head,
+                          kept=mb.kept)
         out.loss.backward()
         self.last_logp = out.logp
         return out.loss, out.metrics
@@ -349,7 +350,8 @@ class Trainer:
         parts = []
         for mb in micro:
             dev = mb.to(self.env.device)
-            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets, temperature=self.temperature)
+            logp = self.policy(dev.input_ids, dev.position_ids, dev.targets, temperature=self.temperature,
+                               kept=dev.kept)
             parts.append(self.call_objective(logp, dev, {}, validate=False, fn=self.statistics_fn))
         return sum_statistics(parts, self.env)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)")
 _BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character is skipped whole
+_SCAN_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|\\.|[{}]", re.DOTALL)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # A signed decimal (thousands commas allowed) or simple fraction; unambiguous, so linear time.
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -53,36 +54,33 @@ def extract_answer(text: str, config: ExtractConfig = DEFAULT_EXTRACT) -> str | 
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last boxed command whose braces close.
+    """Content of the box that closes last: the outermost of nested boxes (`\\boxed{2^{\\boxed{3}}}` is 2^{3},
+    not 3), the last of several. A box that never closes is skipped, so a closed one inside it can still count.
 
-    An unclosed candidate at position p cannot contain a closed one, and any earlier
-    candidate that is still open at p never closes either, so each earlier scan may stop
-    at p: the whole search is linear in len(text).
+    One forward pass over commands and braces with a stack of open braces: linear in len(text). A closed box
+    ends after every box it contains, so the last one to close is the outermost of the last group.
     """
-    limit = len(text)
-    for match in reversed(list(_BOX_RE.finditer(text))):
-        content = _box_content(text, match.end(), limit)
-        if content is not None:
-            return content.strip()
-        limit = match.start()
-    return None
-
-
-def _box_content(text: str, j: int, limit: int) -> str | None:
-    """Argument of the box command ending at `j`, or None when it does not close before `limit`."""
-    spaced = j
-    while spaced < limit and text[spaced] in " \t":
-        spaced += 1
-    if spaced < limit and text[spaced] == "{":
-        close = _matching_brace(text, spaced, limit)
-        return None if close < 0 else text[spaced + 1:close]
-    if spaced == j:
-        return None  # `\boxedfoo` is another command, not a box
-    # `\boxed 5`: the argument is one whitespace-delimited token.
-    end = spaced
-    while end < limit and not text[end].isspace() and text[end] != "$":
-        end += 1
-    return text[spaced:end].rstrip(".") or None
+    best, stack, pos = None, [], 0  # stack: content start of each open box brace, -1 for a plain brace
+    while (match := _SCAN_RE.search(text, pos)) is not None:
+        token, pos = match.group(0), match.end()
+        if token == "{":
+            stack.append(-1)
+        elif token == "}":
+            if stack and (start := stack.pop()) >= 0:
+                best = text[start:match.start()].strip()
+        elif len(token) > 2:  # a box command (an escaped character is two)
+            spaced = pos
+            while spaced < len(text) and text[spaced] in " \t":
+                spaced += 1
+            if spaced < len(text) and text[spaced] == "{":
+                stack.append(spaced + 1)
+                pos = spaced + 1
+            elif spaced > pos:  # `\\boxed 5`: the argument is one token
+                end = spaced
+                while end < len(text) and not text[end].isspace() and text[end] not in "$}":
+                    end += 1
+                best, pos = text[spaced:end].rstrip(".") or best, end
+    return best
 
 
 def _matching_brace(text: str, open_at: int, limit: int) -> int:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -186,7 +187,9 @@ class VerifierPool:
         self.stats, self.pid = VerifierStats(), os.getpid()
         self._cache: dict[tuple, float] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self._workers = [_Worker(check, memory_mb, self.spec) for _ in range(num_workers)]
+        _live_pools.add(self)
 
     def __enter__(self):
         return self
@@ -195,9 +198,24 @@ class VerifierPool:
         self.close()
 
     def close(self) -> None:
+        """Kill the workers (idempotent). In a forked child, a pool inherited from the parent is left alone: its
+        workers are the parent's."""
+        self._closed = True
+        if self.pid != os.getpid():
+            return
         for worker in self._workers:
             worker.kill()
         self._workers = []
+
+    def _forget(self) -> None:
+        """In a forked child: drop the parent's workers without signalling them, closing the inherited pipe ends
+        (a worker whose parent exits then sees end-of-file and exits too)."""
+        null = os.open(os.devnull, os.O_RDWR)
+        for worker in self._workers:  # dup2 closes the pipe end; no file-object lock (another thread's) is taken
+            os.dup2(null, worker.proc.stdin.fileno())
+            os.dup2(null, worker.fd)
+        os.close(null)
+        self._workers, self._closed, self._lock = [], True, threading.Lock()
 
     def verify_batch(self, responses: list[str], golds: list[str], *, timeout: float | None = None,
                      budget: float | None = None) -> list[float]:
@@ -293,6 +311,8 @@ class VerifierPool:
         self._timed_out = set()
         queue = deque(range(len(jobs)))
         while queue or any(w.job is not None for w in self._workers):
+            if self._closed:
+                raise RuntimeError("the verifier pool was closed during a call")
             if deadline is not None and time.monotonic() >= deadline:
                 self._abandon(queue)
                 break
@@ -353,6 +373,8 @@ class VerifierPool:
                 worker.job = None
 
     def _replace(self, k: int) -> None:
+        if self._closed:
+            raise RuntimeError("the verifier pool was closed during a call")
         self._workers[k].kill()
         self._workers[k] = _Worker(self.check, self.memory_mb, self.spec)
         self.stats.restarts += 1
@@ -378,6 +400,18 @@ def build_pool(config) -> VerifierPool:
 
 _default_pool: VerifierPool | None = None
 _default_lock = threading.Lock()
+_live_pools: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Pools (and their locks, which another thread may have held at the fork) belong to the parent."""
+    global _default_lock
+    _default_lock = threading.Lock()
+    for pool in list(_live_pools):
+        pool._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_pool() -> VerifierPool:

@@ -23,6 +23,8 @@ import math
 import os
 import resource
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -102,9 +104,22 @@ def resolve(names: list[str]) -> int:
     return int(failed > 0)
 
 
+def exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """Exit when the parent process is gone (killed, or `os._exit` in a forked DataLoader worker), even in the middle
+    of a check that never returns: a daemon thread watches the parent's pid. No process is left behind."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def main(argv: list[str]) -> None:
     if argv[1] == "--resolve":
         sys.exit(resolve(argv[2:]))
+    exit_with_parent()
     check_path, memory_mb = argv[1], int(argv[2])
     spec = json.loads(argv[3]) if len(argv) > 3 else {}
     channel = os.fdopen(os.dup(1), "w", buffering=1)

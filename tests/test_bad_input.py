@@ -95,7 +95,7 @@ def test_paths_that_cannot_be_what_they_name_are_rejected_before_loading(recipe,
     load_config(recipe, [f"model.path={model}", "model.preset="])  # now it is accepted
     with pytest.raises(ValueError, match=f"data.path '{tmp_path}' is a directory, not a JSONL or Parquet file"):
         load_config(recipe, [f"data.path={tmp_path}"])
-    with pytest.raises(ValueError, match="model.tokenizer '/nonexistent' is not a directory"):
+    with pytest.raises(ValueError, match="model.tokenizer '/nonexistent' does not exist: it is a local path"):
         load_config(recipe, ["model.tokenizer=/nonexistent"])
 
 

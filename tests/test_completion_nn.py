@@ -225,6 +225,21 @@ def test_nft_and_rft_modules_equal_their_objectives():
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-7)
 
 
+def test_the_rft_module_takes_nfts_call_as_documented():
+    """`FusedLinearRFTLoss()(..., rewards=r, group_ids=g)` (and correct_rate=), the call NFT takes: the same loss as
+    without the groups, which RFT does not read; a group_ids of the wrong shape is named."""
+    hidden, weight, bias, ids, mask, old, _, _, _ = module_inputs(seed=3)
+    rewards, groups, rate = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1]), torch.full((4,), 0.5)
+    logp = twofold.linear_logprobs(hidden, weight, ids.masked_fill(mask == 0, -100), bias=bias)
+    expected, _ = twofold.rft_loss(logp, rewards, mask, old_logp=old, agg="token_mean")
+    module = FusedLinearRFTLoss()
+    for extra in (dict(group_ids=groups), dict(group_ids=groups, correct_rate=rate)):
+        loss, _ = module(hidden, weight, ids, mask, None, bias, old_per_token_logps=old, rewards=rewards, **extra)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match=r"group_ids must have the shape of rewards \(4,\), got \(3,\)"):
+        module(hidden, weight, ids, mask, None, bias, rewards=rewards, group_ids=groups[:3])
+
+
 def test_modules_name_what_is_missing_or_wrong():
     hidden, weight, bias, ids, mask, old, _, adv, _ = module_inputs()
     with pytest.raises(ValueError, match="ref_per_token_logps"):

@@ -36,7 +36,7 @@ def test_overrides_are_typed_and_applied(tmp_path, data_file):
     ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
     ("train.steps=ten", "config train.steps must be int, got str 'ten'"),
     ("model.dtype=float16", "config model.dtype must be one of"),
-    ("optim.warmup_steps=50", "optim.warmup_steps must be in \\[0, train.steps=10\\]"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
     ("model.path=/nonexistent", "set exactly one of model.path"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1"),
     ("optim=3", "config section optim must be a mapping"),

@@ -55,25 +55,28 @@ def trl_api():
                 record.update(theirs=theirs.detach(),
                               theirs_grad=torch.autograd.grad(theirs, params, allow_unused=True))
             else:
-                record.update(theirs=nft_reference(model, inputs, self.current_gradient_accumulation_steps,
-                                                   self.args.steps_per_generation))
+                record.update(theirs=objective_reference(model, inputs, self.twofold_loss.objective,
+                                                         self.current_gradient_accumulation_steps,
+                                                         self.args.steps_per_generation))
             self.records.append(record)
             return ours
 
     return trl, Dataset, GRPOTrainer, Recorded
 
 
-def nft_reference(model, x, accumulation, steps_per_generation):
-    """The NFT loss of a micro-batch the long way: completion_logprobs, then twofold.nft_loss with TRL's DAPO
-    normaliser (the generation batch's tokens, per accumulation window)."""
+def objective_reference(model, x, objective, accumulation, steps_per_generation):
+    """The NFT or RFT loss of a micro-batch the long way: completion_logprobs, then twofold.nft_loss / rft_loss with
+    TRL's DAPO normaliser (the generation batch's tokens, per accumulation window)."""
     ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
     attention = torch.cat([x["prompt_mask"], x["completion_mask"]], 1)
+    agg = dict(agg="token_mean", num_tokens=x["num_items_in_batch"] * accumulation / steps_per_generation)
     with torch.no_grad():
         logp = twofold.completion_logprobs(model, ids, attention, x["completion_mask"])
         old = x.get("old_per_token_logps", logp)
+        if objective == "rft":
+            return twofold.rft_loss(logp, x["rewards"], x["completion_mask"], old_logp=old, **agg)[0]
         loss, _ = twofold.nft_loss(logp, old, x["rewards"], x["group_ids"], x["completion_mask"],
-                                   correct_rate=x["correct_rate"], agg="token_mean",
-                                   num_tokens=x["num_items_in_batch"] * accumulation / steps_per_generation)
+                                   correct_rate=x["correct_rate"], **agg)
     return loss
 
 
@@ -122,8 +125,18 @@ def test_nft_trains_and_equals_the_objective_on_the_same_batch(model_dir, tmp_pa
     assert all(g.abs().sum() > 0 for g in trainer.records[0]["ours_grad"] if g is not None)
 
 
-@pytest.mark.parametrize("setting, match", [(dict(loss_type="cispo"), "loss_type"),
-                                            (dict(beta=0.04), "use_bias_correction_kl")])
+def test_rft_trains_and_equals_the_objective_on_the_same_batch(model_dir, tmp_path):
+    trainer, moved = train(model_dir, tmp_path, "rft", "dapo", beta=0.0)
+    assert moved and trainer.state.global_step == 2 and len(trainer.records) == 4
+    for record in trainer.records:
+        assert abs(float(record["ours"]) - float(record["theirs"])) <= 1e-6
+    assert all(g.abs().sum() > 0 for g in trainer.records[0]["ours_grad"] if g is not None)
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(loss_type="cispo"), r"loss_type \(use one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\)\)"),
+    (dict(beta=0.04), r"use_bias_correction_kl \(TRL's default True weights the KL by the importance ratio; with "
+                      r"beta=0.04 set GRPOConfig\(use_bias_correction_kl=False\) for the plain k3 KL, or beta=0\)")])
 def test_unsupported_settings_are_named(model_dir, tmp_path, setting, match):
     trl, Dataset, GRPOTrainer, _ = trl_api()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -314,3 +314,19 @@ def test_the_default_kv_cache_holds_max_num_seqs_sequences_of_max_model_len(fp32
     assert workload_kv_blocks(4, 300, 128, 1 << 20) == 4 * 3 + 1
     assert workload_kv_blocks(1000, 64, 16, 1 << 20) == 1024  # at most 1 GiB...
     assert workload_kv_blocks(256, 4096, 16, 1 << 29) == 256 + 1  # ...but never less than one whole sequence
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_batches_past_the_engines_token_budget_sample_as_the_same_prompts_alone(fp32, backend):
+    """48 seeded prompts of 100 tokens: 4800 prompt tokens, more than vLLM's CPU budget of 4096 tokens per engine
+    step, which made it prefill the last prompt of a step in two chunks and then rewind that request's generator
+    (`set_offset`, which CPU generators lack: "CPU Generator does not use offset"). Each prompt's samples are still
+    those it gets alone (seed + index * n)."""
+    sampler = fp32["samplers"][backend]
+    vocab = sampler.vocab_size
+    prompts = [[(7 * i + 3 * t) % (vocab - 2) + 1 for t in range(100)] for i in range(48)]
+    params = GenerationParams(n=2, temperature=1.0, max_new_tokens=4, seed=11)
+    whole = _ids(sampler.generate(prompts, params))
+    assert len(whole) == 48 and all(len(g) == 2 for g in whole)
+    for i in (0, 40, 47):
+        assert whole[i] == _ids(sampler.generate(prompts[i:i + 1], params, prompt_offset=i))[0]

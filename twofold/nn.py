@@ -96,9 +96,13 @@ def _nft(m, logp, old, mask, advantages, ref_logp, agg, rewards=None, group_ids=
     return nft_loss(logp, old, rewards, group_ids, mask, **agg, **m.objective_kwargs, **inputs, validate=m.validate)
 
 
-def _rft(m, logp, old, mask, advantages, ref_logp, agg, rewards=None, **inputs):
+def _rft(m, logp, old, mask, advantages, ref_logp, agg, rewards=None, group_ids=None, correct_rate=None, **inputs):
+    # group_ids / correct_rate: NFT's call, accepted so that one call serves both; RFT's loss does not read groups
     if rewards is None:
         raise ValueError("the RFT loss needs rewards= [B] (binary)")
+    for name, value in (("group_ids", group_ids), ("correct_rate", correct_rate)):
+        if value is not None and tuple(value.shape) != tuple(rewards.shape):
+            raise ValueError(f"{name} must have the shape of rewards {tuple(rewards.shape)}, got {tuple(value.shape)}")
     return rft_loss(logp, rewards, mask, old_logp=old, **agg, **m.objective_kwargs, **inputs, validate=m.validate)
 
 
@@ -228,7 +232,8 @@ class FusedLinearNFTLoss(FusedLinearPolicyLoss):
 
 
 class FusedLinearRFTLoss(FusedLinearPolicyLoss):
-    """RFT (likelihood of the correct samples only): forward(..., rewards=[B])."""
+    """RFT (likelihood of the correct samples only): forward(..., rewards=[B]); `group_ids=` and `correct_rate=`
+    are accepted, as NFT takes them, and unused (RFT's loss does not depend on the groups)."""
 
     def __init__(self, *, loss_type: str = "dapo", **kwargs):
         super().__init__("rft", loss_type=loss_type, beta=0.0, **kwargs)

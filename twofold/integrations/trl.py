@@ -49,21 +49,25 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _check_supported(self):
         a = self.args
-        unsupported = {
-            "loss_type": self.loss_type not in LOSS_TYPES,
-            "importance_sampling_level": self.importance_sampling_level != "token",
-            "delta": a.delta is not None,
-            "use_bias_correction_kl (with beta != 0)": self.beta != 0 and a.use_bias_correction_kl,
-            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "entropy_coef": self._entropy_bonus_enabled,
-            "vllm_importance_sampling_correction": self.use_vllm and self.vllm_importance_sampling_correction,
-            "router_aux_loss_coef": self.aux_loss_enabled,
+        unsupported = {  # setting -> how to run without it
+            "loss_type": (self.loss_type not in LOSS_TYPES, f"use one of {LOSS_TYPES}"),
+            "importance_sampling_level": (self.importance_sampling_level != "token", "use 'token'"),
+            "delta": (a.delta is not None, "leave it None"),
+            "use_bias_correction_kl": (
+                self.beta != 0 and a.use_bias_correction_kl,
+                f"TRL's default True weights the KL by the importance ratio; with beta={self.beta} set "
+                "GRPOConfig(use_bias_correction_kl=False) for the plain k3 KL, or beta=0"),
+            "top_entropy_quantile": (self.top_entropy_quantile < 1.0, "leave it 1.0"),
+            "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "leave it None"),
+            "entropy_coef": (self._entropy_bonus_enabled, "leave it 0"),
+            "vllm_importance_sampling_correction": (self.use_vllm and self.vllm_importance_sampling_correction,
+                                                    "set it False"),
+            "router_aux_loss_coef": (self.aux_loss_enabled, "leave it 0"),
         }
-        bad = [name for name, is_bad in unsupported.items() if is_bad]
+        bad = [f"{name} ({hint})" for name, (is_bad, hint) in unsupported.items() if is_bad]
         if bad:
-            raise ValueError(f"twofold's GRPOTrainer does not support these GRPOConfig settings: {', '.join(bad)} "
-                             f"(loss_type must be one of {LOSS_TYPES}); use trl.GRPOTrainer for them")
+            raise ValueError(f"twofold's GRPOTrainer does not support these GRPOConfig settings: {'; '.join(bad)}. "
+                             "Use trl.GRPOTrainer for them")
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Kept for the NFT/RFT inputs: TRL reduces these to advantages and does not return them.

@@ -172,10 +172,12 @@ def with_grad(logp: Tensor, value: Tensor, grad: Tensor, entropy: Tensor | None 
     return _TokenLocal.apply(logp, entropy, value.detach(), grad.detach(), grad_entropy.detach())
 
 
-def masked_mean(x: Tensor, flat: Flat) -> Tensor:
-    """Detached mean of x over counted tokens (0 when there are none): for metrics."""
-    x = torch.where(flat.mask, x.detach(), torch.zeros((), dtype=x.dtype, device=x.device))
-    return x.sum() / flat.mask.sum().clamp(min=1)
+def masked_mean(x: Tensor, flat: Flat, where: Tensor | None = None) -> Tensor:
+    """Detached mean of x over counted tokens, or over the tokens of `where` (a subset of them); 0 when there are
+    none: for metrics."""
+    mask = flat.mask if where is None else where
+    x = torch.where(mask, x.detach(), torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() / mask.sum().clamp(min=1)
 
 
 def entropy_inputs(flat: Flat, logp: Tensor, entropy: Tensor | None, entropy_coef: float, weight: Tensor,

@@ -61,7 +61,12 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, rewards: Tensor, group_ids: 
     ratio = (x["logp"].detach() - old).clamp(max=max_log_ratio).exp()
     negative = flat.mask & (correct_t == 0)
     proxy_clipped = negative & ((1 - rate_t * ratio) / (1 - rate_t) < eps)
-    return loss, {"r_hat": rate.mean(), "positive_frac": masked_mean(correct_t, flat),
+    # the loss is 0 at R = 1 whatever the policy does; these curves move: the positive samples' NLL falls, the
+    # negative ones' rises as the implicit negative policy takes their probability away (docs/objectives.md §7.1)
+    nll = -x["logp"].detach()
+    positive = flat.mask & (correct_t > 0)
+    return loss, {"pos_nll": masked_mean(nll, flat, positive), "neg_nll": masked_mean(nll, flat, negative),
+                  "r_hat": rate.mean(), "positive_frac": masked_mean(correct_t, flat),
                   "ratio_mean": masked_mean(ratio, flat),
                   "neg_clip_frac": masked_mean(proxy_clipped.to(logp.dtype), flat), "tokens": flat.mask.sum()}
 

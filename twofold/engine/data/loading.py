@@ -45,6 +45,9 @@ log = logging.getLogger("twofold.data")
 
 CHAT = "chat"
 """`data.prompt_template` value: render string prompts as a user message with the tokenizer's chat template."""
+PLACEHOLDER = "{prompt}"
+"""Where a string prompt goes in `data.prompt_template`. Plain text replacement, not `str.format`: every other
+character of the template, LaTeX braces such as `\\boxed{}` included, is literal."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 DATASETS_MARKERS = ("dataset_dict.json", "state.json")
 """Files `datasets.Dataset(Dict).save_to_disk` writes at the top of its directory."""
@@ -62,7 +65,7 @@ class Fields:
     chosen: str = "chosen"
     rejected: str = "rejected"
     answer: str = "answer"
-    template: str = "{prompt}"
+    template: str = PLACEHOLDER
     messages: str = "messages"
 
     @classmethod
@@ -83,9 +86,10 @@ ALIASES = {"response": ("completion",), "answer": ("reward_model.ground_truth",)
 # ---- sources -------------------------------------------------------------------------------------------------------
 
 def is_local_path(path: str) -> bool:
-    """Whether `path` names something on disk (or should: a file suffix or a path-like start), not a Hub name."""
+    """Whether `path` names something on disk (or should: a file suffix, a path-like start, or an `owner/name`
+    whose `owner` is a directory here, such as a mistyped `assets/my-model`), not a Hub name."""
     return Path(path).exists() or path.endswith(FILE_SUFFIXES) or path.startswith((".", "/", "~")) \
-        or path.count("/") > 1
+        or path.count("/") > 1 or (path.count("/") == 1 and Path(path).parent.is_dir())
 
 
 def check_source(key: str, path: str | list[str]) -> None:
@@ -265,12 +269,24 @@ def row_prompt(row: dict, fields: Fields):
     return prompt_value(get_field(row, fields.prompt), fields.prompt)
 
 
-def prompt_ids(tokenizer, prompt: str | list[dict], template: str = "{prompt}") -> list[int]:
+def fill_template(template: str, prompt: str) -> str:
+    """The template with each `{prompt}` replaced by the prompt; nothing else in it is special."""
+    return template.replace(PLACEHOLDER, prompt)
+
+
+def check_template(template: str) -> str | None:
+    """What is wrong with a `data.prompt_template` value (None: nothing)."""
+    if template != CHAT and PLACEHOLDER not in template:
+        return f"must contain {PLACEHOLDER} or be 'chat' (the prompt replaces {PLACEHOLDER}), got {template!r}"
+    return None
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], template: str = PLACEHOLDER) -> list[int]:
     """Token ids of a prompt: chat messages (or any prompt with template "chat") through the tokenizer's chat
-    template with the generation prompt, a string through the format template with the tokenizer's special
-    tokens."""
+    template with the generation prompt, a string through the template (`fill_template`) with the tokenizer's
+    special tokens."""
     if isinstance(prompt, str) and template != CHAT:
-        return tokenizer(template.format(prompt=prompt)).input_ids
+        return tokenizer(fill_template(template, prompt)).input_ids
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat-message prompts (or data.prompt_template=chat) need a tokenizer with a chat "

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from twofold.engine.data.loading import DEFAULT_FIELDS, Fields, describe, find_field, prompt_ids, read_rows, row_prompt
+from twofold.engine.data.loading import (DEFAULT_FIELDS, Fields, describe, find_field, get_field, prompt_ids,
+                                         read_rows, row_prompt)
 from twofold.engine.verifier.extract import last_boxed
 from twofold.engine.verifier.pool import VerifierPool
 
@@ -61,6 +62,21 @@ def check_golds_in_workers(golds: list[str]) -> list[str | None]:
         return pool.check_golds(golds)
 
 
+def prompt_row_hint(row, fields: Fields) -> str:
+    """The fix for a row that is no prompt with a gold answer: another layout, or a field under another name."""
+    if not isinstance(row, dict):
+        return ""
+    if get_field(row, fields.chosen, None) is not None and get_field(row, fields.rejected, None) is not None:
+        return (f". This row is a preference pair ({fields.chosen}/{fields.rejected}): online objectives read prompts "
+                "with gold answers; train pairs offline (train.mode=offline, objective.name=redi, dpo or simpo)")
+    for key, field_name in (("data.answer_field", fields.answer), ("data.prompt_field", fields.prompt)):
+        try:
+            find_field(row, field_name, getattr(DEFAULT_FIELDS, key.removeprefix("data.").removesuffix("_field")))
+        except ValueError:
+            return f". Set {key} to the field of the row that holds it (fields: {', '.join(sorted(row))})"
+    return ""
+
+
 def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_format: str = "auto",
                   limit: int = 0,
                   check_golds: Callable[[list[str]], list[str | None]] | None = check_golds_in_workers,
@@ -79,7 +95,7 @@ def load_problems(path, tokenizer, fields: Fields, max_prompt_tokens: int, file_
             prompt, answer = row_prompt(row, fields), gold_text(row, fields.answer)
             ids = tuple(prompt_ids(tokenizer, prompt, fields.template))
         except ValueError as err:
-            raise ValueError(f"{name} row {row_id}: {err}") from None
+            raise ValueError(f"{name} row {row_id}: {err}{prompt_row_hint(row, fields)}") from None
         rows.append((row_id, ids, answer))
     golds = [answer for _, _, answer in rows]
     checked = check_golds is not None and answers != "reference"

@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -60,7 +61,7 @@ class SamplerConfig:
     prefix cache is reset at every weight sync, so more blocks would stay unused), never more than
     `AUTO_KV_CACHE_MAX_GIB` (1 GiB) and never less than one sequence of `max_model_len`. A number sets the size
     (on CPU vLLM's own default, a fraction of RAM, would count the trainer's memory); 0 on GPU means
-    `gpu_memory_utilization` decides."""
+    `gpu_memory_utilization` decides, and on CPU, which has no such fraction, is taken as None (with a warning)."""
     gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory for vLLM when kv_cache_gib is 0; leave room for training."""
     sleep_mode: bool = True
@@ -200,6 +201,19 @@ class Sampler(ABC):
         """Release the backend (tests create several samplers in one process)."""
 
 
+def fit_to_model(cfg: SamplerConfig, hf_config, model: str) -> SamplerConfig:
+    """`cfg` with max_model_len at most the model's positions (`max_position_embeddings`), with a warning naming
+    both when it is lowered: a recipe's context for a 7B model given a small one (vLLM would refuse it, at engine
+    start, in a ~50-line error)."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if not positions or cfg.max_model_len <= positions:
+        return cfg
+    logging.getLogger("twofold").warning(
+        "sampler.max_model_len=%d is more than the model's max_position_embeddings=%d (%s): using %d",
+        cfg.max_model_len, positions, model, positions)
+    return replace(cfg, max_model_len=positions)
+
+
 def check_config(cfg: SamplerConfig) -> None:
     if cfg.max_model_len < 2:
         raise ValueError(f"sampler.max_model_len must be >= 2, got {cfg.max_model_len}")
@@ -222,10 +236,15 @@ def workload_kv_blocks(max_num_seqs: int, max_model_len: int, block_size: int, b
 
 
 def quiet_vllm() -> None:
-    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...): keep its warnings only, unless
-    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("vllm").setLevel(logging.WARNING)
+    """vLLM logs ~35 INFO lines per engine start (config, platform, KV cache, ...) and, on CPU, ~15 warnings about
+    its own environment (tcmalloc/iomp not preloaded, no triton-cpu, thread binding, settings this engine sets on
+    purpose such as whole-prompt prefill), none of which the run can act on: keep its errors only, unless
+    log.verbose. The environment variable is read when vLLM is first imported, the logger level afterwards; the
+    Python warnings vLLM's own modules raise (deprecations of the torch APIs it calls) are filtered by module."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"vllm(\.|$)")
 
 
 def rank_share(num_prompts: int, rank: int, world_size: int) -> range:

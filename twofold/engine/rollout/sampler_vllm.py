@@ -37,6 +37,7 @@ from vllm.model_executor.model_loader.reload import (  # noqa: E402
     finalize_layerwise_reload, initialize_layerwise_reload)
 
 BACKEND = "twofold_inprocess"
+log = logging.getLogger("twofold")
 
 
 class _ExpectedSyncNoise(logging.Filter):
@@ -108,6 +109,23 @@ def eager_logprob_ranks() -> None:
     compiled = getattr(vllm_sampler, "batched_count_greater_than", None)  # a vLLM without it: nothing to undo
     if compiled is not None:
         vllm_sampler.batched_count_greater_than = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+
+
+CPU_TOKENS_PER_STEP = 4096
+"""vLLM's own CPU default of `max_num_batched_tokens` (prompt + decode tokens one engine step computes)."""
+
+
+def whole_prompt_prefill(max_model_len: int) -> dict:
+    """Engine arguments that keep every prompt's prefill in one engine step (CPU). With chunked prefill, a step whose
+    prompts pass its token budget (vLLM's CPU default: 4096) computes only the first part of the last one, samples
+    a token for it anyway and discards that token by rewinding the request's seeded generator
+    (`gen.set_offset(gen.get_offset() - 4)` in the GPU model runner, which the CPU runner inherits). A CUDA
+    (Philox) generator has an offset; a CPU (Mersenne Twister) generator has none and raises "CPU Generator does not
+    use offset", so any seeded batch of more than 4096 prompt tokens crashed. Without chunking a prompt that does
+    not fit waits for the next step, whole; the budget must then hold the longest sequence, max_model_len. (vLLM
+    warns that turning chunked prefill off is not "officially supported"; the sampler tests hold a seeded batch
+    past the budget to the samples each prompt gets alone, and every other sampler test runs with it off.)"""
+    return dict(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_TOKENS_PER_STEP, max_model_len))
 
 
 def freeze_heap() -> None:
@@ -202,13 +220,20 @@ class VLLMSampler(Sampler):
                     enable_prefix_caching=True, enable_sleep_mode=self.sleep_mode,
                     logprobs_mode="processed_logprobs",  # temperature/top-p applied: the sampling distribution
                     weight_transfer_config=WeightTransferConfig(backend=BACKEND))
+        if not self.on_gpu:
+            args.update(whole_prompt_prefill(cfg.max_model_len))
         if "RANK" in os.environ:  # torchrun: one engine per rank, sharing the launcher's process group
             args.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
-        if cfg.kv_cache_gib is None:  # the blocks, and their bytes (on CPU vLLM otherwise reserves a RAM fraction)
+        kv_cache_gib = cfg.kv_cache_gib
+        if kv_cache_gib == 0 and not self.on_gpu:  # a GPU setting: on CPU vLLM would reserve a RAM fraction (9 GiB)
+            log.warning("sampler.kv_cache_gib=0 leaves the KV cache to gpu_memory_utilization, which a CPU has none "
+                        "of: sizing it from the workload instead (as kv_cache_gib=null)")
+            kv_cache_gib = None
+        if kv_cache_gib is None:  # the blocks, and their bytes (on CPU vLLM otherwise reserves a RAM fraction)
             blocks, block_bytes = self.workload_blocks(args)
             args.update(num_gpu_blocks_override=blocks, kv_cache_memory_bytes=blocks * block_bytes)
-        elif cfg.kv_cache_gib > 0:
-            args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        elif kv_cache_gib > 0:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         else:
             args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         return args

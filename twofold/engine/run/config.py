@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import logging
 import math
 import types
 import typing
@@ -20,10 +21,12 @@ from typing import Any, Literal
 import yaml
 
 from twofold.engine.rollout.correction import bounds as correction_bounds
-from twofold.engine.data.loading import CHAT, check_source, is_local_path
+from twofold.engine.data.loading import PLACEHOLDER, check_source, check_template, is_local_path
 from twofold.engine.rollout.sampler import SamplerConfig
 from twofold.objectives import AGGREGATIONS, DEFAULT_OBJECTIVE, KL_LOSSES, PROMPT_WEIGHTS, SPECS, get_spec, names
 from twofold.objectives.token_local import check_kl_loss
+
+log = logging.getLogger("twofold")
 
 
 def objective_choices() -> str:
@@ -86,8 +89,9 @@ class DataConfig:
     mixed (semi-verifiable data): rows whose answer the verifier parses are verified (rollout/accuracy, held-out
     pass rates); the others are kept as reference rows.
     auto: mixed for an objective that learns from the reference answer's likelihood (JEPO), else verifiable."""
-    prompt_template: str = "{prompt}"
-    """How a string prompt becomes text (offline and online alike): a format string around {prompt}, or `chat`:
+    prompt_template: str = PLACEHOLDER
+    """How a string prompt becomes text (offline and online alike): a text in which {prompt} is replaced by the
+    prompt (plain replacement, not str.format: braces such as \\boxed{} are literal, write them once), or `chat`:
     the prompt as a user message through the tokenizer's chat template. Chat-message prompts always use the
     tokenizer's chat template."""
     precompute_ref_logp: bool = True
@@ -334,7 +338,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     _check_objective_override(file_objective, overrides)
     config = _build(Config, tree, prefix="")
     validate(config)
+    warn_unread(tree, config)
     return config
+
+
+def warn_unread(tree: dict, config: Config) -> None:
+    """A warning for each key set (to other than its default) that this run never reads: the online sections in
+    an offline run, data.batch_size in an online one."""
+    default = Config()
+    unread = []
+    if config.train.mode == "offline":
+        unread += [(f"{section}.{key}", "offline runs (train.mode=offline) do not read it")
+                   for section in ONLINE_SECTIONS if isinstance(tree.get(section), dict) for key in tree[section]
+                   if getattr(getattr(config, section), key) != getattr(getattr(default, section), key)]
+    elif config.data.batch_size != default.data.batch_size:
+        unread.append(("data.batch_size", "online runs train on rollout.prompts_per_step prompts per step"))
+    for key, why in unread:
+        log.warning("config %s has no effect: %s", key, why)
 
 
 def _check_objective_override(file_objective: dict, overrides: list[str]) -> None:
@@ -510,7 +530,9 @@ def validate(config: Config) -> None:
     for key in ("path", "tokenizer"):
         value = getattr(model, key)
         if value and is_local_path(value) and not Path(value).is_dir():
-            raise ValueError(f"model.{key} {value!r} is not a directory (nor a Hub id such as Qwen/Qwen2.5-0.5B)")
+            state = "is not a directory" if Path(value).exists() else "does not exist"
+            raise ValueError(f"model.{key} {value!r} {state}: it is a local path, not a Hub id (owner/name, e.g. "
+                             "Qwen/Qwen2.5-0.5B); check the path")
     if not data.path:
         raise ValueError("data.path is required (a JSONL or Parquet file, a list of them, a datasets directory or "
                          "a Hub dataset name)")
@@ -525,8 +547,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"objective.name {config.objective.name!r} does not run with train.mode={train.mode}; "
                          f"{train.mode} objectives: {', '.join(names(train.mode))}")
     config.objective.kwargs = check_objective_kwargs(config.objective.name, config.objective.kwargs)
-    if "{prompt}" not in data.prompt_template and data.prompt_template != CHAT:
-        raise ValueError(f"data.prompt_template must contain {{prompt}} or be 'chat', got {data.prompt_template!r}")
+    if problem := check_template(data.prompt_template):
+        raise ValueError(f"config data.prompt_template {problem}")
     _require(train.steps >= 1, "train.steps", ">= 1", train.steps)  # first: other bounds are stated in steps
     validate_rollout(config)
     validate_paths(config)
@@ -540,7 +562,11 @@ def validate(config: Config) -> None:
              optim.betas)
     updates = optimizer_steps(config)
     bound = f"train.steps={train.steps}" if train.mode == "offline" else f"optimizer steps={updates}"
-    _require(0 <= optim.warmup_steps <= updates, "optim.warmup_steps", f"in [0, {bound}]", optim.warmup_steps)
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", optim.warmup_steps)
+    if optim.warmup_steps > updates:  # a recipe shortened on the command line: warm up over the whole run
+        log.warning("optim.warmup_steps=%d is longer than the run (%s): warming up over all %d steps",
+                    optim.warmup_steps, bound, updates)
+        optim.warmup_steps = updates
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", optim.min_lr_ratio)
     _require(optim.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0", optim.max_grad_norm)
     _require(train.stop_after_steps >= 0, "train.stop_after_steps", ">= 0", train.stop_after_steps)

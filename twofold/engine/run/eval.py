@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from twofold.engine.run.config import Config, answers_mode, likelihood_eval
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.build import RolloutStats, answer_parts, verify_groups
-from twofold.engine.rollout.sampler import GenerationParams, Sampler, sample_distributed
+from twofold.engine.rollout.sampler import GenerationParams, Sampler, fit_to_model, sample_distributed
 from twofold.engine.data.tasks import Problem
 from twofold.engine.verifier import VerifierPool
 from twofold.objectives import names
@@ -136,6 +136,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: Config, sampler: Sampler
         else:
             model_dir = resolve_model_path(str(checkpoint), "checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or model_dir)
+        fitted = fit_to_model(config.sampler, AutoConfig.from_pretrained(model_dir), str(checkpoint))
+        config = dataclasses.replace(config, sampler=fitted)
         data = config.data
         own_sampler, own_pool = sampler is None, pool is None
         pool = pool or build_pool(config)
@@ -174,6 +176,19 @@ def eval_objective(base: str | Path | None) -> str:
     return name if name in names("online") else names("online")[0]
 
 
+def eval_base(checkpoint: Path, config: str | None) -> tuple[Path | str | None, list[str]]:
+    """(the base config, model overrides): --config, else a step_* checkpoint's run config, else the defaults.
+    The model is the checkpoint: a step_* checkpoint's own model/ directory (architecture and tokenizer) when it
+    carries one, so that a copied checkpoint needs none of its run's files."""
+    from twofold.engine.run.export import is_training_checkpoint, run_config_path
+    from twofold.engine.train.checkpoint import CHECKPOINT_MODEL
+    if not is_training_checkpoint(checkpoint):
+        return config, [] if config else [f"model.path={checkpoint}"]
+    own = checkpoint / CHECKPOINT_MODEL
+    model = [f"model.path={own}", "model.preset=", "model.tokenizer="] if (own / "config.json").is_file() else []
+    return config or run_config_path(checkpoint), model
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit status (0: scored), which the console script passes to sys.exit."""
     parser = argparse.ArgumentParser(
@@ -190,17 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config for sampling, verifier and data fields")
     parser.add_argument("--out", help="also write the scores here (JSON)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.samples=8 rollout.temperature=0.6")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from twofold.engine.run.config import load_config
-    from twofold.engine.run.export import is_training_checkpoint
     try:
-        base = args.config
-        if base is None and is_training_checkpoint(Path(args.checkpoint)):
-            base = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
-        config = load_config(base, [*([f"model.path={args.checkpoint}"] if base is None else []), "train.mode=online",
-                                    f"objective.name={eval_objective(base)}", f"data.path={args.data}",
-                                    f"eval.path={args.data}", *args.overrides])
+        base, model = eval_base(Path(args.checkpoint), args.config)
+        config = load_config(base, [*model, "train.mode=online", f"objective.name={eval_objective(base)}",
+                                    "checkpoint.resume=never", f"data.path={args.data}", f"eval.path={args.data}",
+                                    *args.overrides])
         scores = evaluate_checkpoint(args.checkpoint, config)
     except ValueError as err:
         sys.exit(f"error: {err}")

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from twofold.engine.train.checkpoint import export_hf, save_checkpoint
 from twofold.engine.run.config import (Config, answers_mode, correction_mode, learns_from_reference, objective_kwargs,
-                                   optimizer_steps, updates_per_step)
+                                   optimizer_steps, to_yaml, updates_per_step)
 from twofold.engine.rollout.correction import correct_micro, log_ratios, micro_ratios, mismatch_metrics
 from twofold.engine.data.loading import BatchStream, Fields
 from twofold.engine.train.distributed import DistEnv
@@ -153,12 +153,8 @@ class OnlineRun:
         data, seed = config.data, config.train.seed
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
-        # the verifier's worker processes start (imports, ~1.5 s) while the sampler engine builds
         self.pool = pool if pool is not None or not env.is_main else build_pool(config)
-        if sampler is None and not config.log.verbose:
-            quiet_vllm()
-        self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
-        self.clock.lap("sampler")
+        # the prompts before the sampler engine (15-45 s): a data error ends the run before it starts
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
         golds = self.check_golds if config.verifier.check == "twofold" and config.reward.verifier_weight > 0 else None
@@ -170,6 +166,10 @@ class OnlineRun:
         batch_prompts = config.rollout.gen_batch_prompts or config.rollout.prompts_per_step
         self.stream = BatchStream(self.problems.problems, batch_prompts, data.shuffle, seed)
         self.clock.lap("data")
+        if sampler is None and not config.log.verbose:
+            quiet_vllm()
+        self.sampler = sampler or build_sampler(config.sampler, sampler_model_dir(config, tokenizer), env.rank)
+        self.clock.lap("sampler")
         self.policy = build_policy(config.model, env, seed=seed)
         self.temperature = config.rollout.temperature
         self.trainer = Trainer(self.policy, env, config.optim, objective=config.objective.name,
@@ -205,7 +205,7 @@ class OnlineRun:
     def save(self) -> None:
         state = {"prompts": self.stream.state_dict(), "rollout_steps": self.rollout_steps}
         save_checkpoint(self.config.run_dir, self.trainer, state, self.config.checkpoint.keep_last, self.extras(),
-                        step=self.rollout_steps)
+                        step=self.rollout_steps, tokenizer=self.tokenizer, run_config=to_yaml(self.config))
 
     def load(self, resume: Callable[[dict], tuple[Path, dict] | None]) -> None:
         """`resume(extras)` loads the newest intact checkpoint into the trainer and extras (train.resume)."""

@@ -16,8 +16,10 @@ run_dir stops unless `run_dir_policy` is overwrite or new.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from twofold.engine.train.checkpoint import (MANIFEST, CheckpointDamaged, CheckpointRefused, complete_checkpoints,
                                        damaged_checkpoints, export_hf, incomplete_newer, resume_newest, save_checkpoint,
@@ -40,10 +43,11 @@ from twofold.engine.train.model import build_policy, load_hf_config
 from twofold.engine.run.online import OnlineRun
 from twofold.engine.train.packing import Sequence
 from twofold.engine.verifier.pool import RewardFunctionError, resolve_functions
+from twofold.engine.rollout.sampler import fit_to_model
 from twofold.engine.run.tracking import Tracker
 from twofold.engine.train.trainer import Trainer, sequence_logprobs
 from twofold.kernels.chunked import gemm_precision
-from twofold.objectives import get_spec
+from twofold.objectives import get_spec, names
 
 log = logging.getLogger("twofold")
 
@@ -59,15 +63,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="config keys (YAML sections, or section.key=value on the command line):\n" + config_reference())
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, overrides alone")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    quick = parser.add_argument_group("quickstart (no recipe: defaults sized from the model and this machine, "
+                                      "printed at start; any section.key=value still applies on top)")
+    quick.add_argument("--model", help="model.path: a Hugging Face model directory or Hub id")
+    quick.add_argument("--data", help="data.path: prompts with gold answers (online) or training rows (offline)")
+    quick.add_argument("--objective", help="objective.name; train.mode follows from it (online where it can run "
+                       "online)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-5 train.steps=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def quickstart_overrides(model: str, data: str, objective: str) -> list[str]:
+    """The overrides that `--model/--data/--objective` stand for: the run's mode from the objective, a run_dir
+    named after both (a numbered sibling when it is in use), and, without a GPU, fp32 compute and sdpa attention
+    (bf16 is emulated on most CPUs) and a context that a CPU samples in seconds."""
+    online = "online" in get_spec(objective).modes
+    chosen = [f"model.path={model}", f"data.path={data}", f"objective.name={objective}",
+              f"train.mode={'online' if online else 'offline'}",
+              f"run_dir=runs/{objective}-{Path(model.rstrip('/')).name}", "run_dir_policy=new"]
+    if not torch.cuda.is_available():
+        chosen += ["model.dtype=float32", "model.attn_implementation=sdpa", "model.activation_checkpointing=false"]
+        if online:
+            chosen += ["sampler.dtype=float32", "sampler.max_model_len=1024", "rollout.max_new_tokens=256",
+                       f"verifier.workers={max(1, min(4, (os.cpu_count() or 2) // 2))}"]
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quick = [args.model, args.data, args.objective]
+    if any(quick) and not all(quick):
+        sys.exit("config error: the quickstart needs all three of --model, --data and --objective")
+    overrides = args.overrides
+    if all(quick):
+        chosen = quickstart_overrides(*quick)
+        print("quickstart: " + " ".join(chosen) + " (set any of them, or any other key, as key=value)", flush=True)
+        overrides = chosen + list(overrides)
     try:
         gemm_precision()  # a bad TWOFOLD_GEMM_PRECISION fails here, not at the first step
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
     except ValueError as err:
         sys.exit(f"config error: {err}")
     if args.print_config:
@@ -78,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     except (CollectiveTimeout, CheckpointDamaged, CheckpointRefused, RunDirError, RewardFunctionError,
             BadInput) as err:  # the message says all
         sys.exit(f"error: {err}")
+    except ValueError as err:  # bad input (data rows, fields, model files): the message names it and the fix
+        if config.log.verbose:
+            raise
+        sys.exit(f"error: {err} (log.verbose=true shows where it was raised)")
 
 
 class CollectiveTimeout(RuntimeError):
@@ -131,6 +169,8 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     tokenizer = load_tokenizer(config)
     check_vocabulary(config, tokenizer)
     if config.train.mode == "online":
+        config.sampler = fit_to_model(config.sampler, load_hf_config(config.model),
+                                      config.model.path or f"model.preset={config.model.preset}")
         online = OnlineRun(config, env, tokenizer, **online_kwargs)
         try:
             history = online.run(lambda extras: resume(config, online.trainer, extras))
@@ -142,6 +182,7 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     data = config.data
     sequences = load_sequences(data.path, tokenizer, data.max_tokens_per_microbatch, data.on_bad_row,
                                Fields.from_config(data), data.format, data.split)
+    check_layout(config, sequences)
     policy = build_policy(config.model, env, seed=config.train.seed)
     trainer = Trainer(policy, env, config.optim, objective=config.objective.name,
                       objective_kwargs=objective_kwargs(config), total_steps=config.train.steps,
@@ -155,13 +196,36 @@ def _run(config: Config, env: DistEnv, **online_kwargs) -> list[dict]:
     if resumed is not None:
         stream.load_state_dict(resumed[1])
         log.info("resumed from %s at step %d", resumed[0], trainer.steps_done)
-    history = train_loop(config, trainer, stream, env)
+    history = train_loop(config, trainer, stream, env, tokenizer)
     finished = trainer.steps_done >= config.train.steps
     if finished and config.checkpoint.export_hf:
         out = export_hf(policy, tokenizer, Path(config.run_dir) / "hf", config.checkpoint.export_dtype)
         log.info("exported Hugging Face checkpoint to %s", out)
     finish(config, env, history, finished, start)
     return history
+
+
+def takes_pairs(name: str) -> bool:
+    """Whether the objective trains on (chosen, rejected) pairs."""
+    return get_spec(name).packing_unit == "pair"
+
+
+def check_layout(config: Config, sequences: list[Sequence]) -> None:
+    """Pairs for pair objectives, single responses for the others: SFT on a pairs file would train on the rejected
+    answers as well as the chosen ones, and a pair objective has nothing to compare on single responses."""
+    name, first = config.objective.name, sequences[0]
+    pairs = "pair_id" in first.fields
+    if pairs == takes_pairs(name):
+        return
+    pair_objectives = ", ".join(n for n in names("offline") if takes_pairs(n))
+    if pairs:
+        raise ValueError(f"data.path {config.data.path} holds preference pairs (row {first.row_id}: "
+                         f"{config.data.chosen_field}/{config.data.rejected_field}) and objective.name={name} trains on "
+                         "every sequence, so it would train on the rejected answers too. Use a pair objective "
+                         f"({pair_objectives}), or give {name} rows of prompt and response (the chosen answers)")
+    raise ValueError(f"objective.name={name} trains on preference pairs, but data.path {config.data.path} holds single "
+                     f"responses (row {first.row_id}); give rows with {config.data.chosen_field} and "
+                     f"{config.data.rejected_field}, or use an objective for single responses")
 
 
 class RunDirError(ValueError):
@@ -196,6 +260,9 @@ def _decide_run_dir(config: Config) -> tuple[str, dict | None]:
             return config.run_dir, done
     if resume_path(config) is not None or not run_dir.is_dir() or not any(run_dir.iterdir()):
         return config.run_dir, None
+    if is_failed_start(run_dir):
+        log.info("run_dir %s holds only the files of a start that never reached a step: reusing it", run_dir)
+        return config.run_dir, None
     policy = config.run_dir_policy
     if policy == "error":
         held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
@@ -213,6 +280,24 @@ def _decide_run_dir(config: Config) -> tuple[str, dict | None]:
         n += 1
     log.info("run_dir_policy=new: %s is in use, this run goes to %s", run_dir, sibling)
     return str(sibling), None
+
+
+START_FILES = {"config.yaml", "sampler_model"}
+"""What a run writes into run_dir before its first step: the resolved config, a preset's sampler model files."""
+
+
+def is_failed_start(run_dir: Path) -> bool:
+    """run_dir holds nothing but what a start writes before its first step, and its config.yaml is a twofold dump
+    (every section): a start that failed (bad data, a model that did not load) and may be rerun into it."""
+    names = {p.name for p in run_dir.iterdir() if not (p.name in ("metrics.jsonl", "eval.jsonl")
+                                                       and p.is_file() and p.stat().st_size == 0)}
+    if not names <= START_FILES or "config.yaml" not in names:
+        return False
+    try:
+        written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(written, dict) and set(written) == {f.name for f in dataclasses.fields(Config)}
 
 
 def finish(config: Config, env: DistEnv, history: list[dict], finished: bool, start: float) -> None:
@@ -284,21 +369,26 @@ def warn_incomplete(run_dir: str, newest: Path | None) -> None:
                     step_of(lost[-1]))
 
 
-def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv) -> list[dict]:
+def train_loop(config: Config, trainer: Trainer, stream: BatchStream, env: DistEnv, tokenizer=None) -> list[dict]:
     end = config.train.steps
     if config.train.stop_after_steps:
         end = min(end, trainer.steps_done + config.train.stop_after_steps)
     tracker = Tracker(config, env.is_main, trainer.steps_done)
     history, saved_at = [], trainer.steps_done
+
+    def save() -> None:
+        save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last,
+                        tokenizer=tokenizer, run_config=to_yaml(config))
+
     while trainer.steps_done < end:
         metrics = trainer.step(stream.next_batch())
         history.append(metrics)
         tracker.log(metrics)
         if config.checkpoint.every and trainer.steps_done % config.checkpoint.every == 0:
-            save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+            save()
             saved_at = trainer.steps_done
     if saved_at != trainer.steps_done:
-        save_checkpoint(config.run_dir, trainer, stream.state_dict(), config.checkpoint.keep_last)
+        save()
     tracker.close(plot=config.log.plot and trainer.steps_done >= config.train.steps)
     return history
 

@@ -8,6 +8,9 @@ Layout under `<run_dir>/checkpoints/`, named by the run's own step (offline: opt
     .old-step_00000006/     a complete checkpoint moved aside while the same step is saved again; removed once the
                             replacement is in place, moved back if a crash came in between
     .bad-step_00000007/     a checkpoint that failed verification or loading, set aside (never deleted)
+Each checkpoint also carries what an export needs without the run's files (`CHECKPOINT_MODEL`: the model's
+Hugging Face config.json and the tokenizer; `CHECKPOINT_CONFIG`: the run's config), so a copied checkpoint exports
+and evaluates from anywhere.
     .trash-.../             a directory being deleted (renamed first, so that a half-deleted one is never listed)
 So at every instant of a save the newest complete checkpoint on disk is either the previous one or the new one.
 On resume the manifest is checked first (every rank hashes its share of the files); a damaged checkpoint is set
@@ -50,6 +53,12 @@ log = logging.getLogger("twofold")
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 TMP_PREFIX, OLD_PREFIX, BAD_PREFIX, TRASH_PREFIX = ".tmp-", ".old-", ".bad-", ".trash-"
+CHECKPOINT_MODEL = "model"
+"""Subdirectory of a checkpoint: the architecture (Hugging Face config.json) and the tokenizer of the run."""
+CHECKPOINT_CONFIG = "config.yaml"
+"""The run's resolved config, as <run_dir>/config.yaml."""
+EXPORT_MARKER = "twofold_export.json"
+"""Written into every Hugging Face export: a later export may replace a directory that holds it."""
 
 
 class CheckpointDamaged(RuntimeError):
@@ -139,10 +148,12 @@ def _state_dicts(trainer: Trainer, extras: dict | None) -> dict:
 # ---- save ------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, keep_last: int,
-                    extras: dict | None = None, step: int | None = None) -> Path:
-    """Collective: every rank writes its shards into a temporary directory; rank 0 adds the manifest, publishes it
-    as `step_<step>` (default: the optimizer step) and prunes old ones, never removing a complete checkpoint before
-    its replacement is in place."""
+                    extras: dict | None = None, step: int | None = None, tokenizer=None,
+                    run_config: str | None = None) -> Path:
+    """Collective: every rank writes its shards into a temporary directory; rank 0 adds the model's config and
+    `tokenizer` (CHECKPOINT_MODEL), `run_config` (YAML text, CHECKPOINT_CONFIG) and the manifest, publishes it as
+    `step_<step>` (default: the optimizer step) and prunes old ones, never removing a complete checkpoint before its
+    replacement is in place."""
     step = trainer.steps_done if step is None else step
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
@@ -158,6 +169,8 @@ def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, kee
     torch.save({"run_step": step, "step": trainer.steps_done, "skipped": trainer.skipped_steps, "data": data_state,
                 "rng": rng, "scheduler": trainer.scheduler.state_dict()}, blob)
     FILES.save_shards({**_state_dicts(trainer, extras), "train_state": blob}, tmp)
+    if dist.get_rank() == 0:
+        write_export_files(tmp, trainer.policy, tokenizer, run_config)
     dist.barrier()
     files = _checksums(tmp)
     if dist.get_rank() == 0:
@@ -176,6 +189,16 @@ def save_checkpoint(run_dir: str | Path, trainer: Trainer, data_state: dict, kee
             _remove(old)
     dist.barrier()
     return final
+
+
+def write_export_files(directory: Path, policy: PolicyModel, tokenizer, run_config: str | None) -> None:
+    """What an export of this checkpoint reads besides the shards: the architecture, the tokenizer, the config."""
+    model_dir = directory / CHECKPOINT_MODEL
+    policy.causal_lm.config.save_pretrained(model_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
+    if run_config is not None:
+        (directory / CHECKPOINT_CONFIG).write_text(run_config)
 
 
 def _tidy(root: Path) -> None:
@@ -217,7 +240,9 @@ def _sha256(path: Path) -> str:
 
 
 def _checksums(directory: Path) -> dict[str, dict]:
-    """Collective: {file name: {size, sha256}} of every file in `directory`, each rank hashing its share."""
+    """Collective: {file name: {size, sha256}} of every file in `directory`, each rank hashing its share. (The
+    export files under CHECKPOINT_MODEL/ are not listed: a manifest names top-level files only, and those are JSON
+    and tokenizer files that only an export reads, with transformers' loaders, never code.)"""
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
@@ -419,6 +444,7 @@ def export_hf(policy: PolicyModel, tokenizer, out_dir: str | Path, dtype: str = 
         model.config.use_cache = True  # training turned the KV cache off; generation wants it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"dtype": dtype}) + "\n")
         old = out_dir.with_name(OLD_PREFIX + out_dir.name)
         if out_dir.exists():  # the previous export stays until the new one is in place
             shutil.rmtree(old, ignore_errors=True)

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from bench.tasks import LEVELS, Problem, problem_sets, random_problem, sloppy_trace, trace, wrong_trace
-from twofold.engine.run.config import Config, load_config
+from twofold.engine.run.config import load_config
+from twofold.engine.run.schema import Config
 from twofold.engine.data.loading import Fields
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.run.eval import evaluate

@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
-from twofold.engine.run.config import ModelConfig
+from twofold.engine.run.schema import ModelConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.model import build_policy
 from twofold.engine.rollout.backends import build_sampler

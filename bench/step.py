@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import LoadWatch, Spread, device_name, ratio, reset_peak_rss, rss_bytes, time_call
-from twofold.engine.run.config import ModelConfig, OptimConfig
+from twofold.engine.run.schema import ModelConfig, OptimConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.heads import LogprobsHead, make_head
 from twofold.engine.train.model import build_policy

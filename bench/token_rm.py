@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.tasks import problem_sets, trace, wrong_trace
-from twofold.engine.run.config import ModelConfig
+from twofold.engine.run.schema import ModelConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.token_rm import TokenRewardModel

@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from twofold.engine.run.config import ModelConfig, OptimConfig, correction_mode, load_config
+from twofold.engine.run.config import correction_mode, load_config
+from twofold.engine.run.schema import ModelConfig, OptimConfig
 from twofold.engine.rollout.correction import (CORRECTION_MASK, CORRECTIONS, DEFAULT_BOUNDS, IS_WEIGHT, MASKS, WEIGHTS,
                                        correct_sequences, correction_weights, log_ratios, mismatch_metrics)
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from twofold.engine.rollout.correction import CORRECTION_MASK
-from twofold.engine.run.config import ModelConfig, OptimConfig
+from twofold.engine.run.schema import ModelConfig, OptimConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.model import build_policy
 from twofold.engine.train.packing import Sequence

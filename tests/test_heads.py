@@ -86,7 +86,7 @@ def gradients(trainer, batch):
 
 def check_heads(rank: int, report: str | None = None) -> None:
     """Every case on this rank (of two); rank 0 writes one line per case to `report`. Raises on a mismatch."""
-    from twofold.engine.run.config import ModelConfig, OptimConfig
+    from twofold.engine.run.schema import ModelConfig, OptimConfig
     from twofold.engine.train.distributed import init_distributed, shutdown_distributed
     from twofold.engine.train.model import build_policy
     from twofold.engine.train.trainer import Trainer

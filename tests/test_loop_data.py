@@ -102,6 +102,6 @@ def test_recipes_load(recipe, tmp_path):
 @pytest.mark.parametrize("objective", names("online"))
 def test_a_rollout_with_no_informative_group_builds_an_empty_batch(objective):
     """Dynamic sampling can drop every group (all samples right, or all wrong): the batch is empty, not an error."""
-    from twofold.engine.run.config import RolloutConfig
+    from twofold.engine.run.schema import RolloutConfig
     from twofold.engine.rollout.build import build_sequences
     assert build_sequences(objective, [], RolloutConfig(), tokenizer=None) == []

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from twofold.engine.run.config import RolloutConfig
+from twofold.engine.run.schema import RolloutConfig
 from twofold.engine.train.packing import KeptSets
 from twofold.engine.rollout.build import Group, build_sequences
 from twofold.engine.rollout.sampler import Sample

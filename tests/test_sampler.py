@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.rollout import write_tiny_model
-from twofold.engine.run.config import ModelConfig, OptimConfig
+from twofold.engine.run.schema import ModelConfig, OptimConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.model import build_policy
 from twofold.engine.train.packing import Sequence, collate

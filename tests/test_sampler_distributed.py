@@ -18,7 +18,7 @@ PROMPTS = [f"{i}+{i}=" for i in range(5)]  # odd count: the ranks get 3 and 2
 def worker(out_path: str, model_dir: str) -> None:
     import torch
 
-    from twofold.engine.run.config import ModelConfig
+    from twofold.engine.run.schema import ModelConfig
     from twofold.engine.train.distributed import init_distributed, shutdown_distributed
     from twofold.engine.train.model import build_policy
     from twofold.engine.rollout.backends import build_sampler

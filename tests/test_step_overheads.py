@@ -4,7 +4,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from bench.rollout import write_tiny_model
-from twofold.engine.run.config import ModelConfig
+from twofold.engine.run.schema import ModelConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.model import build_policy
 from twofold.engine.train.packing import IGNORE_INDEX, Sequence, collate

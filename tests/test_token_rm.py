@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from twofold.engine.run.config import ModelConfig
+from twofold.engine.run.schema import ModelConfig
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.token_rm import TokenRewardModel

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from twofold.engine.run.config import RewardConfig, RolloutConfig
+from twofold.engine.run.schema import RewardConfig, RolloutConfig
 from twofold.engine.data.loading import BatchStream
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.sampler import GenerationParams, Sample, Sampler, sample_distributed

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from twofold.engine.run.config import ModelConfig
+from twofold.engine.run.schema import ModelConfig
 from twofold.engine.train.distributed import DistEnv
 from twofold.engine.train.model import PolicyModel, build_policy
 from twofold.engine.train.packing import MicroBatch, Sequence

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from twofold.engine.run.config import Config, answers_mode, likelihood_eval
+from twofold.engine.run.config import answers_mode, likelihood_eval
+from twofold.engine.run.schema import Config
 from twofold.engine.train.packing import Sequence
 from twofold.engine.rollout.build import RolloutStats, answer_parts, verify_groups
 from twofold.engine.rollout.sampler import GenerationParams, Sampler, fit_to_model, sample_distributed

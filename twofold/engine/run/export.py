@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from twofold.engine.train.checkpoint import (CHECKPOINT_CONFIG, CHECKPOINT_MODEL, EXPORT_MARKER, CheckpointRefused,
                                              export_hf, load_shards)
-from twofold.engine.run.config import Config, load_config
+from twofold.engine.run.config import load_config
+from twofold.engine.run.schema import Config
 from twofold.engine.train.distributed import init_distributed, shutdown_distributed
 from twofold.engine.data.hub import resolve_model
 from twofold.engine.data.tokenizer import load_tokenizer

@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from twofold.engine.train.checkpoint import export_hf, save_checkpoint
-from twofold.engine.run.config import (Config, answers_mode, correction_mode, learns_from_reference, objective_kwargs,
-                                   optimizer_steps, to_yaml, updates_per_step)
+from twofold.engine.run.config import (answers_mode, correction_mode, learns_from_reference, objective_kwargs,
+                                       optimizer_steps, to_yaml, updates_per_step)
+from twofold.engine.run.schema import Config
 from twofold.engine.rollout.correction import correct_micro, log_ratios, micro_ratios, mismatch_metrics
 from twofold.engine.data.loading import BatchStream, Fields
 from twofold.engine.train.distributed import DistEnv

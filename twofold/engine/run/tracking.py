@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from twofold.engine.run.config import Config
+from twofold.engine.run.schema import Config
 
 log = logging.getLogger("twofold")
 PLOTTED = ("loss", "grad_norm", "lr", "tokens_per_s")

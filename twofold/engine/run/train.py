@@ -32,8 +32,9 @@ import yaml
 from twofold.engine.train.checkpoint import (MANIFEST, CheckpointDamaged, CheckpointRefused, complete_checkpoints,
                                        damaged_checkpoints, export_hf, incomplete_newer, resume_newest, save_checkpoint,
                                        step_of)
-from twofold.engine.run.config import (BadInput, Config, config_reference, console_yaml, load_config, objective_kwargs,
-                                   save_config, to_yaml)
+from twofold.engine.run.config import (BadInput, config_reference, console_yaml, load_config, objective_kwargs,
+                                       save_config, to_yaml)
+from twofold.engine.run.schema import Config
 from twofold.engine.data.tokenizer import load_tokenizer
 from twofold.engine.data.loading import BatchStream, Fields, load_sequences
 from twofold.engine.train.distributed import (DistEnv, describe_hang, describe_lost_peer, init_distributed, is_peer_lost,

@@ -29,7 +29,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, P
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from twofold.engine.run.config import ModelConfig
+from twofold.engine.run.schema import ModelConfig
 from twofold.engine.train.distributed import DistEnv
 from twofold.engine.train.packing import PackedLayout
 from twofold.engine.train.tiny import build_preset_model, preset_config

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from twofold.engine.run.config import OptimConfig
+from twofold.engine.run.schema import OptimConfig
 from twofold.engine.rollout.correction import CORRECTION_MASK, IS_WEIGHT
 from twofold.engine.train.distributed import DistEnv, all_reduce_sum
 from twofold.engine.train.heads import make_head

@@ -39,34 +39,32 @@ class FusedLoss(NamedTuple):
 class _AttachGrads(torch.autograd.Function):
     """Returns `value` and routes its upstream gradient to (hidden, weight) through precomputed gradients.
 
-    The backward scales the saved gradients in place and returns them, so the peak holds one copy of dX and dW,
-    not two (an out-of-place product is a second [N, H] and [V, H] at the moment of the multiply). Once autograd
-    frees the saved tensors (no retain_graph), AccumulateGrad and the input buffers may adopt the returned tensors:
-    they are no longer ours. Because they were scaled, a second backward through the same loss would be wrong, so
-    it is refused; under create_graph the product is taken out of place, keeping its graph w.r.t. the upstream.
+    When autograd will free the graph after this backward (no retain_graph, no create_graph), the saved gradients
+    are scaled in place and returned: the peak holds one copy of dX and dW, not two (an out-of-place product is a
+    second [N, H] and [V, H] at the moment of the multiply), and once the saved tensors are released AccumulateGrad
+    may adopt them as .grad without a copy. A retained graph can be run again, so there the product is out of
+    place (bitwise the same numbers), and under create_graph it stays differentiable w.r.t. the upstream.
     """
 
     @staticmethod
     def forward(ctx, value, hidden, weight, grad_hidden, grad_weight):
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.scaled = False
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.scaled:
-            raise RuntimeError("fused_linear_loss: backward through the same loss twice (retain_graph=True) is not "
-                               "supported; its precomputed gradients were scaled in place by the first backward. "
-                               "Recompute the loss, or sum the losses and call backward once.")
         grad_hidden, grad_weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: a differentiable product, the saved tensors left untouched
-            scale = torch.Tensor.mul
-        else:
-            scale = torch.Tensor.mul_
-            ctx.scaled = True
+        scale = torch.Tensor.mul if _graph_is_kept() or torch.is_grad_enabled() else torch.Tensor.mul_
         dh = scale(grad_hidden, grad.to(grad_hidden.dtype)) if ctx.needs_input_grad[1] else None
         dw = scale(grad_weight, grad.to(grad_weight.dtype)) if ctx.needs_input_grad[2] else None
         return None, dh, dw, None, None
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph); torch's own AOT autograd asks the same. Where
+    this torch lacks the query, assume kept: out of place is always correct, only larger."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _token_fn(objective, inputs: dict) -> Callable:

@@ -319,6 +319,10 @@ class VLLMSampler(Sampler):
             self.asleep = True
 
     def close(self) -> None:
+        # shut the engine down now rather than when the last reference goes: a traceback frame or a cycle can keep
+        # it to interpreter exit, after the trainer destroyed the process groups its shutdown destroys (a
+        # ValueError traceback after the run's error line)
+        self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         _forget_vllm_process_groups()
 

@@ -105,3 +105,10 @@ def test_a_rollout_with_no_informative_group_builds_an_empty_batch(objective):
     from twofold.engine.run.schema import RolloutConfig
     from twofold.engine.rollout.build import build_sequences
     assert build_sequences(objective, [], RolloutConfig(), tokenizer=None) == []
+
+
+def test_the_demo_finds_its_configs():
+    """`python -m twofold.engine.run.demo` loads configs/demo_sft.yaml and demo_nft.yaml from the repository root."""
+    from twofold.engine.run.demo import CONFIGS
+    assert CONFIGS == REPO / "configs"
+    assert (CONFIGS / "demo_sft.yaml").is_file() and (CONFIGS / "demo_nft.yaml").is_file()

@@ -4,7 +4,7 @@ import torch
 
 from twofold.engine.run.schema import RolloutConfig
 from twofold.engine.train.packing import KeptSets
-from twofold.engine.rollout.build import Group, build_sequences
+from twofold.engine.rollout.build import Group, build_sequences, replays_kept
 from twofold.engine.rollout.sampler import Sample
 from twofold.engine.data.tasks import Problem
 from twofold.engine.train.tiny import build_char_tokenizer
@@ -71,3 +71,11 @@ def test_kept_sets_ride_on_the_sequences_and_jepo_refuses_them(objective):
     for seq in build_sequences(objective, groups, RolloutConfig(top_p=0.9), tokenizer):
         sample = groups[seq.fields["group_ids"]].samples[int(seq.row_id.split("/")[1])]
         assert seq.kept is sample.kept and len(seq.kept) == seq.response_len
+
+
+def test_replay_kept_set_false_turns_replay_off_whatever_the_sampling():
+    """rollout.replay_kept_set=false: top-k / top-p still sample, but no kept sets are recorded or replayed."""
+    assert replays_kept(RolloutConfig(top_p=0.9)) and replays_kept(RolloutConfig(top_k=5))
+    assert not replays_kept(RolloutConfig())
+    for cfg in (RolloutConfig(top_p=0.9, replay_kept_set=False), RolloutConfig(top_k=5, replay_kept_set=False)):
+        assert not replays_kept(cfg)

@@ -300,8 +300,9 @@ def shaped_reward(correct: float, length: int, cfg: RolloutConfig, graded: bool 
 
 
 def replays_kept(cfg: RolloutConfig) -> bool:
-    """Top-k or top-p sampling: the sampler records each token's kept set and the trainer renormalises to it."""
-    return cfg.top_k > 0 or cfg.top_p < 1
+    """Top-k or top-p sampling: the sampler records each token's kept set and the trainer renormalises to it
+    (unless `rollout.replay_kept_set` is false)."""
+    return cfg.replay_kept_set and (cfg.top_k > 0 or cfg.top_p < 1)
 
 
 def sample_sequence(problem: Problem, sample: Sample, index: int, fields: dict) -> Sequence:

@@ -25,7 +25,7 @@ from twofold.engine.run.config import load_config
 from twofold.engine.data.tasks import write_addition_data
 from twofold.engine.run.train import run
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"  # the repository root: twofold/engine/run/demo.py
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -166,6 +166,9 @@ class RolloutConfig:
     """0: no top-k. With top_k > 0 or top_p < 1 the sampler records each token's kept set and every trainer
     log-prob (policy, old, reference) is renormalised to it: the sampled distribution, replayed exactly
     (docs/objectives.md, "Sampling-mask replay")."""
+    replay_kept_set: bool = True
+    """false: the sampler still draws with top_k / top_p, but records no kept sets and the trainer scores the full
+    softmax, a biased ratio (each token's log-ratio is the log of its kept mass): for measuring what replay fixes."""
     max_new_tokens: int = 256
     dynamic_sampling: bool = True
     """Keep only groups whose rewards differ (0 < correct < n), refilling with new prompts (DAPO, NFT, OREAL)."""

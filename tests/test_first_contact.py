@@ -194,6 +194,42 @@ def test_online_data_errors_end_the_run_before_the_sampler_starts_in_one_line(tm
         assert "Traceback" not in done.stderr and not (run_dir / "sampler_model").exists()
 
 
+FAIL_AFTER_THE_SAMPLER = """
+import sys
+import twofold.engine.run.online as online
+def build_policy(*args, **kwargs):
+    raise ValueError("the policy failed to build")
+online.build_policy = build_policy  # the first step of OnlineRun's construction after the vLLM engine started
+from twofold.engine.run.train import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_run_that_fails_once_the_sampler_runs_ends_in_our_error_line_with_nothing_after_it(tmp_path):
+    """Once the in-process vLLM engine runs, a failure in the online loop (a reward function failing past
+    reward.max_error_frac) or in the rest of the run's construction (a fault injected into the policy build, which
+    no small config reaches) stops the engine before the process groups go: exit 1, the last stderr line is ours,
+    no traceback after it (vLLM's shutdown at exit raised `Invalid process group specified`) and no leak dump."""
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(8)])
+    base = ["model.preset=tiny-qwen2-vllm", "train.mode=online", "objective.name=nft", "verifier.workers=1",
+            "train.steps=1", "rollout.max_new_tokens=8", f"data.path={data}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    reward = subprocess.run([str(Path(sys.executable).with_name("twofold-train")), *base, f"run_dir={tmp_path / 'a'}",
+                             "reward.functions=[{name: 'verifier_functions:raises'}]", "reward.max_error_frac=0"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    injected = subprocess.run([sys.executable, "-c", FAIL_AFTER_THE_SAMPLER, *base, f"run_dir={tmp_path / 'b'}"],
+                              capture_output=True, text=True, env=env, timeout=600)
+    for done, run_dir, line in [
+            (reward, "a", "error: reward function raises failed on "),
+            (injected, "b", "error: the policy failed to build (log.verbose=true shows where it was raised)")]:
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert (tmp_path / run_dir / "sampler_model").is_dir()  # the engine had started
+        assert done.stderr.rstrip().splitlines()[-1].startswith(line), done.stderr[-3000:]
+        after = done.stderr[done.stderr.rindex("error: "):]
+        assert "Traceback" not in after and "nanobind" not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_mistyped_local_path_is_called_a_path_not_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "assets").mkdir()
     rows = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "1", "response": "2"}])

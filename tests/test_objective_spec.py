@@ -85,6 +85,8 @@ def test_the_check_sees_a_branch_and_a_table(tmp_path):
     (dict(packing_unit="pair"), "packing_unit"),
     (dict(needs=("reference",)), "needs"),
     (dict(min_group_size=0), "min_group_size"),
+    (dict(overlong_penalty=True), "reads"),  # the penalty reads rollout.overlong_buffer: reads must say so
+    (dict(reads=("rollout.token_rm_lr", "rollout.token_rm")), "reads"),  # without needs=("token_rm",)
 ])
 def test_a_bad_spec_is_refused_naming_the_field(change, key):
     fields = dict(name="bad", loss=reinforce_loss, modes=("online",), token_local=True, sequences="advantages",
@@ -120,3 +122,25 @@ def test_the_toy_loss_is_minus_the_advantage_weighted_token_mean():
     assert float(loss.detach()) == pytest.approx(-(1 * (-1 - 2) + (-2) * (-3)) / 3)
     loss.backward()
     assert logp.grad.tolist() == pytest.approx([-1 / 3, -1 / 3, 0.0, 2 / 3])
+
+
+def test_keys_only_other_objectives_read_are_named_in_one_warning_from_their_specs(toy, tmp_path, caplog):
+    """The warning comes from the specs' `reads`: a registered objective that declares none (the toy) is told
+    about JEPO's, OREAL's and DAPO's keys, each with its readers; an objective that reads the key is not."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    base = ["model.preset=tiny-qwen2", f"data.path={data}", "train.mode=online"]
+    with caplog.at_level("WARNING", logger="twofold"):
+        load_config(None, [*base, "objective.name=toy_reinforce", "rollout.format_penalty=5",
+                           "rollout.token_rm_lr=1e-5", "rollout.overlong_buffer=16",
+                           "rollout.token_rm=true"])  # the default value: not named
+        load_config(None, [*base, "objective.name=jepo", "rollout.format_penalty=5"])
+        load_config(None, [*base, "objective.name=oreal", "rollout.token_rm_lr=1e-5", "rollout.format_penalty=5"])
+    readers = {key: [n for n, s in SPECS.items() if key in s.reads] for key in
+               ("rollout.format_penalty", "rollout.token_rm_lr", "rollout.overlong_buffer")}
+    assert readers == {"rollout.format_penalty": ["jepo"], "rollout.token_rm_lr": ["oreal"],
+                       "rollout.overlong_buffer": ["dapo"]}
+    assert caplog.messages == [
+        "config rollout.overlong_buffer (read by dapo); rollout.token_rm_lr (read by oreal); rollout.format_penalty "
+        "(read by jepo): objective.name=toy_reinforce does not read them, so they have no effect",
+        "config rollout.format_penalty (read by jepo): objective.name=oreal does not read it, so it has no effect"]

@@ -163,4 +163,4 @@ def _normalised(adv: Tensor, keep: Tensor, moments: Tensor) -> Tensor:
 # per-group bound and leave-one-out baselines: whole groups per call, the advantage moments summed over the batch
 JEPO = ObjectiveSpec(name="jepo", loss=jepo_loss, modes=("online",), token_local=False, sequences="gold_answer",
                      group_filter="none", min_group_size=2, packing_unit="group", statistics=jepo_statistics,
-                     needs=("reference",))
+                     needs=("reference",), reads=("rollout.format_penalty",))

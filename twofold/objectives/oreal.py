@@ -106,4 +106,5 @@ class TokenRewardHead(nn.Module):
 
 
 OREAL = ObjectiveSpec(name="oreal", loss=oreal_loss, modes=("online",), token_local=True, sequences="contrast_pair",
-                      advantage="rloo", group_filter="mixed", min_group_size=2, needs=("reference", "token_rm"))
+                      advantage="rloo", group_filter="mixed", min_group_size=2, needs=("reference", "token_rm"),
+                      reads=("rollout.token_rm", "rollout.token_rm_lr"))

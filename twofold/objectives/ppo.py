@@ -152,7 +152,7 @@ def clip_metrics(flat, log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high:
 GRPO = ObjectiveSpec(name="grpo", loss=grpo_loss, modes=("online",), token_local=True, sequences="advantages",
                      advantage="grpo", needs=("reference",))
 DAPO = ObjectiveSpec(name="dapo", loss=dapo_loss, modes=("online",), token_local=True, sequences="advantages",
-                     advantage="grpo", overlong_penalty=True)
+                     advantage="grpo", overlong_penalty=True, reads=("rollout.overlong_buffer",))
 DRGRPO = ObjectiveSpec(name="drgrpo", loss=drgrpo_loss, modes=("online",), token_local=True,
                        sequences="advantages", advantage="drgrpo")
 # the sequence ratio couples a sequence's tokens: not one token-local call

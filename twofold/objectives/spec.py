@@ -64,6 +64,10 @@ class ObjectiveSpec:
     when the loss's `beta` > 0); reference_sums: per-sequence `ref_logp_sum` of the initial policy, scored once
     before training (offline, data.precompute_ref_logp); token_rm: per-token `token_scores` of a token reward
     model trained alongside (online, rollout.token_rm)."""
+    reads: tuple[str, ...] = ()
+    """Config keys (`section.key`) that only the objectives declaring them read, e.g. JEPO's
+    rollout.format_penalty. A run of another objective that sets one (to other than its default) names it in one
+    warning at config load, with the objectives that read it. Keys every objective's path reads are not listed."""
 
     def __post_init__(self):
         params = inspect.signature(self.loss).parameters
@@ -82,6 +86,10 @@ class ObjectiveSpec:
             (set(self.needs) <= set(NEEDS), "needs", f"a subset of {NEEDS}"),
             ("reference" not in self.needs or {"ref_logp", "beta"} <= set(params), "needs",
              "'reference' only for a loss that takes ref_logp and beta"),
+            (self.overlong_penalty == ("rollout.overlong_buffer" in self.reads), "reads",
+             "to hold rollout.overlong_buffer exactly when overlong_penalty is set (the penalty reads it)"),
+            (("token_rm" in self.needs) == ({"rollout.token_rm", "rollout.token_rm_lr"} <= set(self.reads)), "reads",
+             "to hold rollout.token_rm and rollout.token_rm_lr exactly when needs has token_rm (its model reads them)"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -319,15 +319,19 @@ class VLLMSampler(Sampler):
             self.asleep = True
 
     def close(self) -> None:
-        del self.llm
+        # The engine shuts down now, not when its last reference goes (a traceback frame can hold it to interpreter
+        # exit, where its shutdown raised after the run's error line). Its groups are forgotten first: the
+        # shutdown's `destroy_process_group()` frees them with the default group, and destroying them one by one
+        # raises once the default group is gone or was re-created.
         _forget_vllm_process_groups()
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
 
 
 def _forget_vllm_process_groups() -> None:
     """vLLM keeps its process groups in module globals and reuses them for the next engine in this process. The
     trainer may destroy and re-create its own group in between (repeated runs, tests), which leaves those stale
-    ("not initialized in the world group map"), so an engine that closes drops them. They are not destroyed one by
-    one: they may already be gone with the default group, and `destroy_process_group()` frees any that are not."""
+    ("not initialized in the world group map"), so an engine that closes drops them."""
     from vllm.distributed import parallel_state
 
     for name in ("_TP", "_ETP", "_PP", "_DP", "_EP", "_EPLB", "_DCP", "_PCP", "_ENGRAM_DP", "_WORLD",

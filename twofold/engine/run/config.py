@@ -62,6 +62,26 @@ def warn_unread(tree: dict, config: Config) -> None:
         unread.append(("data.batch_size", "online runs train on rollout.prompts_per_step prompts per step"))
     for key, why in unread:
         log.warning("config %s has no effect: %s", key, why)
+    warn_unread_by_objective(tree, config, default)
+
+
+def warn_unread_by_objective(tree: dict, config: Config, default: Config) -> None:
+    """One warning naming every key set (to other than its default) that some objectives read (their specs'
+    `reads`) and this run's objective does not, with the objectives that do."""
+    name = config.objective.name
+    readers: dict[str, list[str]] = {}
+    for other in names(config.train.mode):
+        for key in get_spec(other).reads:
+            readers.setdefault(key, []).append(other)
+    unread = []
+    for key, objectives in readers.items():
+        section, field = key.split(".")
+        if (name not in objectives and field in (tree.get(section) or {})
+                and getattr(getattr(config, section), field) != getattr(getattr(default, section), field)):
+            unread.append(f"{key} (read by {', '.join(objectives)})")
+    if unread:
+        log.warning("config %s: objective.name=%s does not read %s, so %s no effect", "; ".join(unread), name,
+                    "them" if len(unread) > 1 else "it", "they have" if len(unread) > 1 else "it has")
 
 
 def _check_objective_override(file_objective: dict, overrides: list[str]) -> None:

@@ -151,10 +151,22 @@ class OnlineRun:
                              f"{config.objective.name!r} cannot learn from (it needs rewards); use an objective "
                              "that learns from the reference answer's likelihood (jepo) or data.answers=verifiable")
         self.config, self.env, self.tokenizer = config, env, tokenizer
-        data, seed = config.data, config.train.seed
+        data = config.data
         self.budget, self.pad = data.max_tokens_per_microbatch, tokenizer.pad_token_id or 0
         self.own_sampler, self.own_pool = sampler is None, pool is None and env.is_main
-        self.pool = pool if pool is not None or not env.is_main else build_pool(config)
+        self.sampler, self.pool = sampler, pool
+        try:
+            self._build(config, env, tokenizer, answers)
+        except BaseException:
+            # the verifier workers and the vLLM engine must stop now, while the process groups the engine's
+            # shutdown destroys still exist: left to interpreter exit, it raises after our error line
+            self.close()
+            raise
+
+    def _build(self, config: Config, env: DistEnv, tokenizer, answers: str) -> None:
+        data, seed, sampler = config.data, config.train.seed, self.sampler
+        if self.own_pool:
+            self.pool = build_pool(config)
         # the prompts before the sampler engine (15-45 s): a data error ends the run before it starts
         fields, max_prompt = Fields.from_config(data), config.sampler.max_model_len
         # the built-in check scores 0 against a gold answer it cannot parse: such rows are skipped and counted
@@ -394,9 +406,10 @@ class OnlineRun:
         return sequence_logprobs(self.policy, seqs, self.env, self.budget, self.pad)
 
     def close(self) -> None:
-        if self.own_sampler:
+        """Stop the engine and the workers this run built (all, or those built before its construction failed)."""
+        if self.own_sampler and self.sampler is not None:
             self.sampler.close()
-        if self.own_pool:
+        if self.own_pool and self.pool is not None:
             self.pool.close()
 
 

@@ -6,11 +6,13 @@ Cases on identical inputs, interleaved within each repeat: `eager` materialises 
 F.cross_entropy with autograd; `logprobs` is -linear_logprobs(...).mean over valid tokens (what
 linear_cross_entropy ran before mean/sum went through the fused pass: 8NHV, the backward recomputes the logits);
 `ours` is linear_cross_entropy (the fused SFT pass: 6NHV). Wall time (perf_counter) and this process's CPU time
-(process_time) per call, median [min-max] over the repeats; ratios repeat by repeat (bench/harness.py).
+(process_time) per call, median [min-max] over the repeats; ratios repeat by repeat (bench/harness.py). The three
+cases' losses and gradients are checked equal (fp32 tolerance) before timing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -38,7 +40,9 @@ CASES = {"eager": eager, "logprobs": logprobs, "ours": ours}
 
 def step(fn, hidden, weight, targets):
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    fn(h, w, targets).backward()
+    loss = fn(h, w, targets)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
 
 
 def main(argv=None):
@@ -46,6 +50,10 @@ def main(argv=None):
     add_shape_arguments(p)
     args = finish_shape_arguments(p.parse_args(argv))
     hidden, weight, targets, _ = make_inputs(args.n, args.h, args.v, torch.float32, torch.device("cpu"))
+    first = {c: step(fn, hidden, weight, targets) for c, fn in CASES.items()}  # the cases compute the same thing
+    for c in CASES:
+        for a, b in zip(first[c], first["eager"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, c=c: f"case {c} vs eager: {m}")
     load = LoadWatch(threads=torch.get_num_threads())
     wall, cpu = {c: [] for c in CASES}, {c: [] for c in CASES}
     for r in range(args.warmup + args.repeats):
@@ -64,6 +72,16 @@ def main(argv=None):
     for c in CASES:
         print(f"  {c:<9} wall {wall[c].fmt('.0f', 1e3):>22} ms  cpu {cpu[c].fmt('.0f', 1e3):>22} ms  "
               f"/eager wall {ratio(wall[c], wall['eager']).fmt('.2f')}  cpu {ratio(cpu[c], cpu['eager']).fmt('.2f')}")
+    if args.out:
+        report = {"shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": "fp32"}, "repeats": args.repeats,
+                  "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, **load.as_dict(),
+                  "rows": [{"case": c, "wall_ms": {k: v * 1e3 for k, v in wall[c].as_dict().items()},
+                            "cpu_ms": {k: v * 1e3 for k, v in cpu[c].as_dict().items()},
+                            "wall_vs_eager": ratio(wall[c], wall["eager"]).as_dict(),
+                            "cpu_vs_eager": ratio(cpu[c], cpu["eager"]).as_dict()} for c in CASES]}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

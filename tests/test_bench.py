@@ -39,6 +39,14 @@ def test_bench_fused_reports_both_cases(tmp_path):
 # kernels stage: tests/test_gpu_campaign.py runs it and checks every case's time and output size.
 
 
+def test_bench_cross_entropy_reports_wall_and_cpu_time_of_the_three_cases(tmp_path):
+    report = run_bench("bench.cross_entropy", "--n", "64", "--h", "16", "--v", "300", "--repeats", "1",
+                       "--warmup", "0", tmp_path=tmp_path)
+    assert [r["case"] for r in report["rows"]] == ["eager", "logprobs", "ours"]
+    assert all(r["wall_ms"]["median"] > 0 and r["cpu_ms"]["median"] > 0 for r in report["rows"])
+    assert report["rows"][0]["cpu_vs_eager"]["median"] == 1.0
+
+
 def test_bench_modules_compares_the_module_with_liger_on_equal_values(tmp_path):
     report = run_bench("bench.modules", "--batch", "2", "--seq", "16", "--h", "32", "--v", "300", "--warmup", "0",
                        "--repeats", "1", "--liger-eager", tmp_path=tmp_path)

@@ -211,6 +211,44 @@ def test_tied_weights_and_upstream_scale(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("upstream", [1.0, 0.37])
+def test_backward_scales_the_saved_gradients_in_place(backend, upstream):
+    """Bitwise what the out-of-place product gave, and the leaves' gradients are the saved buffers themselves: the
+    backward allocates no second [N, H] / [V, H] copy (at V 151936 that copy was half the fused pass's peak)."""
+    hidden, weight, targets, inputs = case_with_inputs("nft", seed=12)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss = fused_linear_loss(h, w, targets, "nft", inputs=inputs, backend=backend).loss
+    saved = loss.grad_fn.saved_tensors
+    scale = torch.tensor(upstream)
+    before = [t * scale for t in saved]  # the former out-of-place backward
+    ptrs = [t.data_ptr() for t in saved]
+    del saved
+    (loss * upstream).backward()
+    assert torch.equal(h.grad, before[0].view(h.shape)) and torch.equal(w.grad, before[1])
+    assert [h.grad.data_ptr(), w.grad.data_ptr()] == ptrs
+
+
+def test_retained_graph_and_create_graph_scale_out_of_place():
+    """A retained graph runs again with the same saved gradients; under create_graph the product is differentiable
+    w.r.t. the upstream. Both give bitwise the in-place result of a one-off backward."""
+    hidden, weight, targets, inputs = case_with_inputs("sft", seed=13)
+
+    def loss_of(h):
+        return fused_linear_loss(h, weight.float(), targets, "sft", inputs=inputs).loss
+
+    h = hidden.float().requires_grad_()
+    (once,) = torch.autograd.grad(loss_of(h) * 0.5, h)
+    loss = loss_of(h) * 0.5
+    first = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    assert torch.equal(first, once) and torch.equal(torch.autograd.grad(loss, h)[0], once)
+    scale = torch.tensor(0.5, requires_grad=True)
+    (dh,) = torch.autograd.grad(loss_of(h) * scale, h, create_graph=True)
+    assert torch.equal(dh, once)
+    (d_scale,) = torch.autograd.grad(dh.sum(), scale)
+    torch.testing.assert_close(d_scale, (dh / scale).sum())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_all_ignored_gives_zero(backend):
     hidden, weight, targets = make_case(9, 16, 123, seed=7, ignore_frac=1.0)
     loss, dh, dw = fused(hidden, weight, targets, "sft", {"weight": torch.ones(9, device=DEVICE)}, torch.float32,

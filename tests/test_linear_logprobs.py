@@ -247,6 +247,76 @@ def test_linear_cross_entropy_matches_torch(reduction):
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
 
 
+def _grads(loss_fn, hidden, weight):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = loss_fn(h, w)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_scalar_cross_entropy_runs_the_fused_pass_and_matches_the_logprobs_path(reduction, temperature,
+                                                                               monkeypatch):
+    """mean/sum go through the fused SFT pass: loss and gradients equal the log-probs path they replaced (fp32)
+    and the float64 reference, ignored tokens (a custom ignore_index) included, and the backward runs no GEMM."""
+    hidden, weight, targets = make_case(53, 24, 301, torch.float64, seed=23)
+    targets[targets == IGNORE] = -1
+    kw = dict(reduction=reduction, temperature=temperature, ignore_index=-1, chunk_size=16)
+    ref = _grads(lambda h, w: F.cross_entropy(h @ w.t() / temperature, targets, ignore_index=-1,
+                                              reduction=reduction), hidden, weight)
+    ours64 = _grads(lambda h, w: linear_cross_entropy(h, w, targets, **kw), hidden, weight)
+    for a, b in zip(ours64, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+    def logprobs_path(h, w):  # the former implementation of mean/sum
+        nll = -linear_logprobs(h, w, targets, temperature=temperature, ignore_index=-1, chunk_size=16)
+        return nll.sum() if reduction == "sum" else nll.sum() / (targets != -1).sum()
+
+    h32, w32 = hidden.float(), weight.float()
+    ours = _grads(lambda h, w: linear_cross_entropy(h, w, targets, **kw), h32, w32)
+    for a, b, gt in zip(ours, _grads(logprobs_path, h32, w32), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a.double() - gt).abs().max() <= (b.double() - gt).abs().max() * 2 + 1e-6
+
+    calls = []
+    real = chunked.logits_into
+    monkeypatch.setattr(chunked, "logits_into", lambda *a: calls.append(1) or real(*a))  # counts, then runs it
+    h, w = h32.clone().requires_grad_(), w32.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, **kw)
+    calls.clear()
+    loss.backward()
+    assert not calls  # the gradients were formed in the forward: no logits block is recomputed
+
+
+def test_scalar_cross_entropy_with_bias_and_kept_sets_matches_float64():
+    hidden, weight, targets = make_case(30, 16, 97, torch.float64, seed=29)
+    bias = torch.randn(97, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kept = torch.stack([torch.randperm(97, generator=torch.Generator().manual_seed(t)) for t in range(30)])
+    first = (kept == targets.clamp(min=0)[:, None]).int().argmax(1)
+    kept[range(30), first], kept[:, 0] = kept[:, 0], targets.clamp(min=0)  # each target in its set, once
+    kept = kept[:, :9]
+    kept[::4, 5:] = -1  # ragged sets
+
+    def ref_loss(h, w, b):
+        z = h @ w.t() + b
+        mask = torch.zeros_like(z).scatter_add_(1, kept.clamp(min=0), (kept >= 0).double()) > 0
+        return F.cross_entropy(z.masked_fill(~mask, float("-inf")), targets, ignore_index=IGNORE)
+
+    got, want = [], []
+    for fn, out in ((lambda h, w, b: linear_cross_entropy(h, w, targets, bias=b, kept=kept), got), (ref_loss, want)):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        loss = fn(h, w, b)
+        loss.backward()
+        out.extend([loss.detach(), h.grad, w.grad, b.grad])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    t = int((targets != IGNORE).nonzero()[3])
+    kept[t, 1] = kept[t, 0]
+    with pytest.raises(ValueError, match=rf"kept\[{t}\] repeats an id"):
+        linear_cross_entropy(hidden, weight, targets, kept=kept)
+
+
 def test_num_items_in_batch():
     hidden, weight, targets = make_case(20, 8, 30, torch.float64, seed=19)
     total = linear_cross_entropy(hidden, weight, targets, reduction="sum")

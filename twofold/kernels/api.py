@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from twofold.kernels.chunked import chunked_linear_logprobs, no_autocast
-from twofold.kernels.kept import check_kept, kept_linear_logprobs
+from twofold.kernels.kept import check_kept, kept_linear_logprobs, kept_positions
 
 _BACKENDS: dict[str, Callable] = {"torch": chunked_linear_logprobs}
 
@@ -55,6 +55,15 @@ def _check_inputs(hidden, weight, targets, temperature, ignore_index, check_targ
                              f"ignore_index={ignore_index}")
 
 
+def _check_call(hidden, weight, targets, temperature, ignore_index, check_targets, chunk_size, kept):
+    """The checks of both entry points, before any backend runs."""
+    _check_inputs(hidden, weight, targets, temperature, ignore_index, check_targets)
+    if kept is not None:
+        check_kept(kept, targets, weight.shape[0], check_targets)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
@@ -95,12 +104,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     with -1: log-probs, entropy and lse are then those of the softmax renormalised to each token's kept set, from
     only its |K| rows of the weight (`twofold.kernels.kept`, which gives the exact torch equivalent).
     """
-    _check_inputs(hidden, weight, targets, temperature, ignore_index, check_targets)
-    if kept is not None:
-        check_kept(kept, targets, weight.shape[0], check_targets)
+    _check_call(hidden, weight, targets, temperature, ignore_index, check_targets, chunk_size, kept)
     hidden, weight = fold_bias(hidden, weight, bias)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = targets.shape
     h2, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
     if kept is not None:
@@ -132,15 +137,26 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     reduction: "mean" (over non-ignored tokens; 0 when every token is ignored, never NaN), "sum" or "none" (shaped
     like target, 0 at ignored positions). `num_items_in_batch` (HF Trainer's convention) replaces the mean's
     denominator, for gradient accumulation over a global token count. kept: as in `linear_logprobs`.
+
+    "mean" and "sum" run the fused pass (`twofold.kernels.fused.fused_linear_loss` with unit SFT weights): loss
+    and gradients in one vocab pass, nothing recomputed in the backward. "none" returns per-token NLL that takes
+    any upstream gradient, through `linear_logprobs` (whose backward recomputes the logits).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    nll = -linear_logprobs(input, weight, target, temperature=temperature, ignore_index=ignore_index,
-                           chunk_size=chunk_size, backend=backend, check_targets=check_targets, bias=bias,
-                           kept=kept)
-    if reduction == "none":
-        return nll
-    total = nll.sum()
+    if reduction == "none":  # an arbitrary upstream per token: the log-probs path and its recomputing backward
+        return -linear_logprobs(input, weight, target, temperature=temperature, ignore_index=ignore_index,
+                                chunk_size=chunk_size, backend=backend, check_targets=check_targets, bias=bias,
+                                kept=kept)
+    # A scalar loss: its upstream is one number, so the fused pass forms the gradients in the forward (6NHV FLOPs,
+    # not the 8NHV of log-probs + a backward that recomputes the logits); SFT with unit weights is the summed NLL.
+    _check_call(input, weight, target, temperature, ignore_index, check_targets, chunk_size, kept)
+    if kept is not None and check_targets:  # as linear_logprobs does: the fused pass trusts its kept sets
+        kept_positions(kept.reshape(-1, kept.shape[-1]).long(), target.reshape(-1).long(), ignore_index, True)
+    from twofold.kernels.fused import fused_linear_loss  # fused imports this module (fold_bias)
+    total = fused_linear_loss(input, weight, target, "sft", inputs={"weight": 1.0}, temperature=temperature,
+                              ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, bias=bias,
+                              kept=kept).loss
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:

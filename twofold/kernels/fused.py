@@ -37,7 +37,14 @@ class FusedLoss(NamedTuple):
 
 
 class _AttachGrads(torch.autograd.Function):
-    """Returns `value` and routes its upstream gradient to (hidden, weight) through precomputed gradients."""
+    """Returns `value` and routes its upstream gradient to (hidden, weight) through precomputed gradients.
+
+    When autograd will free the graph after this backward (no retain_graph, no create_graph), the saved gradients
+    are scaled in place and returned: the peak holds one copy of dX and dW, not two (an out-of-place product is a
+    second [N, H] and [V, H] at the moment of the multiply), and once the saved tensors are released AccumulateGrad
+    may adopt them as .grad without a copy. A retained graph can be run again, so there the product is out of
+    place (bitwise the same numbers), and under create_graph it stays differentiable w.r.t. the upstream.
+    """
 
     @staticmethod
     def forward(ctx, value, hidden, weight, grad_hidden, grad_weight):
@@ -47,9 +54,17 @@ class _AttachGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_hidden, grad_weight = ctx.saved_tensors
-        dh = (grad_hidden * grad.to(grad_hidden.dtype)) if ctx.needs_input_grad[1] else None
-        dw = (grad_weight * grad.to(grad_weight.dtype)) if ctx.needs_input_grad[2] else None
+        scale = torch.Tensor.mul if _graph_is_kept() or torch.is_grad_enabled() else torch.Tensor.mul_
+        dh = scale(grad_hidden, grad.to(grad_hidden.dtype)) if ctx.needs_input_grad[1] else None
+        dw = scale(grad_weight, grad.to(grad_weight.dtype)) if ctx.needs_input_grad[2] else None
         return None, dh, dw, None, None
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph); torch's own AOT autograd asks the same. Where
+    this torch lacks the query, assume kept: out of place is always correct, only larger."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _token_fn(objective, inputs: dict) -> Callable:

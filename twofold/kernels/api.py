@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 
 from twofold.kernels.chunked import chunked_linear_logprobs, no_autocast
+from twofold.kernels.fused import fused_linear_loss
+from twofold.kernels.inputs import describe as _describe, fold_bias
 from twofold.kernels.kept import check_kept, kept_linear_logprobs, kept_positions
 
 _BACKENDS: dict[str, Callable] = {"torch": chunked_linear_logprobs}
@@ -62,29 +64,6 @@ def _check_call(hidden, weight, targets, temperature, ignore_index, check_target
         check_kept(kept, targets, weight.shape[0], check_targets)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
-
-
-def fold_bias(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """(hidden, weight) with an LM-head bias folded in as one more feature: [h, 1] @ [W, b]^T = h W^T + b.
-
-    The kernels stay bias-free; this costs one copy of hidden and of the weight (O(NH + VH), never O(NV)), and
-    autograd routes the gradients back to hidden, weight and bias through the concatenation.
-    """
-    if bias is None:
-        return hidden, weight
-    if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must be [V] with V={weight.shape[0]} (weight's first dim), got {_describe(bias)}")
-    if bias.dtype != weight.dtype or bias.device != weight.device:
-        raise ValueError(f"bias must match weight's dtype and device ({weight.dtype}, {weight.device}), got "
-                         f"{bias.dtype}, {bias.device}")
-    ones = torch.ones(*hidden.shape[:-1], 1, dtype=hidden.dtype, device=hidden.device)
-    return torch.cat([hidden, ones], -1), torch.cat([weight, bias[:, None]], 1)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -153,7 +132,6 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     _check_call(input, weight, target, temperature, ignore_index, check_targets, chunk_size, kept)
     if kept is not None and check_targets:  # as linear_logprobs does: the fused pass trusts its kept sets
         kept_positions(kept.reshape(-1, kept.shape[-1]).long(), target.reshape(-1).long(), ignore_index, True)
-    from twofold.kernels.fused import fused_linear_loss  # fused imports this module (fold_bias)
     total = fused_linear_loss(input, weight, target, "sft", inputs={"weight": 1.0}, temperature=temperature,
                               ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, bias=bias,
                               kept=kept).loss

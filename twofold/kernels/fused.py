@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from twofold.kernels.api import fold_bias
+from twofold.kernels.inputs import fold_bias
 from twofold.kernels.kept import check_kept, kept_fused_pass
 from twofold.kernels.chunked import (add_matmul_, chunk_logits, chunk_stats_, compute_dtype, default_chunk_size,
                                       logits_block, no_autocast, softmax_grad_, weight_for_gemm)
@@ -100,7 +100,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     tensors) is passed unchanged. Ignored targets contribute nothing and cost nothing. The loss is
     sum_t loss_t; `loss.backward()` sends exact gradients to hidden and weight (tied weights included).
     chunk_size: tokens per chunk. backend: "torch", "triton" or "auto" (Triton on CUDA). bias: the LM head's [V]
-    bias or None (folded in by `twofold.kernels.api.fold_bias`; its gradient flows through autograd). kept: the
+    bias or None (folded in by `twofold.kernels.inputs.fold_bias`; its gradient flows through autograd). kept: the
     sampler's kept sets [..., K_max] (-1 padded): the loss is that of the log-probs renormalised to each token's
     kept set, from its |K| weight rows alone (`twofold.kernels.kept`).
     """
